@@ -1,0 +1,1 @@
+"""Samples, tiling, data modules, synthetic anomalies and demo data."""

@@ -1,0 +1,62 @@
+"""The one typed batch that flows from the data module into every detector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class PatchBatch:
+    """A batch of patches (or thumbnails) of high-resolution images.
+
+    Attributes:
+        image: ``[B, 3, h, w]`` float images, ImageNet-normalised.
+        mask: ``[B, h, w]`` float ground truth in {0, 1} (zeros when unknown).
+        label: ``[B]`` long image labels (0 normal, 1 anomalous, -1 unknown).
+        index: ``[B, 4]`` long ``(x, y, width, height)`` of each patch in the full image.
+        low_resolution_images: ``[B, L, 3, h, w]`` crops of the enclosing regions,
+            resized to the patch size, or ``None`` without ``ds_factors``.
+        low_resolution_windows: ``[B, L, 4]`` long ``(x, y, width, height)`` of the patch
+            inside each resized crop, or ``None``.
+        clsname: class name of each patch's image.
+        image_id: position of each patch's image in its sample list.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+    low_resolution_images: torch.Tensor | None = None
+    low_resolution_windows: torch.Tensor | None = None
+    clsname: list[str] = field(default_factory=list)
+    image_id: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    def to(self, device: torch.device | str) -> "PatchBatch":
+        """Move every tensor to ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+    @staticmethod
+    def collate(items: list["PatchBatch"]) -> "PatchBatch":
+        """Concatenate per-item batches (each of size 1 or more) into one."""
+        first = items[0]
+        merged = {}
+        for f in fields(PatchBatch):
+            values = [getattr(item, f.name) for item in items]
+            if f.name == "clsname":
+                merged[f.name] = [name for v in values for name in v]
+            elif values[0] is None:
+                merged[f.name] = None
+            else:
+                merged[f.name] = torch.cat(values)
+        del first
+        return PatchBatch(**merged)

@@ -1,0 +1,228 @@
+"""Tile indexes, the multi-resolution spliter, cropping and stitching.
+
+An index is a rectangle in the full-resolution image. Splitting an image with a
+list of indexes and stitching the pieces back (overlaps averaged) returns the
+image exactly, for any size, stride and shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+
+Size = Union[int, Sequence[int]]
+
+
+def as_pair(value: Size, name: str = "size") -> tuple[int, int]:
+    """Return ``(width, height)`` from an int or a two-element sequence."""
+    if isinstance(value, (int, np.integer)):
+        pair = (int(value), int(value))
+    else:
+        values = list(value)
+        if len(values) != 2:
+            raise ValueError(f"{name} must be an int or (width, height), got {value!r}")
+        pair = (int(values[0]), int(values[1]))
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+@dataclass(frozen=True)
+class HRImageIndex:
+    """A rectangle ``(x, y, width, height)`` in full-resolution pixel coordinates."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def todict(self) -> dict[str, int]:
+        """The index as a plain dict (the keys of the tutorial's JSON)."""
+        return {"x": self.x, "y": self.y, "width": self.width, "height": self.height}
+
+    def __str__(self) -> str:
+        return json.dumps(self.todict())
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """Row and column slices selecting this rectangle from an ``[H, W, ...]`` array."""
+        return slice(self.y, self.y + self.height), slice(self.x, self.x + self.width)
+
+    def contains(self, other: "HRImageIndex") -> bool:
+        """Whether ``other`` lies entirely inside this rectangle."""
+        return (
+            self.x <= other.x
+            and self.y <= other.y
+            and other.x + other.width <= self.x + self.width
+            and other.y + other.height <= self.y + self.height
+        )
+
+    @staticmethod
+    def from_dict(d: dict) -> "HRImageIndex":
+        """Build an index from :meth:`todict` output."""
+        return HRImageIndex(int(d["x"]), int(d["y"]), int(d["width"]), int(d["height"]))
+
+    @staticmethod
+    def from_str(s: str) -> "HRImageIndex":
+        """Parse the JSON form produced by ``str()``."""
+        return HRImageIndex.from_dict(json.loads(s))
+
+
+@dataclass(frozen=True)
+class MultiResolutionIndex:
+    """A patch index with the enclosing regions used at lower resolutions."""
+
+    main_index: HRImageIndex
+    low_resolution_indexes: tuple[HRImageIndex, ...] | None = None
+
+    def todict(self) -> dict:
+        """The index as a plain dict (the keys of the tutorial's JSON)."""
+        low = self.low_resolution_indexes
+        return {
+            "main_index": self.main_index.todict(),
+            "low_resolution_indexes": None if low is None else [i.todict() for i in low],
+        }
+
+    def __str__(self) -> str:
+        return json.dumps(self.todict())
+
+    @staticmethod
+    def from_dict(d: dict) -> "MultiResolutionIndex":
+        """Build an index from :meth:`todict` output."""
+        low = d.get("low_resolution_indexes")
+        return MultiResolutionIndex(
+            HRImageIndex.from_dict(d["main_index"]),
+            None if low is None else tuple(HRImageIndex.from_dict(i) for i in low),
+        )
+
+    @staticmethod
+    def from_str(s: str) -> "MultiResolutionIndex":
+        """Parse the JSON form produced by ``str()``."""
+        return MultiResolutionIndex.from_dict(json.loads(s))
+
+
+def tile_starts(length: int, patch: int, stride: int) -> list[int]:
+    """Start offsets along one axis; the last patch is shifted back inside the image."""
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if length <= patch:
+        return [0]
+    starts = list(range(0, length - patch, stride)) + [length - patch]
+    return sorted(set(starts))
+
+
+def HRImageSpliter(image_size: Size, patch_size: Size, stride: Size | None = None) -> list[HRImageIndex]:
+    """Single-resolution grid of indexes, row-major (y outer, x inner)."""
+    width, height = as_pair(image_size, "image_size")
+    patch_w, patch_h = as_pair(patch_size, "patch_size")
+    stride_w, stride_h = (patch_w, patch_h) if stride is None else as_pair(stride, "stride")
+    patch_w, patch_h = min(patch_w, width), min(patch_h, height)
+    return [
+        HRImageIndex(x, y, patch_w, patch_h)
+        for y in tile_starts(height, patch_h, stride_h)
+        for x in tile_starts(width, patch_w, stride_w)
+    ]
+
+
+def MultiResolutionHRImageSpliter(
+    image_size: Size,
+    patch_size: Size,
+    stride: Size | None = None,
+    ds_factors: Sequence[int] | None = None,
+) -> list[MultiResolutionIndex]:
+    """Split an image into patch indexes, each with its enclosing low-resolution regions.
+
+    ``ds_factors`` are powers of two: ``[0, 1]`` pairs every ``patch_size`` patch
+    with the ``2 * patch_size`` region of the coarser grid that encloses it. That
+    region, resized to ``patch_size``, is the same place seen at half resolution.
+    """
+    factors = sorted({int(f) for f in (ds_factors or [0])})
+    if factors[0] < 0:
+        raise ValueError(f"ds_factors must be >= 0, got {list(ds_factors or [])}")
+    patch_w, patch_h = as_pair(patch_size, "patch_size")
+    stride_pair = None if stride is None else as_pair(stride, "stride")
+
+    def grid(scale: int) -> list[HRImageIndex]:
+        scaled_stride = None if stride_pair is None else (stride_pair[0] * scale, stride_pair[1] * scale)
+        return HRImageSpliter(image_size, (patch_w * scale, patch_h * scale), scaled_stride)
+
+    mains = grid(2 ** factors[0])
+    if len(factors) == 1:
+        return [MultiResolutionIndex(main) for main in mains]
+    coarse_grids = [grid(2**f) for f in factors[1:]]
+    indexes = []
+    for main in mains:
+        lows = []
+        for factor, coarse in zip(factors[1:], coarse_grids):
+            enclosing = next((c for c in coarse if c.contains(main)), None)
+            if enclosing is None:
+                raise ValueError(
+                    f"no region of ds_factor {factor} encloses patch {main}; "
+                    "use a stride that divides the patch size"
+                )
+            lows.append(enclosing)
+        indexes.append(MultiResolutionIndex(main, tuple(lows)))
+    return indexes
+
+
+def low_resolution_window(main: HRImageIndex, low: HRImageIndex, size: Size) -> HRImageIndex:
+    """Where ``main`` lies inside ``low`` once ``low`` is resized to ``size`` (width, height)."""
+    out_w, out_h = as_pair(size, "size")
+    sx, sy = out_w / low.width, out_h / low.height
+    x0, y0 = int(round((main.x - low.x) * sx)), int(round((main.y - low.y) * sy))
+    x1 = int(round((main.x + main.width - low.x) * sx))
+    y1 = int(round((main.y + main.height - low.y) * sy))
+    return HRImageIndex(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+
+
+def grid_shape(indexes: Iterable[HRImageIndex | MultiResolutionIndex]) -> tuple[int, int]:
+    """``(rows, columns)`` of a row-major grid of indexes."""
+    mains = [i.main_index if isinstance(i, MultiResolutionIndex) else i for i in indexes]
+    return len({m.y for m in mains}), len({m.x for m in mains})
+
+
+def crop(image: np.ndarray | torch.Tensor, index: HRImageIndex) -> np.ndarray | torch.Tensor:
+    """The rectangle ``index`` of an ``[H, W, ...]`` array (a view, no copy)."""
+    rows, cols = index.slices
+    return image[rows, cols]
+
+
+def stitch(
+    patches: torch.Tensor | np.ndarray,
+    indexes: Sequence[HRImageIndex],
+    image_size: Size,
+) -> torch.Tensor:
+    """Stitch ``[N, h, w]`` patch maps placed at ``indexes`` into one ``[H, W]`` map.
+
+    Overlapping pixels are averaged. All patches share one size, so the whole
+    gather is one ``index_add_`` over flat pixel positions.
+    """
+    values = torch.as_tensor(patches)
+    if values.ndim != 3 or values.shape[0] != len(indexes):
+        raise ValueError(f"expected [N, h, w] patches for {len(indexes)} indexes, got {tuple(values.shape)}")
+    width, height = as_pair(image_size, "image_size")
+    n, ph, pw = values.shape
+    dtype = values.dtype if values.is_floating_point() else torch.float64
+    device = values.device
+    xs = torch.tensor([i.x for i in indexes], device=device)
+    ys = torch.tensor([i.y for i in indexes], device=device)
+    rows = ys[:, None, None] + torch.arange(ph, device=device)[None, :, None]
+    cols = xs[:, None, None] + torch.arange(pw, device=device)[None, None, :]
+    flat = (rows * width + cols).reshape(-1)
+    total = torch.zeros(height * width, dtype=dtype, device=device)
+    count = torch.zeros(height * width, dtype=dtype, device=device)
+    total.index_add_(0, flat, values.reshape(-1).to(dtype))
+    count.index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+    if bool((count == 0).any()):
+        raise ValueError("the indexes do not cover the whole image")
+    return (total / count).reshape(height, width)
+
+
+def split(image: torch.Tensor | np.ndarray, indexes: Sequence[HRImageIndex]) -> torch.Tensor:
+    """Crop equal-size patches ``[N, h, w, ...]`` from an ``[H, W, ...]`` array."""
+    tensor = torch.as_tensor(image)
+    return torch.stack([crop(tensor, i) for i in indexes])
