@@ -10,7 +10,9 @@ from hiad_pl.tasks.base import (
     task_layout,
     thumbnail_task,
 )
+from hiad_pl.tasks.clustering import SpatialClusteringTaskGenerator, ThresholdClusteringTaskGenerator
 from hiad_pl.tasks.layouts import A2OTaskGenerator, NeighborhoodTaskGenerator, O2OTaskGenerator
+from hiad_pl.tasks.retrieval import RetrieveTaskGenerator, route_by_retrieval
 
 __all__ = [
     "A2OTaskGenerator",
@@ -18,9 +20,13 @@ __all__ = [
     "NeighborhoodTaskGenerator",
     "O2OTaskGenerator",
     "PrintTasks",
+    "RetrieveTaskGenerator",
+    "SpatialClusteringTaskGenerator",
     "Task",
     "TaskGenerator",
+    "ThresholdClusteringTaskGenerator",
     "load_tasks",
+    "route_by_retrieval",
     "save_tasks",
     "task_layout",
     "thumbnail_task",
