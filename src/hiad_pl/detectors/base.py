@@ -1,0 +1,317 @@
+"""The shared interface of every detector, and multi-resolution feature fusion.
+
+A detector is a :class:`lightning.LightningModule` that sees batches of patches
+(:class:`~hiad_pl.data.batch.PatchBatch`) and returns one anomaly map per patch.
+:class:`HRDetector` owns what all detectors share: the frozen timm backbone
+(:meth:`HRDetector.embedding`), feature fusion with the low-resolution views of
+each patch (:meth:`HRDetector.fused_embedding`), the anomaly-map contract of
+:meth:`HRDetector.predict_step`, and the Trainer defaults of the method.
+
+Gradient-trained detectors subclass :class:`HRDetector` and write ordinary
+``training_step`` / ``configure_optimizers``. Detectors fitted from one pass over
+the training patches (PatchCore, PaDiM) subclass :class:`OnePassDetector`, which
+runs without optimiser and calls :meth:`OnePassDetector.accumulate` per batch and
+:meth:`OnePassDetector.finalize` once the pass is over.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Sequence
+
+import lightning
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.data.tiling import as_pair
+from hiad_pl.detectors.backbones import create_feature_extractor
+
+#: Layers of the default backbone (EfficientNet-Lite0): strides 8 and 16.
+DEFAULT_LAYERS: tuple[str, ...] = ("blocks.2", "blocks.4")
+#: State-dict prefix of the backbone inside a detector.
+BACKBONE_PREFIX = "backbone."
+
+
+def normalise_fusion_weights(fusion_weights: Sequence[float] | None) -> tuple[float, ...] | None:
+    """``fusion_weights`` scaled to sum to 1 (``None`` stays ``None``).
+
+    Raises:
+        ValueError: for negative weights or weights that sum to zero.
+    """
+    if fusion_weights is None:
+        return None
+    weights = [float(w) for w in fusion_weights]
+    if not weights or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"fusion_weights must be non-negative with a positive sum, got {list(fusion_weights)}")
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def window_boxes(windows: Tensor, crop_size: tuple[int, int], feature_size: tuple[int, int]) -> Tensor:
+    """``roi_align`` boxes ``[K, 5]`` of patch windows, in feature-map coordinates.
+
+    Args:
+        windows: ``[K, 4]`` ``(x, y, width, height)`` of each patch inside its
+            resized low-resolution crop, in crop pixels.
+        crop_size: ``(height, width)`` of the crops in pixels.
+        feature_size: ``(height, width)`` of the crops' feature maps.
+
+    Returns:
+        Rows ``(k, x0, y0, x1, y1)``: crop ``k``'s window scaled to its feature map,
+        in the continuous coordinates of ``roi_align(..., aligned=True)`` where
+        feature cell ``j`` spans ``[j, j + 1)``.
+    """
+    scale_y = feature_size[0] / crop_size[0]
+    scale_x = feature_size[1] / crop_size[1]
+    win = windows.reshape(-1, 4).to(torch.float32)
+    x0, y0 = win[:, 0] * scale_x, win[:, 1] * scale_y
+    x1, y1 = (win[:, 0] + win[:, 2]) * scale_x, (win[:, 1] + win[:, 3]) * scale_y
+    crop_ids = torch.arange(win.shape[0], device=win.device, dtype=torch.float32)
+    return torch.stack([crop_ids, x0, y0, x1, y1], dim=1)
+
+
+class HRDetector(lightning.LightningModule, ABC):
+    """Shared interface of all detectors: features, fusion, anomaly maps, Trainer defaults.
+
+    Args:
+        backbone_name: timm model (or tutorial alias such as ``wideresnet50``) whose
+            features the detector uses.
+        layers_to_extract_from: module names of the backbone layers to return
+            (``layer2``, ``layer3`` for ResNets; ``blocks.2``, ``blocks.4`` for EfficientNets).
+        weights: ``hub`` (timm pretrained), ``offline`` (EfficientNet-Lite0 weights
+            shipped with a package), ``none`` (random init) or a state-dict file path.
+        input_size: ``(width, height)`` (or one int) of the patches the detector sees.
+        fusion_weights: weights of the patch and each low-resolution view in
+            feature fusion (length ``1 + len(low-resolution views)``, i.e. the length
+            of the spliter's ``ds_factors``); ``None`` disables fusion.
+
+    Subclasses add their own typed keyword arguments and call ``super().__init__``;
+    every argument is saved by ``save_hyperparameters`` and must be a plain type so
+    that checkpoints load with ``torch.load(weights_only=True)`` and
+    ``type(det).load_from_checkpoint(path)`` rebuilds the detector.
+
+    A frozen backbone (the default, :attr:`freeze_backbone`) stays in eval mode
+    and is left out of checkpoints: it is rebuilt from ``backbone_name`` and
+    ``weights`` when a checkpoint is loaded.
+    """
+
+    #: True for detectors fitted from one pass with no optimiser (PatchCore, PaDiM).
+    fits_in_one_pass: ClassVar[bool] = False
+    #: Keep the backbone frozen, in eval mode and out of checkpoints.
+    freeze_backbone: ClassVar[bool] = True
+    #: Buffers whose size is only known after fitting; loading a checkpoint resizes them.
+    resizable_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        backbone_name: str = "efficientnet_lite0",
+        layers_to_extract_from: Sequence[str] = DEFAULT_LAYERS,
+        weights: str = "hub",
+        input_size: int | tuple[int, int] = 512,
+        fusion_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        #: ``(width, height)`` of the patches this detector is built for.
+        self.input_size: tuple[int, int] = as_pair(input_size, "input_size")
+        #: Fusion weights normalised to sum 1, or ``None`` (no fusion).
+        self.fusion_weights = normalise_fusion_weights(fusion_weights)
+        self.backbone = create_feature_extractor(backbone_name, list(layers_to_extract_from), weights)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    # ---------------------------------------------------------------- contract
+
+    def trainer_defaults(self) -> dict[str, Any]:
+        """Defaults for ``lightning.Trainer`` that a user's config always overrides."""
+        if self.fits_in_one_pass:
+            return {"max_epochs": 1, "num_sanity_val_steps": 0}
+        return {}
+
+    def embedding(self, images: Tensor) -> list[Tensor]:
+        """Backbone feature maps ``[B, C_l, h_l, w_l]`` of ``images`` for the chosen layers."""
+        if not self.freeze_backbone:
+            return self.backbone(images)
+        if self.backbone.training:  # whatever switched it, a frozen backbone runs in eval mode
+            self.backbone.eval()
+        with torch.no_grad():
+            return self.backbone(images)
+
+    def fused_embedding(self, batch: PatchBatch) -> list[Tensor]:
+        """Per-layer features of the patches, fused with their low-resolution views.
+
+        Each layer's map is ``w_0 * f(patch) + sum_i w_i * resize(window_i of
+        f(low_res_crop_i))`` on the patch's feature grid, where ``window_i`` is
+        where the patch lies inside the ``i``-th resized crop. All windows of a
+        layer are cut and resized in one ``roi_align`` call. Without
+        low-resolution crops or without ``fusion_weights`` this is
+        ``embedding(batch.image)``.
+
+        Raises:
+            ValueError: when ``fusion_weights`` does not have one weight for the
+                patch plus one per low-resolution view, or windows are missing.
+        """
+        low = batch.low_resolution_images
+        if low is None or self.fusion_weights is None:
+            return self.embedding(batch.image)
+        if low.ndim != 5 or low.shape[0] != batch.image.shape[0]:
+            raise ValueError(f"low_resolution_images must be [B, L, 3, h, w], got {tuple(low.shape)}")
+        views = low.shape[1]
+        if len(self.fusion_weights) != views + 1:
+            raise ValueError(
+                f"fusion_weights has {len(self.fusion_weights)} weights but the batch has {views} "
+                f"low-resolution views: give one weight per entry of ds_factors ({views + 1} weights: "
+                "the patch itself first, then one per low-resolution view)"
+            )
+        if batch.low_resolution_windows is None:
+            raise ValueError("batch has low_resolution_images but no low_resolution_windows")
+        patch_maps = self.embedding(batch.image)
+        crop_maps = self.embedding(low.flatten(0, 1))
+        crop_size = (low.shape[-2], low.shape[-1])
+        return [
+            self._fuse_layer(patch_map, crop_map, batch.low_resolution_windows, crop_size)
+            for patch_map, crop_map in zip(patch_maps, crop_maps)
+        ]
+
+    def _fuse_layer(self, patch_map: Tensor, crop_map: Tensor, windows: Tensor, crop_size: tuple[int, int]) -> Tensor:
+        """Weighted sum of one layer's patch map and its crops' windows resized onto it."""
+        batch, channels, height, width = patch_map.shape
+        boxes = window_boxes(windows.to(crop_map.device), crop_size, (crop_map.shape[-2], crop_map.shape[-1]))
+        # aligned=True samples cell centres, so a full-crop box returns the map unchanged.
+        resized = roi_align(
+            crop_map,
+            boxes.to(crop_map.dtype),
+            output_size=(height, width),
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        ).reshape(batch, -1, channels, height, width)
+        weights = torch.tensor(self.fusion_weights, dtype=resized.dtype, device=resized.device)
+        fused = weights[0] * patch_map + torch.einsum("l,blchw->bchw", weights[1:], resized)
+        return fused.to(patch_map.dtype)
+
+    @abstractmethod
+    def anomaly_map(self, batch: PatchBatch) -> Tensor:
+        """Raw anomaly scores ``[B, h, w]`` at the input's resolution; higher is more anomalous."""
+
+    def predict_step(self, batch: PatchBatch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Anomaly maps ``[B, h, w]`` (float32) of a batch of patches."""
+        with torch.no_grad():
+            return self.anomaly_map(batch).float()
+
+    def validation_step(self, batch: PatchBatch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Anomaly maps of validation patches; the validation callback scores them against their masks."""
+        return self.predict_step(batch, batch_idx, dataloader_idx)
+
+    # ------------------------------------------------------- Lightning plumbing
+
+    def train(self, mode: bool = True) -> "HRDetector":
+        """Set training mode; a frozen backbone stays in eval mode (its BatchNorm statistics are fixed)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        """Show Lightning's start-of-training mode check a backbone in train mode.
+
+        The check warns about every module in eval mode, and a frozen backbone is
+        in eval mode by design; :meth:`on_train_start` (and :meth:`embedding`)
+        put it back before any batch is seen.
+        """
+        if self.freeze_backbone:
+            self.backbone.train()
+
+    def on_train_start(self) -> None:
+        """Put a frozen backbone back in eval mode for training."""
+        if self.freeze_backbone:
+            self.backbone.eval()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move a :class:`PatchBatch` (or anything Lightning knows) to ``device``."""
+        if isinstance(batch, PatchBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave a frozen backbone out of the checkpoint: hyperparameters rebuild it."""
+        if self.freeze_backbone:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(BACKBONE_PREFIX)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fill the frozen backbone's weights, absent from the checkpoint, from the rebuilt backbone."""
+        if self.freeze_backbone:
+            state = checkpoint["state_dict"]
+            for key, value in self.backbone.state_dict(prefix=BACKBONE_PREFIX).items():
+                state.setdefault(key, value)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Fitted buffers (a memory bank, statistics) have sizes unknown at construction.
+        for name in self.resizable_buffers:
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if incoming is not None and incoming.shape != current.shape:
+                setattr(self, name, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class OnePassDetector(HRDetector):
+    """Base of detectors fitted from one pass over the training patches, with no optimiser.
+
+    ``training_step`` hands each batch to :meth:`accumulate`; once the pass is
+    over :meth:`finalize` builds the fitted state (a memory bank, Gaussian
+    statistics), which must live in buffers so that it travels with checkpoints.
+    The fitted state is built before any validation of the same epoch runs.
+    """
+
+    fits_in_one_pass: ClassVar[bool] = True
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """Always ``False``: nothing is optimised, so Lightning needs no optimiser."""
+        return False
+
+    def configure_optimizers(self) -> list:
+        """No optimiser (an empty list, which Lightning accepts without warnings)."""
+        return []
+
+    @abstractmethod
+    def accumulate(self, batch: PatchBatch) -> None:
+        """Take what the fit needs from one training batch."""
+
+    @abstractmethod
+    def finalize(self) -> None:
+        """Build the fitted buffers from everything accumulated, then drop the accumulation."""
+
+    @abstractmethod
+    def has_pending_fit(self) -> bool:
+        """Whether batches were accumulated since the last :meth:`finalize`."""
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> None:
+        """Accumulate one batch (no loss)."""
+        self.accumulate(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        """Build the fitted state before validation (Lightning validates before ``on_train_epoch_end``)."""
+        if self.has_pending_fit():
+            self.finalize()
+
+    def on_train_epoch_end(self) -> None:
+        """Build the fitted state once the pass over the training patches is over."""
+        if self.has_pending_fit():
+            self.finalize()

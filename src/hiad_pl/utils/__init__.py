@@ -1,0 +1,1 @@
+"""Import paths of the tutorial: metrics, metrics_gpu, split_and_gather, base."""

@@ -1,0 +1,160 @@
+"""Backbones: names, layers, the four weight sources and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from sklearn.datasets import load_sample_image
+
+from hiad_pl.detectors import backbones
+from hiad_pl.detectors.backbones import create_feature_extractor, offline_lite0_state_dict, resolve_backbone_name
+
+# ImageNet classes a photograph of a Chinese temple may fairly be called.
+TEMPLE_CLASSES = {442, 497, 538, 663, 698, 832}  # bell cote, church, dome, monastery, palace, stupa
+
+
+def test_tutorial_alias_resolves_to_timm_name() -> None:
+    assert resolve_backbone_name("wideresnet50") == "wide_resnet50_2"
+    assert resolve_backbone_name("resnet18") == "resnet18"
+
+
+def test_unknown_backbone_names_option_and_close_matches() -> None:
+    with pytest.raises(ValueError, match="backbone_name") as info:
+        resolve_backbone_name("resnt18")
+    assert "resnet18" in str(info.value)
+
+
+def test_layers_come_back_in_requested_order() -> None:
+    extractor = create_feature_extractor("resnet18", ["layer3", "layer2"], weights="none")
+    maps = extractor(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 4, 6), (1, 128, 8, 12)]
+    assert extractor.channels == [256, 128]
+    assert extractor.reductions == [16, 8]
+    assert not extractor.training
+
+
+def test_unknown_layer_lists_available_layers() -> None:
+    with pytest.raises(ValueError, match="layer9.*available layers: act1, layer1, layer2, layer3, layer4"):
+        create_feature_extractor("resnet18", ["layer9"], weights="none")
+
+
+def test_random_init_is_reproducible() -> None:
+    first = create_feature_extractor("resnet18", ["layer2"], weights="none").state_dict()
+    second = create_feature_extractor("resnet18", ["layer2"], weights="none").state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_offline_weights_classify_a_photograph() -> None:
+    state = offline_lite0_state_dict()
+    assert len(state) == backbones.OFFLINE_TENSOR_COUNT == 296
+    model = timm.create_model(backbones.OFFLINE_ARCHITECTURE).eval()
+    model.load_state_dict(state)  # strict: every tensor has its place
+    image = torch.tensor(load_sample_image("china.jpg")).permute(2, 0, 1).float()[None] / 255
+    image = torch.nn.functional.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        probabilities = model((image - 0.5) / 0.5).softmax(-1)[0]
+        untrained = timm.create_model(backbones.OFFLINE_ARCHITECTURE).eval()((image - 0.5) / 0.5).softmax(-1)[0]
+    top5 = set(probabilities.topk(5).indices.tolist())
+    assert top5 & TEMPLE_CLASSES
+    assert probabilities.max() > 0.2 > untrained.max()
+
+
+def test_offline_extractor_holds_the_shipped_tensors() -> None:
+    extractor = create_feature_extractor("efficientnet_lite0", ["blocks.2", "blocks.4"], weights="offline")
+    shipped = offline_lite0_state_dict()
+    loaded = extractor.model.state_dict()
+    assert all(torch.equal(loaded[key], shipped[key]) for key in loaded)
+    running_vars = [v for k, v in loaded.items() if k.endswith("running_var")]
+    assert all(not torch.allclose(v, torch.ones_like(v)) for v in running_vars)
+    random_extractor = create_feature_extractor("efficientnet_lite0", ["blocks.2", "blocks.4"], weights="none")
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(extractor(image)[1], random_extractor(image)[1], atol=1e-3)
+
+
+def test_offline_features_are_spatially_aligned() -> None:
+    """A spot's feature response is centred on the spot (the TF padding of the shipped weights)."""
+    extractor = create_feature_extractor("efficientnet_lite0", ["blocks.2", "blocks.4"], weights="offline")
+    flat = torch.zeros(1, 3, 128, 128)
+    spot = flat.clone()
+    spot[..., 60:68, 60:68] = 2.0  # centre at pixel 64
+    with torch.no_grad():
+        responses = [(b - a).norm(dim=1)[0] for a, b in zip(extractor(flat), extractor(spot))]
+    for response, stride in zip(responses, extractor.reductions):
+        weights = response.square() / response.square().sum()
+        centres = (torch.arange(response.shape[0]) + 0.5) * stride
+        row_centroid = (weights.sum(1) * centres).sum()
+        col_centroid = (weights.sum(0) * centres).sum()
+        assert abs(row_centroid - 64) < 4 and abs(col_centroid - 64) < 4
+
+
+def test_offline_rejects_other_backbones() -> None:
+    with pytest.raises(ValueError, match="offline is only available"):
+        create_feature_extractor("resnet18", ["layer2"], weights="offline")
+
+
+def _resnet18_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return timm.create_model("resnet18").state_dict()
+
+
+def test_local_file_with_wrapper_prefix_loads(tmp_path: Path) -> None:
+    state = _resnet18_state(seed=7)
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    extractor = create_feature_extractor("resnet18", ["layer2"], weights=str(path))
+    loaded = extractor.model.state_dict()
+    assert all(torch.equal(loaded[key], state[key]) for key in loaded)
+
+
+def test_headless_safetensors_file_loads(tmp_path: Path) -> None:
+    state = {k: v for k, v in _resnet18_state(seed=3).items() if not k.startswith("fc.")}
+    path = tmp_path / "resnet18.safetensors"
+    save_file(state, str(path))
+    extractor = create_feature_extractor("resnet18", ["layer1"], weights=str(path))
+    assert torch.equal(extractor.model.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_mismatched_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "not_resnet34.pth"
+    torch.save(_resnet18_state(seed=0), path)
+    with pytest.raises(ValueError, match="not_resnet34.pth.*missing keys"):
+        create_feature_extractor("resnet34", ["layer2"], weights=str(path))
+
+
+def test_bad_weights_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="neither 'hub', 'offline', 'none'"):
+        create_feature_extractor("resnet18", ["layer2"], weights="imagenet")
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        create_feature_extractor("resnet18", ["layer2"], weights=str(tmp_path / "absent.pth"))
+
+
+def test_hub_failure_explains_offline_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_create = timm.create_model
+
+    def unreachable_hub(*args, pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise OSError("Temporary failure in name resolution")
+        return real_create(*args, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", unreachable_hub)
+    with pytest.raises(RuntimeError) as info:
+        create_feature_extractor("resnet18", ["layer2"], weights="hub")
+    message = str(info.value)
+    expected = ("could not be downloaded", "weights: offline", "weights: /path/to/local_file.pth", "weights: none")
+    assert all(phrase in message for phrase in expected)
+
+
+def test_inputs_renormalised_only_for_non_imagenet_models() -> None:
+    assert not create_feature_extractor("resnet18", ["layer1"], weights="none").renormalises
+    offline = create_feature_extractor("efficientnet_lite0", ["blocks.2"], weights="offline")
+    assert offline.renormalises
+    # An ImageNet-normalised mid-grey becomes the model's own normalisation of mid-grey (0 for mean/std 0.5).
+    grey = (torch.full((1, 3, 1, 1), 0.5) - torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        backbones.IMAGENET_STD
+    ).view(1, 3, 1, 1)
+    assert torch.allclose(grey * offline._scale + offline._shift, torch.zeros(1, 3, 1, 1), atol=1e-6)

@@ -1,0 +1,189 @@
+"""HRPatchCore: it learns, it survives a checkpoint, its coreset covers, its k-NN is exact."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.detectors import HRPatchCore
+from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
+from hiad_pl.detectors.nn_search import NearestNeighbourIndex
+from hiad_pl.detectors.patchcore import coreset_subsample, greedy_coreset_indices
+
+SIZE = 96
+SPOT_RADIUS = 4
+
+
+def textures(count: int, seed: int, spots: bool = False) -> tuple[Tensor, list[tuple[int, int]]]:
+    """ImageNet-normalised periodic textures with noise; with ``spots``, a bright or dark disc each."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    phases = torch.rand(count, 2, 1, 1, generator=generator) * 2 * math.pi
+    wave = torch.sin(2 * math.pi * cols / 16 + phases[:, 0]) * torch.sin(2 * math.pi * rows / 16 + phases[:, 1])
+    tint = torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1)
+    images = (0.5 + 0.2 * wave[:, None]) * tint + 0.03 * torch.randn(count, 3, SIZE, SIZE, generator=generator)
+    centres = []
+    if spots:
+        centres = [tuple(torch.randint(20, SIZE - 20, (2,), generator=generator).tolist()) for _ in range(count)]
+        for i, (row, col) in enumerate(centres):
+            disc = (rows - row) ** 2 + (cols - col) ** 2 <= SPOT_RADIUS**2
+            images[i, :, disc] = 1.0 if i % 2 == 0 else 0.0
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.clamp(0, 1) - mean) / std, centres
+
+
+def loader(images: Tensor, batch_size: int = 4) -> DataLoader:
+    items = [
+        PatchBatch(
+            image=image[None],
+            mask=torch.zeros(1, SIZE, SIZE),
+            label=torch.zeros(1, dtype=torch.long),
+            index=torch.zeros(1, 4, dtype=torch.long),
+        )
+        for image in images
+    ]
+    return DataLoader(items, batch_size=batch_size, collate_fn=PatchBatch.collate)
+
+
+def make_trainer(detector: HRPatchCore) -> lightning.Trainer:
+    return lightning.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **detector.trainer_defaults(),
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[HRPatchCore, lightning.Trainer, list[warnings.WarningMessage]]:
+    detector = HRPatchCore(weights="offline", input_size=SIZE, percentage=0.5, coreset_max_candidates=None)
+    trainer = make_trainer(detector)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(detector, loader(textures(12, seed=1)[0]))
+    return detector, trainer, list(caught)
+
+
+def test_patchcore_separates_and_localises_spots(fitted) -> None:
+    detector, trainer, _ = fitted
+    normal, _ = textures(4, seed=2)
+    defective, centres = textures(4, seed=3, spots=True)
+    maps = torch.cat(trainer.predict(detector, loader(torch.cat([normal, defective]))))
+    assert maps.shape == (8, SIZE, SIZE) and maps.dtype == torch.float32
+    peaks = maps.flatten(1).max(1).values
+    assert peaks[4:].min() > peaks[:4].max()  # image AUROC 1.0
+    for score_map, (row, col) in zip(maps[4:], centres):
+        peak_row, peak_col = divmod(int(score_map.argmax()), SIZE)
+        assert math.hypot(peak_row - row, peak_col - col) <= 8
+
+
+def test_fit_is_one_quiet_pass(fitted) -> None:
+    detector, _, caught = fitted
+    assert detector.memory_bank.shape == (math.ceil(0.5 * 12 * 12 * 12), detector.embed_dimension)
+    assert not detector.has_pending_fit()
+    noisy = [str(w.message) for w in caught if "optimizer" in str(w.message) or "eval mode" in str(w.message)]
+    assert noisy == []
+
+
+def test_checkpoint_round_trip(fitted, tmp_path: Path) -> None:
+    detector, trainer, _ = fitted
+    path = tmp_path / "task_0.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert "memory_bank" in checkpoint["state_dict"]
+    assert not any(key.startswith("backbone.") for key in checkpoint["state_dict"])  # rebuilt from hparams
+    assert checkpoint["hyper_parameters"]["weights"] == "offline"
+    restored = HRPatchCore.load_from_checkpoint(path)
+    assert torch.equal(restored.memory_bank, detector.memory_bank)
+    batch = next(iter(loader(textures(2, seed=4, spots=True)[0])))
+    assert torch.equal(restored.predict_step(batch, 0), detector.predict_step(batch, 0))
+
+
+def test_empty_bank_refuses_to_score() -> None:
+    detector = HRPatchCore(weights="none", input_size=32)
+    with pytest.raises(RuntimeError, match="empty memory bank"):
+        detector.predict_step(next(iter(loader(torch.randn(1, 3, SIZE, SIZE)))), 0)
+
+
+def test_bank_is_built_before_validation() -> None:
+    detector = HRPatchCore(weights="none", input_size=32, percentage=1.0)
+    detector.accumulate(next(iter(loader(torch.randn(2, 3, 32, 32)))))
+    assert detector.has_pending_fit()
+    detector.on_validation_epoch_start()
+    assert detector.memory_bank.shape == (2 * 4 * 4, detector.embed_dimension)
+
+
+def test_embedding_dimensions_and_fusion() -> None:
+    detector = HRPatchCore(
+        weights="none", input_size=64, pretrain_embed_dimension=32, target_embed_dimension=48, fusion_weights=[0.5, 0.5]
+    )
+    image = torch.randn(2, 3, 64, 64)
+    batch = next(iter(loader(image, batch_size=2)))
+    batch.low_resolution_images = torch.randn(2, 1, 3, 64, 64)
+    batch.low_resolution_windows = torch.tensor([[[0, 0, 32, 32]], [[32, 0, 32, 32]]])
+    features = detector.patch_features(batch)
+    assert features.shape == (2, 8, 8, 48) == (2, 8, 8, detector.embed_dimension)
+    detector.accumulate(batch)
+    detector.finalize()
+    assert detector.anomaly_map(batch).shape == (2, 64, 64)
+
+
+def test_invalid_options_are_named() -> None:
+    with pytest.raises(ValueError, match="merge_size"):
+        HRPatchCore(weights="none", merge_size=2)
+    with pytest.raises(ValueError, match="percentage"):
+        HRPatchCore(weights="none", percentage=0.0)
+    with pytest.raises(ValueError, match="num_neighbors"):
+        HRPatchCore(weights="none", num_neighbors=0)
+
+
+def covering_radius(points: Tensor, chosen: Tensor) -> float:
+    """Largest distance from a point to its nearest chosen point."""
+    return float(torch.cdist(points, points[chosen]).min(dim=1).values.max())
+
+
+def test_greedy_coreset_covers_better_than_random() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 8, generator=generator) * 10
+    sizes = torch.randint(5, 200, (20,), generator=generator)  # very uneven clusters
+    points = torch.cat([c + torch.randn(int(n), 8, generator=generator) for c, n in zip(centres, sizes)])
+    chosen = greedy_coreset_indices(points, 40, generator)
+    assert chosen.shape == (40,) and chosen.unique().numel() == 40
+    random_subsets = [torch.randperm(len(points), generator=generator)[:40] for _ in range(5)]
+    random_radius = min(covering_radius(points, subset) for subset in random_subsets)
+    assert covering_radius(points, chosen) <= random_radius
+    # Every cluster holds a selected point: no cluster is left to the nearest neighbour's mercy.
+    labels = torch.repeat_interleave(torch.arange(20), sizes)
+    assert labels[chosen].unique().numel() == 20
+
+
+def test_coreset_subsample_sizes_and_candidate_cap(caplog: pytest.LogCaptureFixture) -> None:
+    features = torch.randn(1000, 200)
+    bank = coreset_subsample(features, 0.1, projection_dim=16)
+    assert bank.shape == (100, 200)
+    assert (bank[:, None] == features[None]).all(-1).any(-1).all()  # rows of the input, unprojected
+    assert torch.equal(coreset_subsample(features, 1.0), features)
+    with caplog.at_level("INFO"):
+        capped = coreset_subsample(features, 0.1, projection_dim=16, max_candidates=300)
+    assert capped.shape == (30, 200)
+    assert "coreset_max_candidates=300" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["faiss-cpu", "torch"])
+def test_nearest_neighbour_search_is_exact(backend: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    vectors, queries = torch.randn(300, 24, generator=generator), torch.randn(50, 24, generator=generator)
+    index = NearestNeighbourIndex(vectors, backend=backend)
+    expected = torch.cdist(queries, vectors).topk(3, largest=False).values
+    assert torch.allclose(index.search(queries, 3), expected, atol=1e-3)
+    assert index.search(queries, 1000).shape == (50, 300)  # k is capped at the bank size
