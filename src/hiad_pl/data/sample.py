@@ -117,7 +117,7 @@ def resize_array(array: np.ndarray, size: Size, *, nearest: bool = False) -> np.
     if array.shape[1] == width and array.shape[0] == height:
         return array
     resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(array).resize((width, height), resample=resample))
+    return np.array(Image.fromarray(array).resize((width, height), resample=resample))
 
 
 class HRImage:

@@ -1,0 +1,132 @@
+"""Validation on synthetic anomalies: metrics, checkpoint selection, normalisation statistics.
+
+Each task's detector is validated on its own held-out patches with synthetic
+anomalies. The best validation (image AUROC, ties broken by the mean of the
+other metrics) is kept: its weights are restored at the end of fitting and its
+score statistics normalise that task's maps to [0, 1] at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+
+from hiad_pl.postprocess import image_score
+
+log = logging.getLogger("hiad_pl")
+
+SELECTION_METRIC = "val/selection"
+
+
+def default_validation_evaluators() -> list[Callable[..., dict]]:
+    """Image AUROC and pixel AUROC/AP: cheap enough to run every epoch on the CPU."""
+    from hiad_pl.utils import metrics
+
+    return [metrics.compute_imagewise_metrics, metrics.compute_pixelwise_metrics]
+
+
+def selection_score(values: dict[str, float]) -> float:
+    """Image AUROC, with the mean of the other finite metrics as a tie-breaker below 1e-6."""
+    finite = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v) and "threshold" not in k}
+    if not finite:
+        return -math.inf
+    primary = finite.get("image_auroc", float(np.mean(list(finite.values()))))
+    others = [v for k, v in finite.items() if k != "image_auroc"]
+    return primary + 1e-6 * (float(np.mean(others)) if others else 0.0)
+
+
+def normalization_statistics(maps: torch.Tensor) -> dict[str, float]:
+    """``low``/``high`` of validation maps: their minimum and maximum pixel score.
+
+    Min-max over normal and synthetic-anomaly patches puts validation scores in
+    [0, 1]; test scores outside that range are clipped, so maps of different
+    tasks (and of the thumbnail branch) share one scale.
+    """
+    return {"low": float(maps.min()), "high": float(maps.max())}
+
+
+class ValidationSelector(Callback):
+    """Scores each validation epoch, logs metrics, keeps the best weights and their statistics."""
+
+    def __init__(self, evaluators: Sequence[Callable[..., dict]] | None = None) -> None:
+        self.evaluators = list(evaluators) if evaluators else default_validation_evaluators()
+        self.best_score = -math.inf
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_statistics: dict[str, float] | None = None
+        self.history: list[dict[str, float]] = []
+        self._maps: list[torch.Tensor] = []
+        self._masks: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._maps, self._masks, self._labels = [], [], []
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        maps = outputs if isinstance(outputs, torch.Tensor) else outputs["anomaly_map"]
+        self._maps.append(maps.detach().float().cpu())
+        self._masks.append(batch.mask.detach().cpu())
+        self._labels.append(batch.label.detach().cpu())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._maps or trainer.sanity_checking:
+            return
+        maps, masks, labels = torch.cat(self._maps), torch.cat(self._masks), torch.cat(self._labels)
+        values = self.evaluate(maps, masks, labels)
+        score = selection_score(values)
+        for name, value in values.items():
+            if math.isfinite(value):
+                pl_module.log(f"val/{name}", value, prog_bar=name == "image_auroc")
+        pl_module.log(SELECTION_METRIC, score if math.isfinite(score) else -1.0)
+        self.history.append({"epoch": trainer.current_epoch, "score": score, **values})
+        if score > self.best_score or self.best_state is None:
+            self.best_score = score
+            self.best_epoch = trainer.current_epoch
+            self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            self.best_statistics = normalization_statistics(maps)
+        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
+
+    def evaluate(self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Run the evaluators on validation patch maps."""
+        scores = image_score(maps).numpy()
+        label_array = labels.numpy().astype(int)
+        values: dict[str, float] = {}
+        for evaluator in self.evaluators:
+            result = evaluator(scores, label_array, list(maps.numpy()), list(masks.numpy().astype(np.uint8)))
+            values.update({k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and v is not None})
+        return values
+
+    def restore_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Load the best validated weights and statistics into the module."""
+        if self.best_state is None:
+            return
+        pl_module.load_state_dict(self.best_state)
+        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
+        log.info("kept epoch %s (validation score %.4f)", self.best_epoch, self.best_score)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_statistics": self.best_statistics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score", -math.inf)
+        self.best_epoch = state_dict.get("best_epoch")
+        self.best_statistics = state_dict.get("best_statistics")
+
+
+def validation_callbacks(
+    detector: L.LightningModule, data: Any, val_config: Any, early_stop_epochs: int
+) -> list[Callback]:
+    """The selector, plus early stopping when ``early_stop_epochs`` > 0."""
+    callbacks: list[Callback] = [ValidationSelector(val_config.evaluators)]
+    if early_stop_epochs > 0 and not getattr(detector, "fits_in_one_pass", False):
+        callbacks.append(EarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False))
+    return callbacks

@@ -1,0 +1,135 @@
+"""Jobs shared by the CLI and HRTrainer: evaluate a model folder, write visualisations and predictions."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from hiad_pl.data.sample import HRSample
+from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
+from hiad_pl.tasks.base import atomic_write_text
+from hiad_pl.visualize import overlay, render_panel, save_png
+
+log = logging.getLogger("hiad_pl")
+
+
+def score_range(maps: Sequence[np.ndarray], normalized: bool) -> tuple[float, float]:
+    """Colour-map range: [0, 1] for normalised scores, else the maps' global min and max."""
+    if normalized:
+        return 0.0, 1.0
+    lo = min(float(m.min()) for m in maps)
+    hi = max(float(m.max()) for m in maps)
+    return lo, hi
+
+
+def visual_name(sample: HRSample) -> str:
+    """A file stem unique within a class: ``<defect kind>_<image stem>``."""
+    kind = sample.label_name or ("defect" if sample.label == 1 else "image")
+    return f"{kind}_{Path(sample.get_image_path()).stem}"
+
+
+def write_visualizations(
+    samples: Sequence[HRSample],
+    maps: Sequence[np.ndarray],
+    folder: str | Path,
+    vis_size: int,
+    vmin: float,
+    vmax: float,
+) -> list[Path]:
+    """One panel (image | overlay | ground-truth contour) per image under ``folder/<class>/``."""
+    written = []
+    for sample, anomaly_map in zip(samples, maps):
+        with sample:
+            panel = render_panel(sample.image.open(), anomaly_map.astype(np.float32), sample.full_mask(), vis_size, vmin, vmax)
+        path = Path(folder) / (sample.clsname or "unknown") / f"{visual_name(sample)}.png"
+        save_png(panel, path)
+        written.append(path)
+    return written
+
+
+def evaluate_predictions(
+    samples: Sequence[HRSample],
+    scores: np.ndarray,
+    maps: Sequence[np.ndarray],
+    evaluators: Sequence[Callable[..., dict]],
+) -> dict[str, dict]:
+    """Per-class metrics (plus a ``mean`` row) of predictions against the samples' labels and masks."""
+    from hiad_pl.metrics import evaluate
+
+    labels = np.array([s.resolved_label() for s in samples])
+    if (labels < 0).any():
+        unknown = [s.get_image_path() for s, label in zip(samples, labels) if label < 0][:3]
+        raise ValueError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
+    masks = []
+    for sample in samples:
+        with sample:
+            masks.append(sample.full_mask().copy() if sample.mask is not None else None)
+    clsnames = [s.clsname or "unknown" for s in samples]
+    return evaluate(evaluators, scores, labels, list(maps), masks, clsnames)
+
+
+def run_inference(
+    orchestrator: TaskOrchestrator, samples: Sequence[HRSample], device: str
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Image scores and float16 anomaly maps of ``samples``."""
+    return collect(orchestrator.predict(samples, device), len(samples))
+
+
+def unique_stems(paths: Sequence[str | Path]) -> list[str]:
+    """Output names for input images: the file stem, prefixed by folders where stems collide."""
+    paths = [Path(p) for p in paths]
+    stems = [p.stem for p in paths]
+    depth = 1
+    while len(set(stems)) < len(stems) and depth < max(len(p.parts) for p in paths):
+        stems = ["_".join(p.parts[-depth - 1 : -1] + (p.stem,)) for p in paths]
+        depth += 1
+    if len(set(stems)) < len(stems):
+        stems = [f"{k:05d}_{stem}" for k, stem in enumerate(stems)]
+    return stems
+
+
+def write_prediction(prediction: Prediction, sample: HRSample, folder: Path, normalized: bool, stem: str) -> dict:
+    """Write one image's map (16-bit PNG and .npy) and overlay; returns its CSV row.
+
+    The 16-bit PNG spans [0, 1] for normalised scores; raw maps span their own
+    min..max, which the row records so the PNG can be mapped back.
+    """
+    anomaly_map = prediction.anomaly_map.numpy().astype(np.float32)
+    vmin, vmax = (0.0, 1.0) if normalized else (float(anomaly_map.min()), float(anomaly_map.max()))
+    scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    png16 = (scaled * 65535).round().astype(np.uint16)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{stem}_map.png.tmp"
+    Image.fromarray(png16).save(tmp, format="PNG")
+    tmp.replace(folder / f"{stem}_map.png")
+    buffer = io.BytesIO()
+    np.save(buffer, anomaly_map)
+    npy_tmp = folder / f".{stem}_map.npy.tmp"
+    npy_tmp.write_bytes(buffer.getvalue())
+    npy_tmp.replace(folder / f"{stem}_map.npy")
+    with sample:
+        save_png(overlay(sample.image.open(), anomaly_map, vmin, vmax), folder / f"{stem}_overlay.png")
+    return {
+        "image": sample.get_image_path(),
+        "score": f"{prediction.score:.6f}",
+        "map": f"{stem}_map.png",
+        "map_min": f"{vmin:.6g}",
+        "map_max": f"{vmax:.6g}",
+    }
+
+
+def write_scores_csv(rows: list[dict], path: Path, normalized: bool) -> None:
+    """``scores.csv``: one row per image; a first comment line says whether scores are normalised."""
+    buffer = io.StringIO()
+    scale = "normalised to [0, 1] with validation statistics" if normalized else "raw (no validation set)"
+    buffer.write(f"# scores: {scale}\n")
+    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "map", "map_min", "map_max"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())

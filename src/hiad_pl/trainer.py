@@ -1,0 +1,142 @@
+"""HRTrainer: the tutorial's Python API, a thin face over :class:`TaskOrchestrator`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from hiad_pl.data.sample import HRSample
+from hiad_pl.engine import evaluate_predictions, run_inference, score_range, write_visualizations
+from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
+from hiad_pl.tasks.base import Task
+
+log = logging.getLogger("hiad_pl")
+
+
+def split_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``{'patch': {...}, 'thumbnail': {...}}`` -> (patch config, thumbnail config or None)."""
+    if not config:
+        raise ValueError("HRTrainer needs config={'patch': {...detector options, 'patch_size': ...}}")
+    unknown = set(config) - {"patch", "thumbnail"}
+    if unknown:
+        raise ValueError(f"config has unknown sections {sorted(unknown)}; expected 'patch' and optionally 'thumbnail'")
+    if "patch" not in config:
+        raise ValueError("config needs a 'patch' section")
+    thumbnail = config.get("thumbnail")
+    if thumbnail is not None and "thumbnail_size" not in thumbnail:
+        raise ValueError("config['thumbnail'] needs 'thumbnail_size'")
+    return dict(config["patch"]), None if thumbnail is None else dict(thumbnail)
+
+
+class HRTrainer:
+    """Train and apply one detector per task, as in the HiAD tutorial.
+
+    ``HRTrainer(batch_size, tasks, detector_class, config, checkpoint_root,
+    log_root, vis_root)`` then ``.train(train_samples, gpu_ids)`` and
+    ``.inference(test_samples, gpu_ids, evaluators=...)``. ``gpu_ids=[]`` or
+    ``None`` runs on the CPU.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        tasks: Sequence[Task] | None = None,
+        detector_class: type | str | None = None,
+        config: dict[str, Any] | None = None,
+        checkpoint_root: str | Path = "saved_models",
+        log_root: str | Path = "logs",
+        vis_root: str | Path = "vis",
+        seed: int = 0,
+        fusion_weights: Sequence[float] | None = None,
+        early_stop_epochs: int = -1,
+        trainer_kwargs: dict[str, Any] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.batch_size = batch_size
+        self.tasks = list(tasks or [])
+        self.detector_class = detector_class
+        self.config = config
+        self.checkpoint_root = Path(checkpoint_root)
+        self.log_root = Path(log_root)
+        self.vis_root = Path(vis_root)
+        self.seed = seed
+        self.fusion_weights = fusion_weights
+        self.early_stop_epochs = early_stop_epochs
+        self.trainer_kwargs = trainer_kwargs
+        self.num_workers = num_workers
+        self._orchestrator: TaskOrchestrator | None = None
+
+    def orchestrator(self) -> TaskOrchestrator:
+        """The orchestrator behind this trainer (built on first use)."""
+        if self._orchestrator is None:
+            if self.detector_class is None:
+                raise ValueError("HRTrainer needs detector_class (e.g. hiad_pl.detectors.HRPatchCore)")
+            patch, thumbnail = split_config(self.config)
+            self._orchestrator = TaskOrchestrator(
+                self.detector_class,
+                patch,
+                self.tasks,
+                self.checkpoint_root,
+                thumbnail_config=thumbnail,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                fusion_weights=self.fusion_weights,
+                trainer_kwargs=self.trainer_kwargs,
+                num_workers=self.num_workers,
+                early_stop_epochs=self.early_stop_epochs,
+                log_root=self.log_root,
+            )
+        return self._orchestrator
+
+    def train(
+        self,
+        train_samples: Sequence[HRSample],
+        gpu_ids: Sequence[int | str] | None = None,
+        val_config: ValidationConfig | dict | None = None,
+    ) -> list[Path]:
+        """Fit a detector per task; tasks already fitted in ``checkpoint_root`` are skipped."""
+        orchestrator = self.orchestrator()
+        devices = resolve_devices(gpu_ids)
+        if not orchestrator.tasks:
+            raise ValueError("HRTrainer has no tasks: create them with a task generator (e.g. A2OTaskGenerator)")
+        print(f"Start training, devices: {devices}")
+        print(f"Tasks config is saved as: {orchestrator.tasks_path}")
+        paths = orchestrator.fit(train_samples, devices, val_config)
+        print(f"The training progress can be monitored in: {self.log_root}")
+        return paths
+
+    def inference(
+        self,
+        test_samples: Sequence[HRSample],
+        gpu_ids: Sequence[int | str] | None = None,
+        return_results_only: bool = False,
+        evaluators: Sequence[Callable[..., dict]] | None = None,
+        vis_size: int = 1024,
+    ) -> tuple[np.ndarray, list[np.ndarray]] | dict[str, dict]:
+        """Score ``test_samples``.
+
+        With ``return_results_only`` returns ``(image_scores, anomaly_maps)``.
+        Otherwise writes visualisations to ``vis_root``, evaluates with
+        ``evaluators`` (when given), prints the per-class table and returns it.
+        """
+        if not test_samples:
+            raise ValueError("no test samples")
+        orchestrator = self.orchestrator()
+        device = resolve_devices(gpu_ids)[0]
+        orchestrator.load(device)
+        scores, maps = run_inference(orchestrator, test_samples, device)
+        if return_results_only:
+            return scores, maps
+        vmin, vmax = score_range(maps, orchestrator.normalized)
+        write_visualizations(test_samples, maps, self.vis_root, vis_size, vmin, vmax)
+        if not evaluators:
+            return {}
+        from hiad_pl.metrics import format_table, save_report
+
+        results = evaluate_predictions(test_samples, scores, maps, list(evaluators))
+        print(format_table(results))
+        save_report(results, self.log_root)
+        return results

@@ -1,0 +1,34 @@
+"""Shared fixtures: a small demo data set generated once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SMALL_DEMO = {"image_size": 512, "num_train": 4, "num_test_good": 3, "num_test_defect": 4}
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Texture and object categories at 512 px (defects keep their pixel size)."""
+    from hiad_pl.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, categories=["texture", "object"], seed=0, **SMALL_DEMO)
+    return root
+
+
+PATCHCORE_TEST_CONFIG = {
+    "backbone_name": "efficientnet_lite0",
+    "weights": "offline",
+    "layers_to_extract_from": ["blocks.2", "blocks.4"],
+    "merge_size": 3,
+    "percentage": 0.1,
+    "pretrain_embed_dimension": 128,
+    "target_embed_dimension": 128,
+}

@@ -1,0 +1,130 @@
+"""Validation set: normalised scores, statistics from validation patches only, checkpoint selection, early stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from conftest import PATCHCORE_TEST_CONFIG
+from hiad_pl.callbacks import ValidationSelector, normalization_statistics
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.data.datamodule import PatchDataset, capped_items, patch_loader, split_validation
+from hiad_pl.data.discovery import discover
+from hiad_pl.detectors import HRDetector, HRPatchCore
+from hiad_pl.orchestrator import RUN_INFO_KEY, TaskOrchestrator
+from hiad_pl.syn import RandomeBoxSynthesizer
+from hiad_pl.task import A2OTaskGenerator
+from hiad_pl.trainer import HRTrainer
+from hiad_pl.utils import metrics
+from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
+
+
+@pytest.fixture(scope="module")
+def texture(small_demo: Path):
+    (split,) = discover(small_demo, categories=["texture"], image_size=512)
+    return split
+
+
+def test_normalised_scores_in_unit_range_and_statistics_from_validation_only(texture, tmp_path: Path) -> None:
+    indexes = MultiResolutionHRImageSpliter(512, 256)
+    tasks = A2OTaskGenerator().create_tasks(texture.train, indexes)
+    trainer = HRTrainer(
+        batch_size=4,
+        tasks=tasks,
+        detector_class=HRPatchCore,
+        config={"patch": {**PATCHCORE_TEST_CONFIG, "patch_size": 256}},
+        checkpoint_root=tmp_path / "models",
+        log_root=tmp_path / "logs",
+        vis_root=tmp_path / "vis",
+    )
+    synthesizer = RandomeBoxSynthesizer(p=0.5, seed=0)
+    val_config = {
+        "anomaly_syn_fn": synthesizer,
+        "val_sample_ratio": 0.25,
+        "max_patch_number": 8,
+        "evaluators": [metrics.compute_imagewise_metrics],
+    }
+    trainer.train(texture.train, gpu_ids=[], val_config=val_config)
+    checkpoint_path = tmp_path / "models" / "checkpoints" / "task_0.ckpt"
+    stats = torch.load(checkpoint_path, weights_only=True)[RUN_INFO_KEY]["normalization"]
+    assert stats is not None and stats["high"] > stats["low"]
+
+    # the statistics are exactly those of the held-out validation patches
+    _, val_samples = split_validation(texture.train, 0.25, seed=0)
+    items = capped_items(len(val_samples), len(indexes), 8, seed=0)
+    dataset = PatchDataset(val_samples, tasks[0].indexes, synthesizer, seed=0, items=items)
+    detector = HRPatchCore.load_from_checkpoint(checkpoint_path, weights_only=True).eval()
+    maps = torch.cat([detector.predict_step(b, 0) for b in patch_loader(dataset, 4)])
+    assert normalization_statistics(maps) == pytest.approx(stats, rel=1e-5)
+
+    scores, anomaly_maps = trainer.inference(texture.test, gpu_ids=[], return_results_only=True)
+    assert 0.0 <= scores.min() and scores.max() <= 1.0
+    assert all(0.0 <= float(m.min()) and float(m.max()) <= 1.0 for m in anomaly_maps)
+    labels = np.array([s.label for s in texture.test])
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+
+    # a different test set changes nothing that was stored
+    trainer.inference(texture.test[:2], gpu_ids=[], return_results_only=True)
+    assert torch.load(checkpoint_path, weights_only=True)[RUN_INFO_KEY]["normalization"] == stats
+
+
+class FlippingDetector(HRDetector):
+    """A toy detector whose quality is scheduled: good at epoch ``good_epoch`` only.
+
+    Its map is the colour deviation from the patch mean (synthetic boxes stand
+    out), multiplied by a sign that training sets per epoch.
+    """
+
+    def __init__(self, good_epoch: int = 1, **kwargs) -> None:
+        super().__init__(backbone_name="resnet18", layers_to_extract_from=["layer1"], weights="none", **kwargs)
+        self.sign = torch.nn.Parameter(torch.tensor(-1.0))
+
+    def anomaly_map(self, batch: PatchBatch) -> torch.Tensor:
+        image = batch.image
+        return self.sign * (image - image.mean(dim=(-2, -1), keepdim=True)).abs().mean(dim=1)
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            self.sign.fill_(1.0 if self.current_epoch == self.hparams.good_epoch else -1.0)
+        return self.sign * 0.0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_best_checkpoint_is_kept_and_early_stopping_ends_on_time(texture, tmp_path: Path) -> None:
+    indexes = MultiResolutionHRImageSpliter(512, 256)
+    tasks = A2OTaskGenerator().create_tasks(texture.train, indexes)
+    orchestrator = TaskOrchestrator(
+        FlippingDetector,
+        {"good_epoch": 1},
+        tasks,
+        tmp_path / "models",
+        batch_size=8,
+        trainer_kwargs={"max_epochs": 10},
+        early_stop_epochs=2,
+    )
+    val_config = {"anomaly_syn_fn": RandomeBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25}
+    orchestrator.fit(texture.train, [], val_config)
+    checkpoint = torch.load(orchestrator.checkpoint_path(tasks[0]), weights_only=True)
+    assert checkpoint["state_dict"]["sign"].item() == 1.0  # the weights of the good epoch
+    # best at epoch 1, then two validations without improvement: stopped after epoch 3
+    assert checkpoint["epoch"] == 4
+    events = list((tmp_path / "models" / "tensorboard" / "task_0").glob("events.*"))
+    assert events, "validation metrics go to the task's TensorBoard run"
+
+
+def test_selector_prefers_image_auroc_then_other_metrics() -> None:
+    from hiad_pl.callbacks import selection_score
+
+    assert selection_score({"image_auroc": 0.9, "pixel_auroc": 0.1}) > selection_score({"image_auroc": 0.8, "pixel_auroc": 1.0})
+    assert selection_score({"image_auroc": 0.9, "pixel_auroc": 0.9}) > selection_score({"image_auroc": 0.9, "pixel_auroc": 0.5})
+    selector = ValidationSelector([metrics.compute_imagewise_metrics])
+    maps = torch.zeros(4, 8, 8)
+    maps[2:, 3, 3] = 5.0
+    values = selector.evaluate(maps, torch.zeros(4, 8, 8), torch.tensor([0, 0, 1, 1]))
+    assert values["image_auroc"] == 1.0
