@@ -102,7 +102,7 @@ def atomic_save_checkpoint(trainer: L.Trainer, path: Path) -> None:
     """Save the trainer's checkpoint so that ``path`` is either absent or complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)  # keep callback entries (run info)
     os.replace(tmp, path)
 
 
@@ -136,6 +136,13 @@ class ValidationConfig:
         if "anomaly_syn_fn" not in value:
             raise ValueError("val_config needs 'anomaly_syn_fn' (a synthesiser from hiad_pl.syn)")
         return ValidationConfig(**value)
+
+
+def default_validation() -> ValidationConfig:
+    """Validation set used when one is needed (thumbnail branch) but none was configured."""
+    from hiad_pl.syn import RandomBoxSynthesizer
+
+    return ValidationConfig(RandomBoxSynthesizer(p=0.5, seed=0), val_sample_ratio=0.2, max_patch_number=200)
 
 
 @dataclass
@@ -272,6 +279,13 @@ class TaskOrchestrator:
             raise ValueError("no training samples")
         devices = resolve_devices(devices)
         val_config = ValidationConfig.from_any(val_config)
+        if val_config is None and any(t.is_thumbnail for t in self.tasks):
+            val_config = default_validation()
+            log.warning(
+                "the thumbnail branch is merged with the patch maps on the [0, 1] scale of validation "
+                "statistics; no validation set was given, so %.0f%% of the training images are held out "
+                "with synthetic boxes (RandomBoxSynthesizer)", 100 * val_config.val_sample_ratio
+            )
         self.check()
         if not resume and any((self.root / "checkpoints").glob("**/*.ckpt")):
             raise ValueError(f"{self.root} already holds checkpoints: resume, or choose another run folder")

@@ -10,12 +10,13 @@ the image score are applied later, on the stitched full-resolution map.
 
 from __future__ import annotations
 
+import logging
+
 import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from hiad_pl.data.batch import PatchBatch
@@ -24,6 +25,8 @@ from hiad_pl.detectors.nn_search import NearestNeighbourIndex
 
 #: Rows projected at once when the coreset's random projection is applied.
 PROJECTION_CHUNK_ROWS = 65536
+
+log = logging.getLogger(__name__)
 
 
 def pool_channels(features: Tensor, dimension: int | None) -> Tensor:
@@ -94,7 +97,7 @@ def coreset_subsample(
     device = torch.device(device) if device is not None else features.device
     total = features.shape[0]
     if max_candidates is not None and total > max_candidates:
-        rank_zero_info(
+        log.info(
             f"PatchCore: {total} training features exceed coreset_max_candidates={max_candidates}; "
             f"the coreset is chosen from a random subset of {max_candidates}."
         )
@@ -233,7 +236,7 @@ class HRPatchCore(OnePassDetector):
         )
         self.memory_bank = bank.to(self.memory_bank.device, self.memory_bank.dtype)
         self._search = None
-        rank_zero_info(f"PatchCore: memory bank of {bank.shape[0]} features from {features.shape[0]}.")
+        log.info(f"PatchCore: memory bank of {bank.shape[0]} features from {features.shape[0]}.")
 
     def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
         # A bank copied in place keeps its address, so the search index must be dropped here.
