@@ -128,3 +128,9 @@ def test_selector_prefers_image_auroc_then_other_metrics() -> None:
     maps[2:, 3, 3] = 5.0
     values = selector.evaluate(maps, torch.zeros(4, 8, 8), torch.tensor([0, 0, 1, 1]))
     assert values["image_auroc"] == 1.0
+
+
+def test_selector_tolerates_a_validation_set_without_anomalies() -> None:
+    selector = ValidationSelector([metrics.compute_imagewise_metrics, metrics.compute_pixelwise_metrics])
+    values = selector.evaluate(torch.rand(3, 8, 8), torch.zeros(3, 8, 8), torch.zeros(3, dtype=torch.long))
+    assert values == {}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 
+from hiad_pl.metrics import UndefinedMetricError
 from hiad_pl.postprocess import image_score
 
 log = logging.getLogger("hiad_pl")
@@ -101,7 +102,11 @@ class ValidationSelector(Callback):
         label_array = labels.numpy().astype(int)
         values: dict[str, float] = {}
         for evaluator in self.evaluators:
-            result = evaluator(scores, label_array, list(maps.numpy()), list(masks.numpy().astype(np.uint8)))
+            try:
+                result = evaluator(scores, label_array, list(maps.numpy()), list(masks.numpy().astype(np.uint8)))
+            except UndefinedMetricError as error:  # e.g. a small validation set drew no anomaly
+                log.info("validation metric skipped: %s", error)
+                continue
             values.update({k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and v is not None})
         return values
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable, Iterator, Sequence
 
@@ -18,6 +19,7 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 Synthesizer = Callable[..., LRPatch]
+MIN_VALIDATION_THUMBNAILS = 16
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -111,7 +113,12 @@ class PatchDataset(Dataset):
 
 
 class ThumbnailDataset(Dataset):
-    """Whole images resized to ``thumbnail_size`` (with optional synthetic anomalies)."""
+    """Whole images resized to ``thumbnail_size`` (with optional synthetic anomalies).
+
+    ``repeats`` > 1 visits every image several times, each time with its own
+    synthetic anomaly: a validation set of a few held-out images still gets
+    enough normal and anomalous thumbnails.
+    """
 
     def __init__(
         self,
@@ -119,6 +126,7 @@ class ThumbnailDataset(Dataset):
         thumbnail_size: Size,
         synthesizer: Synthesizer | None = None,
         seed: int = 0,
+        repeats: int = 1,
     ) -> None:
         if not samples:
             raise ValueError("ThumbnailDataset needs at least one sample")
@@ -126,12 +134,13 @@ class ThumbnailDataset(Dataset):
         self.thumbnail_size = as_pair(thumbnail_size, "thumbnail_size")
         self.synthesizer = synthesizer
         self.seed = seed
+        self.repeats = max(1, int(repeats))
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) * self.repeats
 
     def __getitem__(self, item: int) -> PatchBatch:
-        sample = self.samples[item]
+        sample = self.samples[item % len(self.samples)]
         with sample:
             patch = sample.down_sampling_to_LR(self.thumbnail_size)
         if self.synthesizer is not None:
@@ -253,7 +262,8 @@ class HighResDataModule(L.LightningDataModule):
 
     def _dataset(self, samples: Sequence[HRSample], synthesizer: Synthesizer | None, cap: int | None) -> Dataset:
         if self.thumbnail_size is not None:
-            return ThumbnailDataset(samples, self.thumbnail_size, synthesizer, self.seed)
+            repeats = 1 if synthesizer is None else math.ceil(MIN_VALIDATION_THUMBNAILS / len(samples))
+            return ThumbnailDataset(samples, self.thumbnail_size, synthesizer, self.seed, repeats)
         items = capped_items(len(samples), len(self.indexes), cap, self.seed)
         return PatchDataset(samples, self.indexes, synthesizer, self.seed, items)
 

@@ -1,0 +1,81 @@
+"""Datasets and loaders: image-major patches, shuffling within images, validation splits, thumbnails."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hiad_pl.data.datamodule import (
+    HighResDataModule,
+    ImageGroupedSampler,
+    PatchDataset,
+    ThumbnailDataset,
+    capped_items,
+    image_to_tensor,
+    split_validation,
+    tensor_to_image,
+)
+from hiad_pl.syn import RandomBoxSynthesizer
+from hiad_pl.utils.split_and_gather import HRSample, MultiResolutionHRImageSpliter
+
+
+@pytest.fixture()
+def samples(tmp_path):
+    out = []
+    for k in range(4):
+        image = np.full((64, 128, 3), 40 * k, np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{k}.png")
+        out.append(HRSample(tmp_path / f"{k}.png", label=0))
+    return out
+
+
+def test_patch_dataset_is_image_major_and_batches_carry_positions(samples):
+    indexes = MultiResolutionHRImageSpliter((128, 64), 32, ds_factors=[0, 1])
+    data = HighResDataModule(samples, indexes, batch_size=8)
+    batches = list(data.train_dataloader())
+    assert sum(len(b) for b in batches) == 4 * 8
+    first = batches[0]
+    assert first.image.shape == (8, 3, 32, 32) and first.low_resolution_images.shape == (8, 1, 3, 32, 32)
+    assert first.image_id.tolist() == [0] * 8
+    assert first.index[:, :2].tolist() == [[i.main_index.x, i.main_index.y] for i in indexes]
+    assert first.low_resolution_windows[0, 0].tolist() == [0, 0, 16, 16]
+    np.testing.assert_array_equal(tensor_to_image(batches[1].image[0]), np.full((32, 32, 3), 40, np.uint8))
+
+
+def test_shuffled_sampler_keeps_images_together_and_changes_every_epoch(samples):
+    dataset = PatchDataset(samples, MultiResolutionHRImageSpliter((128, 64), 32))
+    sampler = ImageGroupedSampler(dataset, shuffle=True, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(32)) and first != second
+    images = [k // 8 for k in first]
+    assert all(images[i] == images[i + 1] for i in range(31) if (i + 1) % 8)  # runs of one image
+
+
+def test_validation_split_and_caps(samples):
+    train, val = split_validation(samples, 0.25, seed=0)
+    assert len(val) == 1 and len(train) == 3 and not set(map(id, val)) & set(map(id, train))
+    assert split_validation(samples, 0.25, seed=0)[1][0] is val[0]
+    with pytest.raises(ValueError, match="val_sample_ratio"):
+        split_validation(samples, 1.5)
+    assert capped_items(4, 8, None) is None and capped_items(4, 8, 100) is None
+    assert len(capped_items(4, 8, 5)) == 5 and capped_items(4, 8, 5, seed=1) == capped_items(4, 8, 5, seed=1)
+
+
+def test_validation_thumbnails_repeat_with_distinct_anomalies(samples):
+    data = HighResDataModule(
+        samples[:2], thumbnail_size=32, batch_size=64, val_samples=samples[2:], val_synthesizer=RandomBoxSynthesizer(p=0.5, seed=0)
+    )
+    (batch,) = list(data.val_dataloader())
+    assert len(batch) == 16 and batch.image.shape[-2:] == (32, 32)
+    assert 0 < int(batch.label.sum()) < 16
+    assert isinstance(data.train_dataloader().dataset, ThumbnailDataset)
+
+
+def test_image_tensor_round_trip():
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    tensor = image_to_tensor(image)
+    assert tensor.shape == (3, 5, 7) and abs(float(tensor.mean())) < 3
+    np.testing.assert_array_equal(tensor_to_image(tensor), image)
+    assert torch.is_floating_point(tensor)
