@@ -151,3 +151,19 @@ def test_hub_weights_offline_names_the_alternatives(small_demo: Path, tmp_path: 
     err = capsys.readouterr().err
     assert "weights" in err and "offline" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_two_cpu_worker_processes_fit_the_same_models(small_demo: Path, tmp_path: Path) -> None:
+    from hiad_pl.orchestrator import TaskOrchestrator
+
+    (split,) = discover(small_demo, categories=["texture"], image_size=512)
+    tasks = O2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(512, 256))
+    config = {**PATCHCORE_TEST_CONFIG, "patch_size": 256}
+    parallel = TaskOrchestrator(HRPatchCore, config, tasks, tmp_path / "parallel", batch_size=4)
+    parallel.fit(split.train, devices=["cpu", "cpu"])
+    serial = TaskOrchestrator(HRPatchCore, config, tasks, tmp_path / "serial", batch_size=4)
+    serial.fit(split.train, devices=[])
+    sample = split.test[-1:]
+    (a,), (b,) = list(parallel.predict(sample)), list(serial.predict(sample))
+    assert [p.name for p in sorted((tmp_path / "parallel" / "checkpoints").glob("*.ckpt"))] == [f"task_{k}.ckpt" for k in range(4)]
+    np.testing.assert_allclose(a.anomaly_map.numpy(), b.anomaly_map.numpy(), rtol=1e-5, atol=1e-5)
