@@ -58,8 +58,11 @@ def test_normalised_scores_in_unit_range_and_statistics_from_validation_only(tex
     items = capped_items(len(val_samples), len(indexes), 8, seed=0)
     dataset = PatchDataset(val_samples, tasks[0].indexes, synthesizer, seed=0, items=items)
     detector = HRPatchCore.load_from_checkpoint(checkpoint_path, weights_only=True).eval()
-    maps = torch.cat([detector.predict_step(b, 0) for b in patch_loader(dataset, 4)])
-    assert normalization_statistics(maps) == pytest.approx(stats, rel=1e-5)
+    batches = list(patch_loader(dataset, 4))
+    maps = torch.cat([detector.predict_step(b, 0) for b in batches])
+    labels = torch.cat([b.label for b in batches])
+    assert 0 < int(labels.sum()) < len(labels)
+    assert normalization_statistics(maps, labels) == pytest.approx(stats, rel=1e-5)
 
     scores, anomaly_maps = trainer.inference(texture.test, gpu_ids=[], return_results_only=True)
     assert 0.0 <= scores.min() and scores.max() <= 1.0
@@ -116,6 +119,15 @@ def test_best_checkpoint_is_kept_and_early_stopping_ends_on_time(texture, tmp_pa
     assert checkpoint["epoch"] == 4
     events = list((tmp_path / "models" / "tensorboard" / "task_0").glob("events.*"))
     assert events, "validation metrics go to the task's TensorBoard run"
+
+
+def test_normalisation_puts_normal_variation_at_zero() -> None:
+    normal = torch.rand(6, 8, 8)
+    anomalous = torch.rand(2, 8, 8)
+    anomalous[:, 2, 2] = 9.0
+    stats = normalization_statistics(torch.cat([normal, anomalous]), torch.tensor([0] * 6 + [1] * 2))
+    assert stats["low"] == pytest.approx(float(torch.quantile(normal.flatten(), 0.99)))
+    assert stats["high"] == 9.0
 
 
 def test_selector_prefers_image_auroc_then_other_metrics() -> None:

@@ -24,6 +24,8 @@ from hiad_pl.postprocess import image_score
 log = logging.getLogger("hiad_pl")
 
 SELECTION_METRIC = "val/selection"
+NORMAL_QUANTILE = 0.99
+NORMAL_SAMPLE = 1_000_000  # pixels sampled for the quantile (torch.quantile caps its input size)
 
 
 def default_validation_evaluators() -> list[Callable[..., dict]]:
@@ -43,14 +45,22 @@ def selection_score(values: dict[str, float]) -> float:
     return primary + 1e-6 * (float(np.mean(others)) if others else 0.0)
 
 
-def normalization_statistics(maps: torch.Tensor) -> dict[str, float]:
-    """``low``/``high`` of validation maps: their minimum and maximum pixel score.
+def normalization_statistics(maps: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """``low``/``high`` that map a task's scores to [0, 1].
 
-    Min-max over normal and synthetic-anomaly patches puts validation scores in
-    [0, 1]; test scores outside that range are clipped, so maps of different
-    tasks (and of the thumbnail branch) share one scale.
+    ``low`` is the 99th percentile of the pixel scores of normal validation
+    patches (the top of normal variation), ``high`` the largest validation
+    score. After normalisation normal pixels sit at or near 0 in every task and
+    in the thumbnail branch, so merging branches by per-pixel maximum adds a
+    branch's detections without adding its normal noise.
     """
-    return {"low": float(maps.min()), "high": float(maps.max())}
+    normal = maps if labels is None or not bool((labels == 0).any()) else maps[labels == 0]
+    values = normal.flatten().float()
+    if values.numel() > NORMAL_SAMPLE:
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:NORMAL_SAMPLE]]
+    low = float(torch.quantile(values, NORMAL_QUANTILE))
+    high = float(maps.max())
+    return {"low": low, "high": max(high, low + 1e-6)}
 
 
 class ValidationSelector(Callback):
@@ -93,7 +103,7 @@ class ValidationSelector(Callback):
             self.best_score = score
             self.best_epoch = trainer.current_epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-            self.best_statistics = normalization_statistics(maps)
+            self.best_statistics = normalization_statistics(maps, labels)
         pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
 
     def evaluate(self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
