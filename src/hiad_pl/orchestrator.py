@@ -47,6 +47,7 @@ QUIET_WARNINGS = (
     ".*validation_step.*",
     ".*number of training batches.*log_every_n_steps.*",
     ".*LeafSpec.*",
+    ".*across ranks is zero.*",
     ".*overridden `transfer_batch_to_device`.*",
 )
 RESERVED_TRAINER_KEYS = ("accelerator", "devices", "strategy", "logger", "default_root_dir")
