@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from hiad_pl.data.batch import PatchBatch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -32,3 +37,25 @@ PATCHCORE_TEST_CONFIG = {
     "pretrain_embed_dimension": 128,
     "target_embed_dimension": 128,
 }
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Image AUROC by pair counting (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
+def batch_of(images: Tensor) -> PatchBatch:
+    """A PatchBatch of plain images (no masks, unknown positions)."""
+    size = images.shape[0]
+    return PatchBatch(
+        image=images,
+        mask=torch.zeros(size, *images.shape[-2:]),
+        label=torch.zeros(size, dtype=torch.long),
+        index=torch.zeros(size, 4, dtype=torch.long),
+    )
+
+
+def loader(images: Tensor, batch_size: int = 4) -> DataLoader:
+    """A loader of single-image PatchBatches collated into batches."""
+    return DataLoader([batch_of(image[None]) for image in images], batch_size=batch_size, collate_fn=PatchBatch.collate)

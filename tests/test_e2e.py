@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PATCHCORE_TEST_CONFIG
+from conftest import PATCHCORE_TEST_CONFIG, auroc
 from hiad_pl.cli import main
 from hiad_pl.data.discovery import discover
 from hiad_pl.detectors import HRPatchCore
@@ -20,11 +20,6 @@ from hiad_pl.task import O2OTaskGenerator
 from hiad_pl.trainer import HRTrainer
 from hiad_pl.utils import metrics
 from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
 def test_hrtrainer_tutorial_flow_o2o_separates_defects(small_demo: Path, tmp_path: Path, capsys) -> None:

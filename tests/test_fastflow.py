@@ -11,9 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from hiad_pl.data.batch import PatchBatch
+from conftest import auroc, batch_of, loader
 from hiad_pl.data.discovery import discover
 from hiad_pl.detectors import DETECTORS, HRFastFlow
 from hiad_pl.detectors.fastflow import AffineCouplingStep, FeatureFlow, negative_log_likelihood
@@ -28,25 +27,6 @@ FASTFLOW_TEST_CONFIG = {
     "flow_steps": 2,
     "epochs": 4,
 }
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
-
-
-def batch_of(images: Tensor) -> PatchBatch:
-    size = images.shape[0]
-    return PatchBatch(
-        image=images,
-        mask=torch.zeros(size, *images.shape[-2:]),
-        label=torch.zeros(size, dtype=torch.long),
-        index=torch.zeros(size, 4, dtype=torch.long),
-    )
-
-
-def loader(images: Tensor, batch_size: int = 4) -> DataLoader:
-    return DataLoader([batch_of(image[None]) for image in images], batch_size=batch_size, collate_fn=PatchBatch.collate)
 
 
 def small_fastflow(**kwargs) -> HRFastFlow:

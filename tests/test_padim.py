@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from hiad_pl.data.batch import PatchBatch
+from conftest import auroc, batch_of, loader
 from hiad_pl.data.discovery import discover
 from hiad_pl.detectors import DETECTORS, HRPaDiM
 from hiad_pl.task import A2OTaskGenerator
@@ -24,25 +23,6 @@ PADIM_TEST_CONFIG = {
     "layers_to_extract_from": ["blocks.2", "blocks.4"],
     "d_reduced": 100,
 }
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
-
-
-def batch_of(images: Tensor) -> PatchBatch:
-    size = images.shape[0]
-    return PatchBatch(
-        image=images,
-        mask=torch.zeros(size, *images.shape[-2:]),
-        label=torch.zeros(size, dtype=torch.long),
-        index=torch.zeros(size, 4, dtype=torch.long),
-    )
-
-
-def loader(images: Tensor, batch_size: int = 4) -> DataLoader:
-    return DataLoader([batch_of(image[None]) for image in images], batch_size=batch_size, collate_fn=PatchBatch.collate)
 
 
 class GivenFeaturePaDiM(HRPaDiM):

@@ -1,4 +1,19 @@
 """Tutorial import path for task generators (``from hiad_pl.task import ...``)."""
 
-from hiad_pl.tasks import *  # noqa: F401,F403
-from hiad_pl.tasks import __all__  # noqa: F401
+from hiad_pl.tasks import (
+    A2OTaskGenerator,
+    NeighborhoodTaskGenerator,
+    O2OTaskGenerator,
+    RetrieveTaskGenerator,
+    SpatialClusteringTaskGenerator,
+    ThresholdClusteringTaskGenerator,
+)
+
+__all__ = [
+    "A2OTaskGenerator",
+    "NeighborhoodTaskGenerator",
+    "O2OTaskGenerator",
+    "RetrieveTaskGenerator",
+    "SpatialClusteringTaskGenerator",
+    "ThresholdClusteringTaskGenerator",
+]
