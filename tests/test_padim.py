@@ -126,6 +126,18 @@ def test_lightning_fit_and_checkpoint_round_trip(tmp_path: Path) -> None:
     assert maps.shape == (3, 32, 32) and torch.equal(maps, detector.predict_step(batch, 0))
 
 
+def test_fits_and_scores_fused_multi_resolution_features() -> None:
+    detector = HRPaDiM(
+        backbone_name="resnet18", layers_to_extract_from=["layer1", "layer2"], weights="none", input_size=32, fusion_weights=[0.5, 0.5]
+    )
+    batch = batch_of(torch.randn(3, 3, 32, 32))
+    batch.low_resolution_images = torch.randn(3, 1, 3, 32, 32)
+    batch.low_resolution_windows = torch.tensor([[[0, 0, 16, 16]], [[16, 0, 16, 16]], [[0, 16, 16, 16]]])
+    detector.accumulate(batch)
+    detector.finalize()
+    assert detector.mean.shape == (64, 100) and detector.anomaly_map(batch).shape == (3, 32, 32)
+
+
 def test_refusals_name_the_problem() -> None:
     with pytest.raises(ValueError, match=r"d_reduced must be an integer in \[1, 64\]"):
         given_feature_padim(d_reduced=65)
