@@ -172,3 +172,26 @@ def test_refusals_name_the_problem() -> None:
 
 def test_registered() -> None:
     assert DETECTORS["fastflow"] is HRFastFlow
+
+
+def test_interrupted_fit_resumes_from_its_last_epoch(small_demo: Path, tmp_path: Path) -> None:
+    from hiad_pl.orchestrator import TaskOrchestrator
+
+    (split,) = discover(small_demo, categories=["texture"], image_size=512)
+    tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=512, patch_size=256))
+    config = {"backbone_name": "resnet18", "layers_to_extract_from": ["layer1"], "weights": "none", "flow_steps": 1}
+
+    def fit(epochs: int) -> TaskOrchestrator:
+        orchestrator = TaskOrchestrator(HRFastFlow, config, tasks, tmp_path, batch_size=8, trainer_kwargs={"max_epochs": epochs})
+        orchestrator.fit(split.train[:2], [])
+        return orchestrator
+
+    first = fit(1)
+    final = first.checkpoint_path(tasks[0])
+    steps = torch.load(final, weights_only=True)["global_step"]
+    final.unlink()  # as if the run had stopped before the task finished: only the epoch checkpoint is left
+    assert (tmp_path / "checkpoints" / "task_0" / "last.ckpt").is_file()
+    fit(3)
+    resumed = torch.load(final, weights_only=True)
+    assert resumed["epoch"] == 3
+    assert resumed["global_step"] == 3 * steps  # continued: two more epochs, not three from scratch

@@ -47,6 +47,7 @@ QUIET_WARNINGS = (
     ".*validation_step.*",
     ".*number of training batches.*log_every_n_steps.*",
     ".*LeafSpec.*",
+    ".*Checkpoint directory.*exists and is not empty.*",
     ".*across ranks is zero.*",
     ".*overridden `transfer_batch_to_device`.*",
 )
