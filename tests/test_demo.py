@@ -124,6 +124,10 @@ def test_rerun_skips_complete_categories_and_guards_other_data(tmp_path: Path) -
     image.unlink()  # a damaged set of the same parameters is written again
     assert not make_demo_dataset(tmp_path, **(args | {"seed": 1}))["categories"]["texture"]["skipped"]
     assert image.exists()
+    marker = tmp_path / "texture/.demo.json"
+    marker.write_text(json.dumps(json.loads(marker.read_text()) | {"format": 1}))  # drawn by an older generator
+    assert not make_demo_dataset(tmp_path, **(args | {"seed": 1}))["categories"]["texture"]["skipped"]
+    assert json.loads(marker.read_text())["format"] > 1
     (tmp_path / "object").mkdir()
     (tmp_path / "object" / "mine.txt").write_text("not a demo")
     with pytest.raises(FileExistsError, match="not written by make_demo_dataset"):
@@ -231,3 +235,17 @@ def test_normal_images_vary_but_stay_alike_and_the_rotated_object_turns() -> Non
     assert min(aligned) > 0.9 and max(turned) < 0.75 and max(aligned) < 1
     texture = [render_demo_sample("texture", 512, index=i).image.astype(np.float32) for i in (0, 1)]
     assert abs(texture[0].mean() - texture[1].mean()) < 15 and np.abs(texture[0] - texture[1]).mean() > 5
+
+
+def test_rotated_board_moves_about_and_shows_no_mirrored_pieces() -> None:
+    centres = []
+    for index in range(6):
+        image = render_demo_sample("object_rotated", 512, index=index).image.astype(np.int16)
+        green = (image[..., 1] - np.maximum(image[..., 0], image[..., 2])) > 25  # solder mask, never the conveyor
+        labels, count = ndimage.label(ndimage.binary_closing(green, iterations=3))
+        sizes = np.bincount(labels.ravel())[1:]
+        assert count >= 1 and sizes.max() > 0.15 * 512**2, index  # one board, about 21% of the image
+        assert sizes.sum() - sizes.max() < 200, (index, sorted(sizes))  # nothing green besides it
+        centres.append(ndimage.center_of_mass(labels == 1 + sizes.argmax()))
+    spread = np.ptp(np.array(centres), axis=0)
+    assert spread.min() > 0.1 * 512  # the board is not always in the same place

@@ -34,8 +34,11 @@ Categories
     of the square, so patches of one group differ only by orientation (and
     noise), while groups differ in content and colour.
 ``object_rotated``
-    The same board, drawn smaller, turned by a random angle in every image:
-    positions no longer carry meaning, which calls for retrieval-based routing.
+    The same board, drawn smaller (about 46% of the image side), turned by a
+    random angle and moved by up to 16% of the image side along each axis in
+    every image: a grid position shows the chip in one image, connector fingers
+    or bare conveyor in the next, so positions carry no meaning and patches
+    must be routed by their content (retrieval).
 ``texture_large``
     The fabric with one large defect per image (a stain or a missing region)
     covering more than a quarter of the image, the case a low-resolution
@@ -76,6 +79,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
 import os
 import shutil
 import threading
@@ -104,10 +109,14 @@ OBJECT_PATCH_GROUPS: tuple[tuple[int, ...], ...] = (
 OBJECT_GRID = 4
 MIN_IMAGE_SIZE = 256
 
-_FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 2  # raised whenever a category's drawing changes: older sets are redrawn
 _MARKER = ".demo.json"
 _OBJECT_JITTER = 1 / 512  # of the image side (4 px at 2048): aligned, but not pixel-perfect
-_ROTATED_SCALE = 0.78  # keeps the turned board's corners inside the frame
+_ROTATED_SCALE = 0.55  # board size in object_rotated: small enough to move about the frame
+_ROTATED_SHIFT = 0.16  # largest offset of its centre along each axis, in image sides
+_ROTATED_PAD = 0.1  # drawing margin, in image sides, that keeps reflections free of the board
 _SITE_STRIDE = 8  # resolution of the maps of admissible defect centres
 _GAP = 16  # px between the outlines of two defects
 _MAX_WORKERS = 4  # images in flight at once; each needs a few hundred MB at 2048 px
@@ -298,7 +307,7 @@ def _draw_board(size: int, scale: float, pad: int) -> tuple[np.ndarray, np.ndarr
     chip = _rounded_square(ax, ay, _CHIP_HALF, 0.01)
     _paint(canvas, chip, _CHIP_RGB, pixel)
     _paint(canvas, np.hypot(ax - 0.115, ay - 0.115) - 0.012, _MARK_RGB, pixel)
-    margin = min(36 * pixel, 0.06)  # keeps the largest small defect on the board (when the board is large enough)
+    margin = min(36 * pixel, 0.06 / scale)  # keeps the largest small defect on the board (when the board is large enough)
     sites = (board < -margin) & (chip > 0.01)
     inner = slice(pad, pad + size, _SITE_STRIDE)
     canvas.setflags(write=False)
@@ -351,15 +360,21 @@ def _aligned_board(rng: np.random.Generator, size: int) -> _Scene:
 
 
 def _rotated_board(rng: np.random.Generator, size: int) -> _Scene:
-    """The smaller board turned by a random angle about a slightly jittered centre."""
-    canvas, sites = _board(size, _ROTATED_SCALE, 0)
-    centre = (size - 1) / 2
-    shift = rng.uniform(-1.0, 1.0, 2) * max(size * _OBJECT_JITTER, 1.0)
+    """The smaller board, turned by a random angle and placed anywhere within reach of the centre.
+
+    The drawing is padded by a tenth of the image on each side, so the pixels
+    that the turn brings in from beyond the padding (filled by reflection) are
+    conveyor, never a mirrored piece of the board.
+    """
+    pad = math.ceil(size * _ROTATED_PAD)
+    canvas, sites = _board(size, _ROTATED_SCALE, pad)
+    centre = (size + 2 * pad - 1) / 2
+    shift = rng.uniform(-1.0, 1.0, 2) * size * _ROTATED_SHIFT
     matrix = cv2.getRotationMatrix2D((centre, centre), float(rng.uniform(0.0, 360.0)), 1.0)
-    matrix[:, 2] += shift
+    matrix[:, 2] += shift - pad
     turned = cv2.warpAffine(canvas, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     base = turned * _mottle(rng, size, 0.03)[..., None]
-    points = _site_points(sites)
+    points = _site_points(sites) + pad
     return _Scene(base, points @ matrix[:, :2].T + matrix[:, 2])
 
 
@@ -533,7 +548,7 @@ _LARGE_AREAS = (0.27, 0.34)  # fractions of the image area
 _CATEGORIES: dict[str, _Category] = {
     "texture": _Category("plain-woven fabric, stationary, small defects", _texture_scene(_woven_fabric)),
     "object": _Category("circuit board, centred and aligned, small defects", _aligned_board),
-    "object_rotated": _Category("circuit board turned by a random angle, small defects", _rotated_board),
+    "object_rotated": _Category("circuit board turned by a random angle and moved about, small defects", _rotated_board),
     "texture_large": _Category(
         "plain-woven fabric with one large defect covering over a quarter of the image",
         _texture_scene(_woven_fabric),
@@ -698,6 +713,10 @@ def _prepare(directory: Path, params: dict, files: list[Path], overwrite: bool) 
             )
         return True
     recorded = {k: v for k, v in marker.items() if k != "complete"}
+    if recorded | {"format": params["format"]} == params and recorded.get("format") != params["format"]:
+        log.info("%s: drawn by an older version of the demo generator; drawing it again", directory)
+        shutil.rmtree(directory)
+        return True
     if recorded != params:
         raise FileExistsError(
             f"{directory}: holds a demo set made with {recorded}, not {params}; pass overwrite=True to replace it"
