@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ from hiad_pl.tasks import (
 )
 from hiad_pl.tasks.clustering import threshold_labels
 from hiad_pl.tasks.embedding import index_embeddings, patch_batches, pool_features
-from hiad_pl.tasks.retrieval import nearest_center, retrieval_train_items, route_by_retrieval
+from hiad_pl.tasks.retrieval import nearest_center, retrieval_train_items, route_by_retrieval, task_similarities
 
 IMAGE = 256
 PATCH = 64
@@ -224,7 +225,7 @@ def test_retrieval_tasks_follow_content_on_rotated_images(
     quadrant_of = {(x, y): (y // half) * 2 + x // half for x in range(0, IMAGE, PATCH) for y in range(0, IMAGE, PATCH)}
     found = _groups(retrieval_tasks)
     assert sorted(map(sorted, found)) == sorted(sorted(p for p in quadrant_of if quadrant_of[p] == q) for q in range(4))
-    assert all(t.centers is not None and len(t.centers) == 1 for t in retrieval_tasks)
+    assert all(t.centers is not None and len(t.centers) == 1 and t.train_top_k == 1 for t in retrieval_tasks)
     assert (0, 0) in found[0]  # numbered by first row-major position
 
     orchestrator = SimpleNamespace(_detectors={t.name: detector for t in retrieval_tasks}, batch_size=8)
@@ -245,6 +246,31 @@ def test_retrieval_train_items_route_every_training_patch_once(
     assert sorted(i for group in items.values() for i in group) == list(range(2 * 16))
     for task in retrieval_tasks:
         assert {str(grid[i % 16]) for i in items[task.name]} == {str(i) for i in task.indexes}
+
+
+def test_train_top_k_adds_each_patch_to_its_next_nearest_tasks(
+    retrieval_tasks: list[Task], detector: HRPatchCore, quadrant_samples: dict
+) -> None:
+    grid, nearest = retrieval_train_items(detector, quadrant_samples["train"], retrieval_tasks, batch_size=8)
+    _, two = retrieval_train_items(detector, quadrant_samples["train"], retrieval_tasks, batch_size=8, top_k=2)
+    similarity = task_similarities(detector, patch_batches(quadrant_samples["train"], grid, 8), retrieval_tasks)
+    ranked = similarity.argsort(dim=1, descending=True)
+    names = [t.name for t in retrieval_tasks]
+    for item in range(2 * 16):
+        holders = {name for name in names if item in two[name]}
+        assert holders == {names[k] for k in ranked[item, :2].tolist()}  # the two nearest centres, no others
+        assert item in nearest[names[ranked[item, 0]]] and item in two[names[ranked[item, 0]]]
+    # The tasks remember the setting: the orchestrator's call without top_k uses it.
+    marked = [dataclasses.replace(t, train_top_k=2) for t in retrieval_tasks]
+    assert retrieval_train_items(detector, quadrant_samples["train"], marked, batch_size=8)[1] == two
+    loaded = [Task.from_dict(t.todict()) for t in marked]
+    assert [t.train_top_k for t in loaded] == [2] * 4
+    with pytest.raises(ValueError, match="train_top_k=5 exceeds the 4 retrieval tasks"):
+        retrieval_train_items(detector, quadrant_samples["train"], retrieval_tasks, top_k=5)
+    with pytest.raises(ValueError, match="disagree on train_top_k"):
+        retrieval_train_items(detector, quadrant_samples["train"], [marked[0], *retrieval_tasks[1:]])
+    with pytest.raises(ValueError, match="train_top_k must be a positive int"):
+        RetrieveTaskGenerator(2, HRPatchCore, CONFIG, train_top_k=0)
 
 
 def test_tasks_json_keeps_centres(

@@ -23,13 +23,16 @@ class Task:
 
     A patch task lists the patch indexes its detector is fitted on and scores.
     Retrieval tasks also carry ``centers``: test patches are routed to the task of
-    the nearest centre instead of by position. The thumbnail task has no indexes
+    the nearest centre instead of by position; ``train_top_k`` says how many of
+    the nearest tasks each training patch trains (see
+    :func:`~hiad_pl.tasks.retrieval.retrieval_train_items`). The thumbnail task has no indexes
     and a ``thumbnail_size``.
     """
 
     name: str
     indexes: list[MultiResolutionIndex] = field(default_factory=list)
     centers: list[list[float]] | None = None
+    train_top_k: int | None = None
     thumbnail_size: tuple[int, int] | None = None
 
     @property
@@ -42,6 +45,8 @@ class Task:
         d: dict[str, Any] = {"name": self.name, "indexes": [str(i) for i in self.indexes]}
         if self.centers is not None:
             d["centers"] = self.centers
+        if self.train_top_k is not None:
+            d["train_top_k"] = self.train_top_k
         if self.thumbnail_size is not None:
             d["thumbnail_size"] = list(self.thumbnail_size)
         return d
@@ -54,6 +59,7 @@ class Task:
             name=d["name"],
             indexes=[MultiResolutionIndex.from_str(s) for s in d.get("indexes", [])],
             centers=d.get("centers"),
+            train_top_k=d.get("train_top_k"),
             thumbnail_size=None if size is None else as_pair(size, "thumbnail_size"),
         )
 

@@ -18,10 +18,12 @@ A task's ``indexes`` are the positions where its cluster is the most frequent
 one over the training images (a cluster that is most frequent nowhere keeps the
 single position where it is most frequent). They partition the grid, so
 positional training (every image at those indexes) works, and their union is
-the grid that inference embeds. Training exactly on the patches each task is
-routed is :func:`retrieval_train_items`: it routes every training patch as
-inference would and returns, per task, the items of a
-:class:`~hiad_pl.data.datamodule.PatchDataset` over the grid.
+the grid that inference embeds. Training on the patches each task is routed is
+:func:`retrieval_train_items`: it routes every training patch as inference
+would and returns, per task, the items of a
+:class:`~hiad_pl.data.datamodule.PatchDataset` over the grid. With
+``train_top_k`` > 1 a patch also trains the tasks of its next-nearest centres,
+so the detectors overlap on the patches between clusters.
 
 The embedding at inference is computed by the first patch task's fitted
 detector (``fused_embedding``): every task is built from one detector config,
@@ -86,19 +88,26 @@ def cells_for(dim: int, channels: int) -> tuple[int, int]:
     return side, side
 
 
-def assign_batches(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
-    """Position in ``tasks`` of the task each patch of ``batches`` is routed to, in order."""
+def task_similarities(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
+    """``[N, T]`` cosine similarity of each patch of ``batches`` to each task (its nearest centre), in order."""
     centers, owners = stacked_centers(tasks)
     device = module_device(detector)
-    centers = centers.to(device)
+    centers = F.normalize(centers.to(device), dim=1)
     cells: tuple[int, int] | None = None
-    routed = []
+    rows = []
     with torch.inference_mode():
         for batch in batches:
             features = detector.fused_embedding(batch.to(device))
             cells = cells or cells_for(centers.shape[1], sum(f.shape[1] for f in features))
-            routed.append(nearest_center(pool_features(features, cells), centers).cpu())
-    return owners[torch.cat(routed)] if routed else torch.zeros(0, dtype=torch.long)
+            similarity = (F.normalize(pool_features(features, cells).float(), dim=1) @ centers.T).cpu()
+            per_task = torch.full((len(similarity), len(tasks)), -math.inf)
+            rows.append(per_task.scatter_reduce(1, owners.expand_as(similarity), similarity, reduce="amax"))
+    return torch.cat(rows) if rows else torch.zeros(0, len(tasks))
+
+
+def assign_batches(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
+    """Position in ``tasks`` of the task each patch of ``batches`` is routed to, in order."""
+    return task_similarities(detector, batches, tasks).argmax(dim=1)
 
 
 def route_by_retrieval(
@@ -125,16 +134,42 @@ def route_by_retrieval(
 
 
 def retrieval_train_items(
-    detector: nn.Module, samples: Sequence[HRSample], patch_tasks: Sequence[Task], batch_size: int = 8
+    detector: nn.Module,
+    samples: Sequence[HRSample],
+    patch_tasks: Sequence[Task],
+    batch_size: int = 8,
+    top_k: int | None = None,
 ) -> tuple[list[MultiResolutionIndex], dict[str, list[int]]]:
-    """The training patches each retrieval task is routed, as inference would route them.
+    """The training patches of each retrieval task: those for which it is among the ``top_k`` nearest.
 
-    Returns the grid and, per task name, the items ``image * len(grid) + index``
-    of ``PatchDataset(samples, grid, items=...)`` assigned to that task.
+    With ``top_k=1`` every training patch trains exactly the task inference
+    would route it to; larger values also give each task the patches on the
+    border of its cluster. ``None`` takes the tasks' ``train_top_k`` (1 when
+    unset). Returns the grid and, per task name, the items
+    ``image * len(grid) + index`` of ``PatchDataset(samples, grid, items=...)``.
     """
+    top_k = train_top_k(patch_tasks) if top_k is None else check_top_k(top_k, len(patch_tasks))
     grid = retrieval_grid(patch_tasks)
-    owners = assign_batches(detector, patch_batches(samples, grid, batch_size), patch_tasks)
-    return grid, {t.name: torch.nonzero(owners == k).flatten().tolist() for k, t in enumerate(patch_tasks)}
+    similarity = task_similarities(detector, patch_batches(samples, grid, batch_size), patch_tasks)
+    chosen = similarity.topk(min(top_k, len(patch_tasks)), dim=1).indices  # [N, k], nearest first
+    return grid, {t.name: torch.nonzero((chosen == k).any(dim=1)).flatten().tolist() for k, t in enumerate(patch_tasks)}
+
+
+def check_top_k(top_k: int, tasks: int | None = None, owner: str = "retrieval") -> int:
+    """``top_k`` as a positive int (at most ``tasks`` when given), or a ValueError naming ``owner``."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"{owner}: train_top_k must be a positive int, got {top_k!r}")
+    if tasks is not None and top_k > tasks:
+        raise ValueError(f"{owner}: train_top_k={top_k} exceeds the {tasks} retrieval tasks")
+    return top_k
+
+
+def train_top_k(patch_tasks: Sequence[Task]) -> int:
+    """The ``train_top_k`` the retrieval tasks were made with (1 when they do not say)."""
+    values = {t.train_top_k or 1 for t in patch_tasks}
+    if len(values) != 1:
+        raise ValueError(f"retrieval tasks disagree on train_top_k: {sorted(values)} (tasks.json)")
+    return check_top_k(values.pop(), len(patch_tasks))
 
 
 def plurality_indexes(labels: np.ndarray, clusters: int) -> list[list[int]]:
@@ -167,6 +202,11 @@ class RetrieveTaskGenerator(FeatureTaskGenerator):
         feature_resolution: cells each layer is pooled to; square (an int or
             ``(n, n)``), because inference recovers it from the centres' length.
             The default 1 is the least sensitive to a part's orientation.
+        train_top_k: how many of the nearest tasks each training patch trains.
+            1 trains every detector on exactly the patches inference routes to
+            it; 2 also gives it the patches on the border of its cluster, so a
+            test patch that mixes two looks (half part, half conveyor) meets a
+            detector that has seen such mixtures, at twice the training work.
     """
 
     def __init__(
@@ -179,10 +219,12 @@ class RetrieveTaskGenerator(FeatureTaskGenerator):
         feature_resolution: int | tuple[int, int] = 1,
         fusion_weights: Sequence[float] | None = None,
         seed: int = 0,
+        train_top_k: int = 1,
     ) -> None:
         super().__init__(detector_class, detector_config, batch_size, device, feature_resolution, fusion_weights)
         owner = type(self).__name__
         self.cluster_number = check_cluster_number(cluster_number, owner)
+        self.train_top_k = check_top_k(train_top_k, self.cluster_number, owner)
         if self.feature_resolution[0] != self.feature_resolution[1]:
             raise ValueError(f"{owner}: feature_resolution must be square, got {feature_resolution!r}")
         self.seed = int(seed)
@@ -206,6 +248,11 @@ class RetrieveTaskGenerator(FeatureTaskGenerator):
         sizes = np.bincount(labels.ravel(), minlength=len(used))
         ranked = sorted(range(len(used)), key=lambda k: (position(groups[k][0]), -int(sizes[k]), k))
         return [
-            Task(name=f"task_{n}", indexes=groups[k], centers=[centers[used[k]].tolist()])
+            Task(
+                name=f"task_{n}",
+                indexes=groups[k],
+                centers=[centers[used[k]].tolist()],
+                train_top_k=min(self.train_top_k, len(used)),
+            )
             for n, k in enumerate(ranked)
         ]
