@@ -116,6 +116,8 @@ def test_best_checkpoint_is_kept_and_early_stopping_ends_on_time(texture, tmp_pa
     assert checkpoint["state_dict"]["sign"].item() == 1.0  # the weights of the good epoch
     # best at epoch 1, then two validations without improvement: stopped after epoch 3
     assert checkpoint["epoch"] == 4
+    selector = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ValidationSelector"))
+    assert selector["best_epoch"] == 2  # counted in epochs trained: the weights after the second epoch
     events = list((tmp_path / "models" / "tensorboard" / "task_0").glob("events.*"))
     assert events, "validation metrics go to the task's TensorBoard run"
 

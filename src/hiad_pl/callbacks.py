@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.trainer.states import TrainerFn
 
 from hiad_pl.metrics import UndefinedMetricError
 from hiad_pl.postprocess import image_score
@@ -98,10 +99,13 @@ class ValidationSelector(Callback):
             if math.isfinite(value):
                 pl_module.log(f"val/{name}", value, prog_bar=name == "image_auroc")
         pl_module.log(SELECTION_METRIC, score if math.isfinite(score) else -1.0)
-        self.history.append({"epoch": trainer.current_epoch, "score": score, **values})
+        # Epochs trained so far (1-based): a validation inside fit runs before the epoch counter
+        # moves on; a one-pass detector is validated by trainer.validate once its epoch is done.
+        trained = trainer.current_epoch + (1 if trainer.state.fn == TrainerFn.FITTING else 0)
+        self.history.append({"epoch": trained, "score": score, **values})
         if score > self.best_score or self.best_state is None:
             self.best_score = score
-            self.best_epoch = trainer.current_epoch
+            self.best_epoch = trained
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             self.best_statistics = normalization_statistics(maps, labels)
         pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
@@ -126,7 +130,7 @@ class ValidationSelector(Callback):
             return
         pl_module.load_state_dict(self.best_state)
         pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
-        log.info("kept epoch %s (validation score %.4f)", self.best_epoch, self.best_score)
+        log.info("kept the weights after epoch %s (validation score %.4f)", self.best_epoch, self.best_score)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_statistics": self.best_statistics}
