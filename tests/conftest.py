@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +38,37 @@ PATCHCORE_TEST_CONFIG = {
     "pretrain_embed_dimension": 128,
     "target_embed_dimension": 128,
 }
+
+
+def texture_split(root: Path) -> Any:
+    """The texture category of the small demo and its A2O task over 256-px patches of the 512-px images."""
+    from hiad_pl.data.discovery import discover
+    from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
+    from hiad_pl.tasks import A2OTaskGenerator
+
+    (split,) = discover(root, categories=["texture"], image_size=512)
+    tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=512, patch_size=256))
+    return split, tasks
+
+
+def fit_and_score(root: Path, work: Path, detector_class: type, config: dict, batch_size: int) -> float:
+    """Fit ``detector_class`` with HRTrainer on the small demo's texture; image AUROC on its test set."""
+    from hiad_pl.trainer import HRTrainer
+
+    split, tasks = texture_split(root)
+    trainer = HRTrainer(
+        batch_size=batch_size,
+        tasks=tasks,
+        detector_class=detector_class,
+        config={"patch": {**config, "patch_size": 256}},
+        checkpoint_root=work / "models",
+        log_root=work / "logs",
+        vis_root=work / "vis",
+    )
+    trainer.train(train_samples=split.train, gpu_ids=[])
+    scores, maps = trainer.inference(test_samples=split.test, return_results_only=True, gpu_ids=[])
+    assert len(maps) == len(split.test) and maps[0].shape == (512, 512)
+    return auroc(np.asarray(scores), np.array([s.label for s in split.test]))
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -12,13 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 
-from conftest import auroc, batch_of, loader
-from hiad_pl.data.discovery import discover
+from conftest import batch_of, fit_and_score, loader, texture_split
 from hiad_pl.detectors import DETECTORS, HRFastFlow
 from hiad_pl.detectors.fastflow import AffineCouplingStep, FeatureFlow, negative_log_likelihood
-from hiad_pl.task import A2OTaskGenerator
-from hiad_pl.trainer import HRTrainer
-from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
 
 FASTFLOW_TEST_CONFIG = {
     "backbone_name": "efficientnet_lite0",
@@ -34,22 +30,8 @@ def small_fastflow(**kwargs) -> HRFastFlow:
 
 
 def test_fastflow_separates_defects_on_demo_images(small_demo: Path, tmp_path: Path) -> None:
-    (split,) = discover(small_demo, categories=["texture"], image_size=512)
-    tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=512, patch_size=256))
-    trainer = HRTrainer(
-        batch_size=4,
-        tasks=tasks,
-        detector_class=HRFastFlow,
-        config={"patch": {**FASTFLOW_TEST_CONFIG, "patch_size": 256}},
-        checkpoint_root=tmp_path / "models",
-        log_root=tmp_path / "logs",
-        vis_root=tmp_path / "vis",
-    )
-    trainer.train(train_samples=split.train, gpu_ids=[])
-    scores, maps = trainer.inference(test_samples=split.test, return_results_only=True, gpu_ids=[])
-    labels = np.array([s.label for s in split.test])
-    assert len(maps) == len(split.test) and maps[0].shape == (512, 512)
-    assert auroc(scores, labels) >= 0.9
+    image_auroc = fit_and_score(small_demo, tmp_path, HRFastFlow, FASTFLOW_TEST_CONFIG, batch_size=4)
+    assert image_auroc >= 0.9
 
     # 16 patches, batches of 4, 3 epochs: one logged loss per step, and it fell.
     events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
@@ -177,8 +159,7 @@ def test_registered() -> None:
 def test_interrupted_fit_resumes_from_its_last_epoch(small_demo: Path, tmp_path: Path) -> None:
     from hiad_pl.orchestrator import TaskOrchestrator
 
-    (split,) = discover(small_demo, categories=["texture"], image_size=512)
-    tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=512, patch_size=256))
+    split, tasks = texture_split(small_demo)
     config = {"backbone_name": "resnet18", "layers_to_extract_from": ["layer1"], "weights": "none", "flow_steps": 1}
 
     def fit(epochs: int) -> TaskOrchestrator:

@@ -10,12 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from conftest import auroc, batch_of, loader
-from hiad_pl.data.discovery import discover
+from conftest import batch_of, fit_and_score, loader
 from hiad_pl.detectors import DETECTORS, HRPaDiM
-from hiad_pl.task import A2OTaskGenerator
-from hiad_pl.trainer import HRTrainer
-from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
 
 PADIM_TEST_CONFIG = {
     "backbone_name": "efficientnet_lite0",
@@ -40,22 +36,8 @@ def given_feature_padim(d_reduced: int | None, seed: int = 0) -> GivenFeaturePaD
 
 
 def test_padim_separates_defects_on_demo_images(small_demo: Path, tmp_path: Path) -> None:
-    (split,) = discover(small_demo, categories=["texture"], image_size=512)
-    tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=512, patch_size=256))
-    trainer = HRTrainer(
-        batch_size=8,
-        tasks=tasks,
-        detector_class=HRPaDiM,
-        config={"patch": {**PADIM_TEST_CONFIG, "patch_size": 256}},
-        checkpoint_root=tmp_path / "models",
-        log_root=tmp_path / "logs",
-        vis_root=tmp_path / "vis",
-    )
-    trainer.train(train_samples=split.train, gpu_ids=[])
-    scores, maps = trainer.inference(test_samples=split.test, return_results_only=True, gpu_ids=[])
-    labels = np.array([s.label for s in split.test])
-    assert len(maps) == len(split.test) and maps[0].shape == (512, 512)
-    assert auroc(scores, labels) >= 0.9
+    image_auroc = fit_and_score(small_demo, tmp_path, HRPaDiM, PADIM_TEST_CONFIG, batch_size=8)
+    assert image_auroc >= 0.9
 
 
 def numpy_reference(features: np.ndarray, tests: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
