@@ -61,6 +61,10 @@ def test_validation_split_and_caps(samples):
         split_validation(samples, 1.5)
     assert capped_items(4, 8, None) is None and capped_items(4, 8, 100) is None
     assert len(capped_items(4, 8, 5)) == 5 and capped_items(4, 8, 5, seed=1) == capped_items(4, 8, 5, seed=1)
+    routed = [30, 2, 9, 17, 21]  # a retrieval task's own items: the cap draws from them alone
+    assert capped_items(4, 8, None, items=routed) == sorted(routed) == capped_items(4, 8, 5, items=routed)
+    drawn = capped_items(4, 8, 3, seed=2, items=routed)
+    assert len(drawn) == 3 and set(drawn) <= set(routed)
 
 
 def test_validation_thumbnails_repeat_with_distinct_anomalies(samples):

@@ -298,3 +298,53 @@ def test_retrieval_rejects_bad_inputs(
     mixed = [retrieval_tasks[0], Task("plain", retrieval_tasks[1].indexes)]
     with quadrant_samples["test"] as sample, pytest.raises(ValueError, match=r"\['plain'\] have none"):
         route_by_retrieval(orchestrator, sample, mixed)
+
+
+def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
+    detector: HRPatchCore, indexes: list[MultiResolutionIndex], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hiad_pl.orchestrator as orchestration
+    from hiad_pl.syn import RandomBoxSynthesizer
+
+    # Quadrant images turned by 0-3 quarter turns: content, not position, tells the tasks apart.
+    samples = [
+        HRSample(_save(np.ascontiguousarray(np.rot90(_quadrants(seed), seed % 4)), tmp_path / f"turned{seed}.png"))
+        for seed in range(4)
+    ]
+    tasks = RetrieveTaskGenerator(4, HRPatchCore, CONFIG, batch_size=16).create_tasks(samples, indexes)
+    modules: list = []
+
+    class Recording(orchestration.HighResDataModule):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            modules.append(self)
+
+    monkeypatch.setattr(orchestration, "HighResDataModule", Recording)
+    kwargs = {k: v for k, v in CONFIG.items() if k != "patch_size"}
+    orchestrator = orchestration.TaskOrchestrator(HRPatchCore, kwargs, tasks, tmp_path / "run", batch_size=16)
+    orchestrator.fit(samples, [], {"anomaly_syn_fn": RandomBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25})
+    assert len(modules) == 4
+
+    # Each task validates on the held-out image's patches that inference routes to it, and only those.
+    routes = SimpleNamespace(_detectors={t.name: detector for t in tasks}, batch_size=16)
+    (val_sample,) = modules[0].val_samples
+    with val_sample:
+        routed = _owner(route_by_retrieval(routes, val_sample, tasks))
+    for task, module in zip(tasks, modules):
+        grid = module.indexes
+        validated = {(grid[i].main_index.x, grid[i].main_index.y) for i in module.val_items}
+        assert validated == {p for p, name in routed.items() if name == task.name}
+    assert sum(len(m.val_items) for m in modules) == 16
+
+    # Scores are normalised per task and the stitched map covers the image.
+    turned = HRSample(_save(np.ascontiguousarray(np.rot90(_quadrants(7))), tmp_path / "test.png"))
+    (prediction,) = list(orchestrator.predict([turned]))
+    assert orchestrator.normalized
+    assert prediction.anomaly_map.shape == (IMAGE, IMAGE)
+    assert 0.0 <= float(prediction.anomaly_map.min()) and float(prediction.anomaly_map.max()) <= 1.0
+
+    # A task that no validation patch reaches is validated at its own positions.
+    stray = Task("task_4", [indexes[5]], [(-torch.tensor(tasks[0].centers[0])).tolist()])
+    lonely = orchestration.TaskOrchestrator(HRPatchCore, kwargs, [*tasks, stray], tmp_path / "other", batch_size=16)
+    grid, items = lonely._retrieval_items(detector, stray, [val_sample], validation=True)
+    assert [str(grid[i]) for i in items] == [str(indexes[5])]

@@ -212,7 +212,8 @@ class TaskOrchestrator:
             self.tasks.append(thumbnail_task(self.thumbnail_config["thumbnail_size"]))
         self._detectors: dict[str, L.LightningModule] = {}
         self._normalization: dict[str, dict | None] = {}
-        self._retrieval_cache: tuple[tuple[str, ...], tuple[list, dict[str, list[int]]]] | None = None
+        # Per split (training, validation): the image paths routed last and their routing.
+        self._retrieval_cache: dict[bool, tuple[tuple[str, ...], tuple[list, dict[str, list[int]]]]] = {}
 
     # ------------------------------------------------------------------ paths
     @property
@@ -339,13 +340,16 @@ class TaskOrchestrator:
         if val_config is not None:
             fit_samples, val_samples = split_validation(train_samples, val_config.val_sample_ratio, self.seed)
         gradient = not getattr(detector, "fits_in_one_pass", False)
-        indexes, train_items = list(task.indexes), None
+        indexes, train_items, val_items = list(task.indexes), None, None
         if task.centers is not None:
             indexes, train_items = self._retrieval_items(detector, task, fit_samples)
+            if val_samples:
+                val_items = self._retrieval_items(detector, task, val_samples, validation=True)[1]
         data = HighResDataModule(
             fit_samples,
             indexes=indexes,
             train_items=train_items,
+            val_items=val_items,
             thumbnail_size=task.thumbnail_size,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -397,21 +401,32 @@ class TaskOrchestrator:
         return path
 
     def _retrieval_items(
-        self, detector: L.LightningModule, task: Task, samples: list[HRSample]
+        self, detector: L.LightningModule, task: Task, samples: list[HRSample], validation: bool = False
     ) -> tuple[list, list[int]]:
-        """The grid and the training items routed to a retrieval task (computed once per process).
+        """The grid and the items of ``samples`` routed to a retrieval task (computed once per process).
 
-        Training patches are routed with the rule inference uses, by a fresh
-        detector: its frozen backbone embeds exactly as the fitted one will.
+        Patches are routed with the rule inference uses, by a fresh detector:
+        its frozen backbone embeds exactly as the fitted one will. Training
+        patches go to their ``train_top_k`` nearest tasks; validation patches
+        only to the nearest, where inference would send them, so each task is
+        validated and normalised on the patches it will score. A task that no
+        validation patch is routed to is validated at its own positions.
         """
         from hiad_pl.tasks.retrieval import retrieval_train_items
 
-        key = tuple(s.get_image_path() for s in samples)
-        if self._retrieval_cache is None or self._retrieval_cache[0] != key:
+        paths = tuple(s.get_image_path() for s in samples)
+        if validation not in self._retrieval_cache or self._retrieval_cache[validation][0] != paths:
             patch_tasks = [t for t in self.tasks if not t.is_thumbnail]
-            self._retrieval_cache = (key, retrieval_train_items(detector, samples, patch_tasks, self.batch_size))
-        grid, items = self._retrieval_cache[1]
-        return grid, items[task.name]
+            top_k = 1 if validation else None
+            routed = retrieval_train_items(detector, samples, patch_tasks, self.batch_size, top_k)
+            self._retrieval_cache[validation] = (paths, routed)
+        grid, items = self._retrieval_cache[validation][1]
+        chosen = items[task.name]
+        if validation and not chosen:
+            own = {str(i) for i in task.indexes}
+            chosen = [n * len(grid) + k for n in range(len(samples)) for k, i in enumerate(grid) if str(i) in own]
+            log.info("%s: no validation patch is routed to this task; validating it at its own positions", task.name)
+        return grid, chosen
 
     def _validation_callbacks(
         self, detector: L.LightningModule, data: HighResDataModule, val_config: ValidationConfig | None

@@ -214,21 +214,27 @@ def split_validation(
     return train, val
 
 
-def capped_items(num_images: int, num_indexes: int, max_items: int | None, seed: int = 0) -> list[int] | None:
-    """A seeded subset of at most ``max_items`` (image, index) items, or ``None`` for all."""
-    total = num_images * num_indexes
-    if max_items is None or max_items >= total:
-        return None
-    return sorted(random.Random(seed).sample(range(total), max_items))
+def capped_items(
+    num_images: int, num_indexes: int, max_items: int | None, seed: int = 0, items: Sequence[int] | None = None
+) -> list[int] | None:
+    """A seeded subset of at most ``max_items`` (image, index) items, or ``None`` for all.
+
+    ``items`` restricts the choice to those items (all of them are kept when
+    they are no more than ``max_items``).
+    """
+    pool = range(num_images * num_indexes) if items is None else sorted(items)
+    if max_items is None or max_items >= len(pool):
+        return None if items is None else list(pool)
+    return sorted(random.Random(seed).sample(pool, max_items))
 
 
 class HighResDataModule(L.LightningDataModule):
     """Loaders of one task: its training patches, and validation patches with synthetic anomalies.
 
     The orchestrator builds one per task; a task with ``thumbnail_size`` gets
-    whole downscaled images instead of patches. ``train_items`` restricts
-    training to chosen (image, index) items (retrieval tasks train on the
-    patches routed to them).
+    whole downscaled images instead of patches. ``train_items`` and
+    ``val_items`` restrict training and validation to chosen (image, index)
+    items (retrieval tasks train and validate on the patches routed to them).
     """
 
     def __init__(
@@ -244,6 +250,7 @@ class HighResDataModule(L.LightningDataModule):
         max_val_patches: int | None = None,
         seed: int = 0,
         train_items: Sequence[int] | None = None,
+        val_items: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.train_samples = list(train_samples)
@@ -259,13 +266,20 @@ class HighResDataModule(L.LightningDataModule):
         self.train_items = None if train_items is None else list(train_items)
         if self.train_items is not None and not self.train_items:
             raise ValueError("this task was assigned no training patches")
+        self.val_items = None if val_items is None else list(val_items)
 
-    def _dataset(self, samples: Sequence[HRSample], synthesizer: Synthesizer | None, cap: int | None) -> Dataset:
+    def _dataset(
+        self,
+        samples: Sequence[HRSample],
+        synthesizer: Synthesizer | None,
+        cap: int | None,
+        items: Sequence[int] | None = None,
+    ) -> Dataset:
         if self.thumbnail_size is not None:
             repeats = 1 if synthesizer is None else math.ceil(MIN_VALIDATION_THUMBNAILS / len(samples))
             return ThumbnailDataset(samples, self.thumbnail_size, synthesizer, self.seed, repeats)
-        items = capped_items(len(samples), len(self.indexes), cap, self.seed)
-        return PatchDataset(samples, self.indexes, synthesizer, self.seed, items)
+        chosen = capped_items(len(samples), len(self.indexes), cap, self.seed, items)
+        return PatchDataset(samples, self.indexes, synthesizer, self.seed, chosen)
 
     def train_dataloader(self) -> DataLoader:
         """Training patches (normal images only)."""
@@ -277,12 +291,12 @@ class HighResDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation patches with synthetic anomalies, or nothing without a validation set."""
-        if not self.val_samples:
+        if not self.val_samples or self.val_items == []:
             return []
-        dataset = self._dataset(self.val_samples, self.val_synthesizer, self.max_val_patches)
+        dataset = self._dataset(self.val_samples, self.val_synthesizer, self.max_val_patches, self.val_items)
         return patch_loader(dataset, self.batch_size, self.num_workers, False, self.seed)
 
     @property
     def has_validation(self) -> bool:
         """Whether a validation set is configured."""
-        return bool(self.val_samples)
+        return bool(self.val_samples) and self.val_items != []
