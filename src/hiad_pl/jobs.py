@@ -12,6 +12,7 @@ A run folder holds one model folder per category::
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,13 +93,28 @@ class RunConfig:
     resume: bool = True
 
 
-def instantiate(spec: dict[str, Any] | str, **defaults: Any) -> Any:
-    """Build an object from ``{class_path, init_args}`` (or a bare import path)."""
+def instantiate(spec: dict[str, Any] | str, section: str = "config", **defaults: Any) -> Any:
+    """Build an object from ``{class_path, init_args}`` (or a bare import path).
+
+    Arguments the class does not take are reported with the config ``section``
+    they came from, before anything is built.
+    """
     if isinstance(spec, str):
         spec = {"class_path": spec}
     cls = import_class(spec["class_path"])
     kwargs = {**defaults, **dict(spec.get("init_args") or {})}
+    check_arguments(cls, kwargs, section)
     return cls(**kwargs)
+
+
+def check_arguments(cls: type, kwargs: dict[str, Any], section: str) -> None:
+    """Raise a ValueError naming ``section`` when ``cls`` cannot be called with ``kwargs``."""
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        accepted = ", ".join(p for p in signature.parameters if p not in ("args", "kwargs"))
+        raise ValueError(f"{section}: bad init_args for {cls.__name__} ({error}); it accepts: {accepted}") from None
 
 
 def splits_of(config: RunConfig) -> list[CategorySplit]:
@@ -143,7 +159,7 @@ def create_tasks(config: RunConfig, split: CategorySplit) -> list[Task]:
             "batch_size": config.data.batch_size,
             "fusion_weights": config.fusion_weights,
         }
-    generator: TaskGenerator = instantiate(config.tasks, **defaults)
+    generator: TaskGenerator = instantiate(config.tasks, "tasks", **defaults)
     return generator.create_tasks(split.train, make_indexes(config))
 
 
@@ -174,7 +190,7 @@ def validation_config(config: RunConfig) -> ValidationConfig | None:
     section = dict(config.validation)
     if "anomaly_syn_fn" not in section:
         raise ValueError("validation needs anomaly_syn_fn: {class_path: hiad_pl.syn.RandomBoxSynthesizer, init_args: {p: 0.5}}")
-    section["anomaly_syn_fn"] = instantiate(section["anomaly_syn_fn"])
+    section["anomaly_syn_fn"] = instantiate(section["anomaly_syn_fn"], "validation.anomaly_syn_fn")
     section["evaluators"] = [resolve_evaluator(e) for e in section.get("evaluators") or []]
     return ValidationConfig.from_any(section)
 
