@@ -369,6 +369,25 @@ def test_gpu_module_falls_back_to_cpu_once_with_same_numbers(monkeypatch: pytest
     assert len(fallback) == 1 and fallback[0].category is RuntimeWarning
 
 
+def test_gpu_twins_compute_where_they_are_told_and_cpu_evaluators_stay_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[torch.device] = []
+
+    def recording(maps, masks, device=None, **kwargs):
+        seen.append(device)
+        return {"pro": 0.5}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so _gpu keeps the requested device
+    monkeypatch.setattr(hm, "pro_metric", recording)
+    maps, masks = _random_set(count=2)
+    metrics_gpu.compute_pro_gpu(None, None, maps, masks, torch.device("cuda", 3))  # device given by position
+    metrics_gpu.compute_pro_gpu(None, None, maps, masks)
+    metrics.compute_pro(None, None, maps, masks, device="cuda:3")
+    assert seen == [torch.device("cuda", 3), torch.device("cuda", 0), torch.device("cpu")]
+    assert metrics_gpu.compute_pro_gpu.__name__ == "compute_pro_gpu" and "cuda:0" in metrics_gpu.compute_pro_gpu.__doc__
+
+
 def test_cpu_module_offers_the_tutorials_gpu_names() -> None:
     assert metrics.compute_imagewise_metrics_gpu is metrics.compute_imagewise_metrics
     assert metrics.compute_pixelwise_metrics_gpu_resize is metrics.compute_pixelwise_metrics_resize

@@ -45,6 +45,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -643,6 +644,8 @@ def _resize(image: Tensor, height: int, width: int, mode: str) -> Tensor:
 # ----------------------------------------------------------------------- evaluators
 
 _CPU = torch.device("cpu")
+#: Where the evaluators compute: the CPU, unless a GPU twin (see :func:`_on_accelerator`) is running.
+_TARGET: ContextVar[torch.device] = ContextVar("hiad_pl_metrics_target", default=_CPU)
 
 
 @functools.cache
@@ -675,7 +678,7 @@ def compute_imagewise_metrics(
     ``device`` belongs to the evaluator signature and is ignored: the CPU
     evaluators take no accelerator memory (e.g. while a model trains).
     """
-    return image_metrics(prediction_scores, gt_labels, device=_CPU)
+    return image_metrics(prediction_scores, gt_labels, device=_TARGET.get())
 
 
 def compute_pixelwise_metrics(
@@ -694,7 +697,7 @@ def compute_pixelwise_metrics(
     ``mode`` is 'auto', 'exact' or 'binned' (see the module docstring);
     ``device`` is ignored.
     """
-    return pixel_metrics(prediction_masks, gt_masks, device=_CPU, mode=mode, num_thresholds=num_thresholds)
+    return pixel_metrics(prediction_masks, gt_masks, device=_TARGET.get(), mode=mode, num_thresholds=num_thresholds)
 
 
 def compute_pixelwise_metrics_resize(
@@ -713,8 +716,8 @@ def compute_pixelwise_metrics_resize(
 
     Maps are resized bilinearly and masks by nearest neighbour.
     """
-    maps, masks = resize_maps(prediction_masks, gt_masks, resize, _CPU)
-    return pixel_metrics(maps, masks, device=_CPU, mode=mode, num_thresholds=num_thresholds)
+    maps, masks = resize_maps(prediction_masks, gt_masks, resize, _TARGET.get())
+    return pixel_metrics(maps, masks, device=_TARGET.get(), mode=mode, num_thresholds=num_thresholds)
 
 
 def compute_pro(
@@ -731,7 +734,7 @@ def compute_pro(
 ) -> dict[str, float]:
     """``pro``: area under the per-region-overlap curve up to FPR 0.3, normalised, on the CPU."""
     return pro_metric(
-        prediction_masks, gt_masks, device=_CPU, mode=mode, num_thresholds=num_thresholds, fpr_limit=fpr_limit
+        prediction_masks, gt_masks, device=_TARGET.get(), mode=mode, num_thresholds=num_thresholds, fpr_limit=fpr_limit
     )
 
 
@@ -749,101 +752,40 @@ def compute_pro_resize(
     **kwargs: Any,
 ) -> dict[str, float]:
     """:func:`compute_pro` on maps resized to ``resize`` (bilinear maps, nearest masks)."""
-    maps, masks = resize_maps(prediction_masks, gt_masks, resize, _CPU)
+    maps, masks = resize_maps(prediction_masks, gt_masks, resize, _TARGET.get())
     return pro_metric(
-        maps, masks, device=_CPU, mode=mode, num_thresholds=num_thresholds, fpr_limit=fpr_limit
+        maps, masks, device=_TARGET.get(), mode=mode, num_thresholds=num_thresholds, fpr_limit=fpr_limit
     )
 
 
-def compute_imagewise_metrics_gpu(
-    prediction_scores: ArrayLike | Sequence[float],
-    gt_labels: ArrayLike | Sequence[int],
-    prediction_masks: Sequence[ArrayLike] | None = None,
-    gt_masks: Sequence[ArrayLike | None] | None = None,
-    device: Device = None,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """:func:`compute_imagewise_metrics` on ``device`` (default cuda:0, else the CPU)."""
-    return image_metrics(prediction_scores, gt_labels, device=_gpu(device))
+def _on_accelerator(evaluator: Evaluator, name: str, note: str = "") -> Evaluator:
+    """The GPU twin of a CPU evaluator: the same arguments, computed on ``device``.
+
+    ``device`` defaults to cuda:0; without CUDA the twin computes on the CPU
+    and warns once.
+    """
+    signature = inspect.signature(evaluator)
+
+    @functools.wraps(evaluator)
+    def twin(*args: Any, **kwargs: Any) -> dict[str, float]:
+        token = _TARGET.set(_gpu(signature.bind(*args, **kwargs).arguments.get("device")))
+        try:
+            return evaluator(*args, **kwargs)
+        finally:
+            _TARGET.reset(token)
+
+    twin.__name__ = twin.__qualname__ = name
+    twin.__doc__ = f":func:`{evaluator.__name__}` on ``device`` (default cuda:0, else the CPU){note}."
+    return twin
 
 
-def compute_pixelwise_metrics_gpu(
-    prediction_scores: Any,
-    gt_labels: Any,
-    prediction_masks: Sequence[ArrayLike],
-    gt_masks: Sequence[ArrayLike | None] | None,
-    device: Device = None,
-    *,
-    mode: Mode = "auto",
-    num_thresholds: int = DEFAULT_NUM_THRESHOLDS,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """:func:`compute_pixelwise_metrics` on ``device`` (default cuda:0, else the CPU)."""
-    return pixel_metrics(
-        prediction_masks, gt_masks, device=_gpu(device), mode=mode, num_thresholds=num_thresholds
-    )
-
-
-def compute_pixelwise_metrics_gpu_resize(
-    prediction_scores: Any,
-    gt_labels: Any,
-    prediction_masks: Sequence[ArrayLike],
-    gt_masks: Sequence[ArrayLike | None] | None,
-    device: Device = None,
-    *,
-    resize: int | Sequence[int],
-    mode: Mode = "auto",
-    num_thresholds: int = DEFAULT_NUM_THRESHOLDS,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """:func:`compute_pixelwise_metrics_resize` on ``device`` (default cuda:0, else the CPU)."""
-    target = _gpu(device)
-    maps, masks = resize_maps(prediction_masks, gt_masks, resize, target)
-    return pixel_metrics(maps, masks, device=target, mode=mode, num_thresholds=num_thresholds)
-
-
-def compute_pro_gpu(
-    prediction_scores: Any,
-    gt_labels: Any,
-    prediction_masks: Sequence[ArrayLike],
-    gt_masks: Sequence[ArrayLike | None] | None,
-    device: Device = None,
-    *,
-    mode: Mode = "auto",
-    num_thresholds: int = DEFAULT_NUM_THRESHOLDS,
-    fpr_limit: float = 0.3,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """:func:`compute_pro` on ``device`` (default cuda:0, else the CPU); regions are labelled on the CPU."""
-    return pro_metric(
-        prediction_masks,
-        gt_masks,
-        device=_gpu(device),
-        mode=mode,
-        num_thresholds=num_thresholds,
-        fpr_limit=fpr_limit,
-    )
-
-
-def compute_pro_gpu_resize(
-    prediction_scores: Any,
-    gt_labels: Any,
-    prediction_masks: Sequence[ArrayLike],
-    gt_masks: Sequence[ArrayLike | None] | None,
-    device: Device = None,
-    *,
-    resize: int | Sequence[int],
-    mode: Mode = "auto",
-    num_thresholds: int = DEFAULT_NUM_THRESHOLDS,
-    fpr_limit: float = 0.3,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """:func:`compute_pro_resize` on ``device`` (default cuda:0, else the CPU)."""
-    target = _gpu(device)
-    maps, masks = resize_maps(prediction_masks, gt_masks, resize, target)
-    return pro_metric(
-        maps, masks, device=target, mode=mode, num_thresholds=num_thresholds, fpr_limit=fpr_limit
-    )
+compute_imagewise_metrics_gpu = _on_accelerator(compute_imagewise_metrics, "compute_imagewise_metrics_gpu")
+compute_pixelwise_metrics_gpu = _on_accelerator(compute_pixelwise_metrics, "compute_pixelwise_metrics_gpu")
+compute_pixelwise_metrics_gpu_resize = _on_accelerator(
+    compute_pixelwise_metrics_resize, "compute_pixelwise_metrics_gpu_resize"
+)
+compute_pro_gpu = _on_accelerator(compute_pro, "compute_pro_gpu", "; regions are labelled on the CPU")
+compute_pro_gpu_resize = _on_accelerator(compute_pro_resize, "compute_pro_gpu_resize")
 
 
 def default_evaluators() -> list[Evaluator]:
