@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from hiad_pl.data.discovery import discover
 from hiad_pl.detectors import HRDetector, HRPatchCore
 from hiad_pl.orchestrator import RUN_INFO_KEY, TaskOrchestrator
 from hiad_pl.syn import RandomeBoxSynthesizer
-from hiad_pl.task import A2OTaskGenerator
+from hiad_pl.task import A2OTaskGenerator, O2OTaskGenerator
 from hiad_pl.trainer import HRTrainer
 from hiad_pl.utils import metrics
 from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
@@ -129,6 +130,28 @@ def test_normalisation_puts_normal_variation_at_zero() -> None:
     stats = normalization_statistics(torch.cat([normal, anomalous]), torch.tensor([0] * 6 + [1] * 2))
     assert stats["low"] == pytest.approx(float(torch.quantile(normal.flatten(), 0.99)))
     assert stats["high"] == 9.0
+
+
+def test_normalised_scores_keep_their_order_and_stay_in_the_unit_range() -> None:
+    from hiad_pl.postprocess import NORMALIZATION_TAIL, normalize_scores
+
+    raw = torch.cat([torch.tensor([-1e4, -50.0, 2.0, 3.0, 5.0, 7.0, 400.0]), torch.linspace(-10, 20, 3001)])
+    out = normalize_scores(raw, 3.0, 7.0)
+    ordered = out[raw.argsort()]
+    assert bool((ordered[1:] > ordered[:-1]).all())  # strictly increasing: no two scores tied, unlike clipping
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    edges = normalize_scores(torch.tensor([3.0, 5.0, 7.0]), 3.0, 7.0).tolist()
+    assert edges == pytest.approx([NORMALIZATION_TAIL, 0.5, 1 - NORMALIZATION_TAIL])
+    assert float(normalize_scores(torch.tensor([2.0]), 3.0, 7.0)) < NORMALIZATION_TAIL  # below normal: near 0
+
+
+def test_few_validation_patches_are_reported(texture, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    indexes = MultiResolutionHRImageSpliter(512, 256)
+    tasks = O2OTaskGenerator().create_tasks(texture.train, indexes)[:1]  # one position: one patch per image
+    orchestrator = TaskOrchestrator(HRPatchCore, PATCHCORE_TEST_CONFIG, tasks, tmp_path / "models", batch_size=8)
+    with caplog.at_level(logging.WARNING, logger="hiad_pl"):
+        orchestrator.fit(texture.train, [], {"anomaly_syn_fn": RandomeBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25})
+    assert "task_0: only 1 validation patches" in caplog.text
 
 
 def test_selector_prefers_image_auroc_then_other_metrics() -> None:

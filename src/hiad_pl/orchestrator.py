@@ -29,7 +29,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from hiad_pl.data.batch import PatchBatch
-from hiad_pl.data.datamodule import HighResDataModule, patch_to_batch, split_validation
+from hiad_pl.data.datamodule import (
+    MIN_RELIABLE_VALIDATION_PATCHES,
+    HighResDataModule,
+    patch_to_batch,
+    split_validation,
+)
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import as_pair, stitch
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
@@ -359,6 +364,14 @@ class TaskOrchestrator:
             max_val_patches=None if val_config is None else val_config.max_patch_number,
             seed=self.seed,
         )
+        if data.has_validation and data.num_val_patches < MIN_RELIABLE_VALIDATION_PATCHES:
+            log.warning(
+                "%s: only %d validation patches: its normalisation statistics (the top of normal scores, the "
+                "largest anomalous score) rest on few samples and may not match the other tasks'; hold out "
+                "more images (val_sample_ratio) or use fewer tasks",
+                task.name,
+                data.num_val_patches,
+            )
         _, size = self._config_for(task)
         callbacks: list[Callback] = [RunInfo(class_path(self.detector_class), task, size)]
         epoch_dir = self.root / "checkpoints" / task.name

@@ -50,10 +50,29 @@ def image_score(anomaly_map: torch.Tensor, window: int = SCORE_WINDOW) -> torch.
     return scores[0] if anomaly_map.ndim == 2 else scores
 
 
+#: Share of [0, 1] given to each tail of :func:`normalize_scores` (scores below ``low``, above ``high``).
+NORMALIZATION_TAIL = 0.05
+
+
 def normalize_scores(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Map raw scores to [0, 1] with validation statistics ``low`` (normal) and ``high`` (anomalous)."""
-    span = max(high - low, 1e-12)
-    return ((values - low) / span).clamp_(0.0, 1.0)
+    """Map raw scores into [0, 1] with validation statistics ``low`` (normal) and ``high`` (anomalous).
+
+    ``[low, high]`` maps linearly onto ``[t, 1 - t]`` (``t`` =
+    :data:`NORMALIZATION_TAIL`); scores below ``low`` fall towards 0 and scores
+    above ``high`` rise towards 1 hyperbolically, with the same slope where the
+    pieces meet. The map is strictly increasing, so it never ties two scores
+    that differ: ranking within a task (and so AUROC, AP and PRO of a single
+    task) is exactly that of the raw scores, where clipping to [0, 1] would
+    tie every pixel below ``low`` at 0.
+    """
+    tail = NORMALIZATION_TAIL
+    slope = 1.0 - 2.0 * tail
+    z = (values.double() - low) / max(high - low, 1e-12)
+    below = tail / (1.0 + (-z).clamp(min=0.0) * slope / tail)
+    above = 1.0 - tail / (1.0 + (z - 1.0).clamp(min=0.0) * slope / tail)
+    middle = tail + slope * z
+    out = torch.where(z < 0, below, torch.where(z > 1, above, middle))
+    return out.to(values.dtype if values.is_floating_point() else torch.float32)
 
 
 def upsample(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -20,6 +20,8 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 Synthesizer = Callable[..., LRPatch]
 MIN_VALIDATION_THUMBNAILS = 16
+#: Fewer validation patches than this give a task unreliable normalisation statistics (a warning says so).
+MIN_RELIABLE_VALIDATION_PATCHES = 32
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -295,6 +297,13 @@ class HighResDataModule(L.LightningDataModule):
             return []
         dataset = self._dataset(self.val_samples, self.val_synthesizer, self.max_val_patches, self.val_items)
         return patch_loader(dataset, self.batch_size, self.num_workers, False, self.seed)
+
+    @property
+    def num_val_patches(self) -> int:
+        """How many validation patches (or thumbnails) the task is validated on."""
+        if not self.has_validation:
+            return 0
+        return len(self._dataset(self.val_samples, self.val_synthesizer, self.max_val_patches, self.val_items))
 
     @property
     def has_validation(self) -> bool:
