@@ -322,7 +322,8 @@ def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
     monkeypatch.setattr(orchestration, "HighResDataModule", Recording)
     kwargs = {k: v for k, v in CONFIG.items() if k != "patch_size"}
     orchestrator = orchestration.TaskOrchestrator(HRPatchCore, kwargs, tasks, tmp_path / "run", batch_size=16)
-    orchestrator.fit(samples, [], {"anomaly_syn_fn": RandomBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25})
+    val_config = {"anomaly_syn_fn": RandomBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25, "normalization": "shared"}
+    orchestrator.fit(samples, [], val_config)
     assert len(modules) == 4
 
     # Each task validates on the held-out image's patches that inference routes to it, and only those.
@@ -340,6 +341,11 @@ def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
     turned = HRSample(_save(np.ascontiguousarray(np.rot90(_quadrants(7))), tmp_path / "test.png"))
     (prediction,) = list(orchestrator.predict([turned]))
     assert orchestrator.normalized
+    # normalization: shared gives every task the statistics of all validation patches together
+    shared = {(stats["low"], stats["high"]) for stats in orchestrator._normalization.values()}
+    own = [torch.load(orchestrator.checkpoint_path(t), weights_only=True)["hiad_pl"]["normalization"] for t in tasks]
+    assert len(shared) == 1 and len({(s["low"], s["high"]) for s in own}) == 4
+    assert shared.pop()[1] == max(s["high"] for s in own)
     assert prediction.anomaly_map.shape == (IMAGE, IMAGE)
     assert 0.0 <= float(prediction.anomaly_map.min()) and float(prediction.anomaly_map.max()) <= 1.0
 

@@ -15,7 +15,7 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import PatchDataset, capped_items, patch_loader, split_validation
 from hiad_pl.data.discovery import discover
 from hiad_pl.detectors import HRDetector, HRPatchCore
-from hiad_pl.orchestrator import RUN_INFO_KEY, TaskOrchestrator
+from hiad_pl.orchestrator import RUN_INFO_KEY, TaskOrchestrator, ValidationConfig
 from hiad_pl.syn import RandomeBoxSynthesizer
 from hiad_pl.task import A2OTaskGenerator, O2OTaskGenerator
 from hiad_pl.trainer import HRTrainer
@@ -62,7 +62,10 @@ def test_normalised_scores_in_unit_range_and_statistics_from_validation_only(tex
     maps = torch.cat([detector.predict_step(b, 0) for b in batches])
     labels = torch.cat([b.label for b in batches])
     assert 0 < int(labels.sum()) < len(labels)
-    assert normalization_statistics(maps, labels) == pytest.approx(stats, rel=1e-5)
+    recomputed = normalization_statistics(maps, labels)
+    numbers = ("low", "high", "normal_count")
+    assert {k: recomputed[k] for k in numbers} == pytest.approx({k: stats[k] for k in numbers}, rel=1e-5)
+    assert recomputed["normal_sketch"] == pytest.approx(stats["normal_sketch"], rel=1e-5) and stats["scope"] == "task"
 
     scores, anomaly_maps = trainer.inference(texture.test, gpu_ids=[], return_results_only=True)
     assert 0.0 <= scores.min() and scores.max() <= 1.0
@@ -130,6 +133,24 @@ def test_normalisation_puts_normal_variation_at_zero() -> None:
     stats = normalization_statistics(torch.cat([normal, anomalous]), torch.tensor([0] * 6 + [1] * 2))
     assert stats["low"] == pytest.approx(float(torch.quantile(normal.flatten(), 0.99)))
     assert stats["high"] == 9.0
+
+
+def test_pooled_statistics_are_those_of_all_normal_pixels_together() -> None:
+    from hiad_pl.callbacks import pooled_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    quiet = torch.rand(40, 16, 16, generator=generator)  # a task whose normal scores sit in [0, 1]
+    busy = 5 + 3 * torch.rand(10, 16, 16, generator=generator)  # another in [5, 8], a quarter of the pixels
+    labels = torch.zeros(40, dtype=torch.long), torch.zeros(10, dtype=torch.long)
+    first, second = normalization_statistics(quiet, labels[0], "shared"), normalization_statistics(busy, labels[1], "shared")
+    pooled = pooled_statistics([first, second])
+    together = float(torch.quantile(torch.cat([quiet.flatten(), busy.flatten()]), 0.99))
+    assert pooled["low"] == pytest.approx(together, abs=0.02)
+    assert pooled["high"] == max(first["high"], second["high"])
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        normalization_statistics(quiet, labels[0], "global")
+    with pytest.raises(ValueError, match="val_config normalization must be one of"):
+        ValidationConfig.from_any({"anomaly_syn_fn": RandomeBoxSynthesizer(p=0.5), "normalization": "global"})
 
 
 def test_normalised_scores_keep_their_order_and_stay_in_the_unit_range() -> None:

@@ -27,6 +27,8 @@ log = logging.getLogger("hiad_pl")
 SELECTION_METRIC = "val/selection"
 NORMAL_QUANTILE = 0.99
 NORMAL_SAMPLE = 1_000_000  # pixels sampled for the quantile (torch.quantile caps its input size)
+SKETCH_SIZE = 512  # quantiles of normal scores kept per task, to pool statistics across tasks
+NORMALIZATION_SCOPES = ("task", "shared")
 
 
 def default_validation_evaluators() -> list[Callable[..., dict]]:
@@ -46,29 +48,73 @@ def selection_score(values: dict[str, float]) -> float:
     return primary + 1e-6 * (float(np.mean(others)) if others else 0.0)
 
 
-def normalization_statistics(maps: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-    """``low``/``high`` that map a task's scores to [0, 1].
+def normalization_statistics(
+    maps: torch.Tensor, labels: torch.Tensor | None = None, scope: str = "task"
+) -> dict[str, Any]:
+    """``low``/``high`` that map a task's scores to [0, 1], and what pooling them across tasks needs.
 
     ``low`` is the 99th percentile of the pixel scores of normal validation
     patches (the top of normal variation), ``high`` the largest validation
     score. After normalisation normal pixels sit at or near 0 in every task and
     in the thumbnail branch, so merging branches by per-pixel maximum adds a
     branch's detections without adding its normal noise.
+
+    ``normal_sketch`` (:data:`SKETCH_SIZE` evenly spaced quantiles of the normal
+    pixel scores) and ``normal_count`` let :func:`pooled_statistics` compute
+    the statistics of several tasks together; ``scope`` records whether the run
+    asked for that (``"shared"``) or for per-task statistics (``"task"``).
     """
+    if scope not in NORMALIZATION_SCOPES:
+        raise ValueError(f"normalization must be one of {NORMALIZATION_SCOPES}, got {scope!r}")
     normal = maps if labels is None or not bool((labels == 0).any()) else maps[labels == 0]
     values = normal.flatten().float()
+    count = values.numel()
     if values.numel() > NORMAL_SAMPLE:
         values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:NORMAL_SAMPLE]]
     low = float(torch.quantile(values, NORMAL_QUANTILE))
     high = float(maps.max())
+    sketch = torch.quantile(values, (torch.arange(SKETCH_SIZE, dtype=torch.float32) + 0.5) / SKETCH_SIZE)
+    return {
+        "low": low,
+        "high": max(high, low + 1e-6),
+        "scope": scope,
+        "normal_sketch": sketch.tolist(),
+        "normal_count": int(count),
+    }
+
+
+def pooled_statistics(statistics: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``low``/``high`` of several tasks' validation sets taken together.
+
+    ``low`` is the 99th percentile of all their normal pixels (each task's
+    quantile sketch weighted by its pixel count), ``high`` the largest of their
+    ``high``. One shared affine map keeps the tasks' raw scores comparable, as
+    they are when every task runs the same detector on the same features.
+    """
+    if not statistics:
+        raise ValueError("no statistics to pool")
+    missing = [k for k, s in enumerate(statistics) if "normal_sketch" not in s]
+    if missing:
+        raise ValueError("shared normalisation needs normal_sketch in every task's statistics (fit again)")
+    values = torch.cat([torch.as_tensor(s["normal_sketch"], dtype=torch.float64) for s in statistics])
+    weights = torch.cat(
+        [torch.full((len(s["normal_sketch"]),), s["normal_count"] / len(s["normal_sketch"]), dtype=torch.float64)
+         for s in statistics]
+    )
+    order = values.argsort()
+    cumulative = weights[order].cumsum(0) / weights.sum()
+    position = int(torch.searchsorted(cumulative, torch.tensor(NORMAL_QUANTILE, dtype=torch.float64)).clamp(max=len(order) - 1))
+    low = float(values[order][position])
+    high = max(float(s["high"]) for s in statistics)
     return {"low": low, "high": max(high, low + 1e-6)}
 
 
 class ValidationSelector(Callback):
     """Scores each validation epoch, logs metrics, keeps the best weights and their statistics."""
 
-    def __init__(self, evaluators: Sequence[Callable[..., dict]] | None = None) -> None:
+    def __init__(self, evaluators: Sequence[Callable[..., dict]] | None = None, scope: str = "task") -> None:
         self.evaluators = list(evaluators) if evaluators else default_validation_evaluators()
+        self.scope = scope
         self.best_score = -math.inf
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -107,7 +153,7 @@ class ValidationSelector(Callback):
             self.best_score = score
             self.best_epoch = trained
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-            self.best_statistics = normalization_statistics(maps, labels)
+            self.best_statistics = normalization_statistics(maps, labels, self.scope)
         pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
 
     def evaluate(self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -145,7 +191,7 @@ def validation_callbacks(
     detector: L.LightningModule, data: Any, val_config: Any, early_stop_epochs: int
 ) -> list[Callback]:
     """The selector, plus early stopping when ``early_stop_epochs`` > 0."""
-    callbacks: list[Callback] = [ValidationSelector(val_config.evaluators)]
+    callbacks: list[Callback] = [ValidationSelector(val_config.evaluators, getattr(val_config, "normalization", "task"))]
     if early_stop_epochs > 0 and not getattr(detector, "fits_in_one_pass", False):
         callbacks.append(EarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False))
     return callbacks

@@ -131,13 +131,22 @@ class ValidationConfig:
     val_sample_ratio: float = 0.2
     max_patch_number: int | None = None
     evaluators: list[Callable[..., dict]] = field(default_factory=list)
+    #: "task": each task normalised with its own validation statistics; "shared": the patch
+    #: tasks share statistics pooled over all their validation patches (the thumbnail keeps its own).
+    normalization: str = "task"
+
+    def __post_init__(self) -> None:
+        from hiad_pl.callbacks import NORMALIZATION_SCOPES
+
+        if self.normalization not in NORMALIZATION_SCOPES:
+            raise ValueError(f"val_config normalization must be one of {NORMALIZATION_SCOPES}, got {self.normalization!r}")
 
     @staticmethod
     def from_any(value: "ValidationConfig | dict | None") -> "ValidationConfig | None":
         """Accept the tutorial's dict or an instance."""
         if value is None or isinstance(value, ValidationConfig):
             return value
-        unknown = set(value) - {"anomaly_syn_fn", "val_sample_ratio", "max_patch_number", "evaluators"}
+        unknown = set(value) - {"anomaly_syn_fn", "val_sample_ratio", "max_patch_number", "evaluators", "normalization"}
         if unknown:
             raise ValueError(f"val_config has unknown keys {sorted(unknown)}")
         if "anomaly_syn_fn" not in value:
@@ -474,6 +483,21 @@ class TaskOrchestrator:
             detector.eval().to(device)
             self._detectors[task.name] = detector
             self._normalization[task.name] = info.get("normalization")
+        self._share_normalization()
+
+    def _share_normalization(self) -> None:
+        """Give the patch tasks pooled statistics when they were fitted with ``normalization: shared``."""
+        from hiad_pl.callbacks import pooled_statistics
+
+        patch = [t.name for t in self.tasks if not t.is_thumbnail]
+        stats = [self._normalization.get(name) for name in patch]
+        if not any(s is not None and s.get("scope") == "shared" for s in stats):
+            return
+        if any(s is None for s in stats):
+            return  # some task lacks statistics: scores stay raw (see ``normalized``)
+        pooled = pooled_statistics(stats)
+        for name in patch:
+            self._normalization[name] = {**self._normalization[name], **pooled}
 
     @property
     def normalized(self) -> bool:
