@@ -373,7 +373,7 @@ class TaskOrchestrator:
             max_val_patches=None if val_config is None else val_config.max_patch_number,
             seed=self.seed,
         )
-        if data.has_validation and data.num_val_patches < MIN_RELIABLE_VALIDATION_PATCHES:
+        if data.has_validation and not task.is_thumbnail and data.num_val_patches < MIN_RELIABLE_VALIDATION_PATCHES:
             log.warning(
                 "%s: only %d validation patches: its normalisation statistics (the top of normal scores, the "
                 "largest anomalous score) rest on few samples and may not match the other tasks'; hold out "
