@@ -51,12 +51,11 @@ def texture_split(root: Path) -> Any:
     return split, tasks
 
 
-def fit_and_score(root: Path, work: Path, detector_class: type, config: dict, batch_size: int) -> float:
-    """Fit ``detector_class`` with HRTrainer on the small demo's texture; image AUROC on its test set."""
+def patch_trainer(work: Path, tasks: list, detector_class: type, config: dict, batch_size: int) -> Any:
+    """An HRTrainer on 256-px patches with its models, logs and visualisations under ``work``."""
     from hiad_pl.trainer import HRTrainer
 
-    split, tasks = texture_split(root)
-    trainer = HRTrainer(
+    return HRTrainer(
         batch_size=batch_size,
         tasks=tasks,
         detector_class=detector_class,
@@ -65,6 +64,12 @@ def fit_and_score(root: Path, work: Path, detector_class: type, config: dict, ba
         log_root=work / "logs",
         vis_root=work / "vis",
     )
+
+
+def fit_and_score(root: Path, work: Path, detector_class: type, config: dict, batch_size: int) -> float:
+    """Fit ``detector_class`` with HRTrainer on the small demo's texture; image AUROC on its test set."""
+    split, tasks = texture_split(root)
+    trainer = patch_trainer(work, tasks, detector_class, config, batch_size)
     trainer.train(train_samples=split.train, gpu_ids=[])
     scores, maps = trainer.inference(test_samples=split.test, return_results_only=True, gpu_ids=[])
     assert len(maps) == len(split.test) and maps[0].shape == (512, 512)

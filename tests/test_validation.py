@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PATCHCORE_TEST_CONFIG
+from conftest import PATCHCORE_TEST_CONFIG, patch_trainer
 from hiad_pl.callbacks import ValidationSelector, normalization_statistics
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import PatchDataset, capped_items, patch_loader, split_validation
@@ -18,7 +18,6 @@ from hiad_pl.detectors import HRDetector, HRPatchCore
 from hiad_pl.orchestrator import RUN_INFO_KEY, TaskOrchestrator, ValidationConfig
 from hiad_pl.syn import RandomeBoxSynthesizer
 from hiad_pl.task import A2OTaskGenerator, O2OTaskGenerator
-from hiad_pl.trainer import HRTrainer
 from hiad_pl.utils import metrics
 from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
 
@@ -32,15 +31,7 @@ def texture(small_demo: Path):
 def test_normalised_scores_in_unit_range_and_statistics_from_validation_only(texture, tmp_path: Path) -> None:
     indexes = MultiResolutionHRImageSpliter(512, 256)
     tasks = A2OTaskGenerator().create_tasks(texture.train, indexes)
-    trainer = HRTrainer(
-        batch_size=4,
-        tasks=tasks,
-        detector_class=HRPatchCore,
-        config={"patch": {**PATCHCORE_TEST_CONFIG, "patch_size": 256}},
-        checkpoint_root=tmp_path / "models",
-        log_root=tmp_path / "logs",
-        vis_root=tmp_path / "vis",
-    )
+    trainer = patch_trainer(tmp_path, tasks, HRPatchCore, PATCHCORE_TEST_CONFIG, batch_size=4)
     synthesizer = RandomeBoxSynthesizer(p=0.5, seed=0)
     val_config = {
         "anomaly_syn_fn": synthesizer,
