@@ -60,10 +60,10 @@ def normalize_scores(values: torch.Tensor, low: float, high: float) -> torch.Ten
     ``[low, high]`` maps linearly onto ``[t, 1 - t]`` (``t`` =
     :data:`NORMALIZATION_TAIL`); scores below ``low`` fall towards 0 and scores
     above ``high`` rise towards 1 hyperbolically, with the same slope where the
-    pieces meet. The map is strictly increasing, so it never ties two scores
-    that differ: ranking within a task (and so AUROC, AP and PRO of a single
-    task) is exactly that of the raw scores, where clipping to [0, 1] would
-    tie every pixel below ``low`` at 0.
+    pieces meet. The map is strictly increasing, so it keeps the order of a
+    task's raw scores and never ties two that differ, where clipping to
+    [0, 1] would tie every pixel below ``low`` at 0. Computed in float64, so
+    the tails keep their order too.
     """
     tail = NORMALIZATION_TAIL
     slope = 1.0 - 2.0 * tail
