@@ -31,95 +31,41 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = 1024  # comparisons of options run at 1024 px (defects keep their pixel size) to stay affordable on a CPU
 
 PATCHCORE = "configs/quickstart.yaml"
-EXPERIMENTS: list[dict[str, Any]] = [
-    # full-resolution detection vs the same detector on a 256-px thumbnail
-    {"name": "quickstart", "group": "resolution", "base": PATCHCORE, "what": "PatchCore, 2048 px, 16 patches of 512, 4 neighbourhood tasks"},
-    {"name": "downscaled_256", "group": "resolution", "base": PATCHCORE, "what": "PatchCore, image downscaled to 256 px (one patch)",
-     "set": {"data": {"image_size": 256, "patch_size": 256}, "tasks": {"class_path": "hiad_pl.tasks.A2OTaskGenerator", "init_args": {}}}},
-    # more detectors
-    {"name": "padim", "group": "detectors", "base": "configs/padim_quickstart.yaml", "what": "PaDiM, 2048 px, 4 neighbourhood tasks"},
-    {"name": "fastflow", "group": "detectors", "base": "configs/fastflow_quickstart.yaml", "what": "FastFlow, 2048 px, 4 neighbourhood tasks"},
-    # thumbnail branch on large defects, fusion on fine texture
-    {"name": "large_patch_only", "group": "thumbnail", "base": PATCHCORE, "what": "PatchCore patches only", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["texture_large"], "image_size": SMALL, "patch_size": 256}}},
-    {"name": "large_thumbnail", "group": "thumbnail", "base": PATCHCORE, "what": "PatchCore patches + 256-px thumbnail", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["texture_large"], "image_size": SMALL, "patch_size": 256},
-             "thumbnail": {"thumbnail_size": 256}}},
-    {"name": "large_thumbnail_shared", "group": "thumbnail", "base": PATCHCORE, "what": "PatchCore patches + 256-px thumbnail, box validation, normalization shared", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["texture_large"], "image_size": SMALL, "patch_size": 256},
-             "thumbnail": {"thumbnail_size": 256},
-             "validation": {"anomaly_syn_fn": {"class_path": "hiad_pl.syn.RandomBoxSynthesizer", "init_args": {"p": 0.5, "seed": 0}},
-                            "val_sample_ratio": 0.2, "max_patch_number": 200, "normalization": "shared"}}},
-    {"name": "fine_plain", "group": "fusion", "base": PATCHCORE, "what": "PatchCore, no fusion", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["texture_fine"], "image_size": SMALL, "patch_size": 256}}},
-    {"name": "fine_fusion", "group": "fusion", "base": PATCHCORE, "what": "PatchCore, fusion ds_factors [0, 1], weights [0.5, 0.5]", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["texture_fine"], "image_size": SMALL, "patch_size": 256, "ds_factors": [0, 1]},
-             "fusion_weights": [0.5, 0.5]}},
-    # task generators that look at the images
-    {"name": "object_a2o", "group": "tasks", "base": PATCHCORE, "what": "A2O (1 detector)", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.A2OTaskGenerator", "init_args": {}}}},
-    {"name": "object_spatial4", "group": "tasks", "base": PATCHCORE, "what": "SpatialClustering, 4 clusters (4 detectors)", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.SpatialClusteringTaskGenerator", "init_args": {"cluster_number": 4}}}},
-    {"name": "object_o2o", "group": "tasks", "base": PATCHCORE, "what": "O2O (16 detectors)", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.O2OTaskGenerator", "init_args": {}}}},
-    {"name": "rotated_a2o", "group": "tasks", "base": PATCHCORE, "what": "rotated object, A2O (1 detector)", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object_rotated"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.A2OTaskGenerator", "init_args": {}}}},
-    {"name": "rotated_spatial4", "group": "tasks", "base": PATCHCORE, "what": "rotated object, SpatialClustering 4", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object_rotated"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.SpatialClusteringTaskGenerator", "init_args": {"cluster_number": 4}}}},
-    {"name": "rotated_retrieve4", "group": "tasks", "base": PATCHCORE, "what": "rotated object, RetrieveTaskGenerator 4", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object_rotated"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.RetrieveTaskGenerator", "init_args": {"cluster_number": 4}}}},
-    {"name": "rotated_retrieve4_top2", "group": "tasks", "base": PATCHCORE, "what": "rotated object, RetrieveTaskGenerator 4, train_top_k 2", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object_rotated"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.RetrieveTaskGenerator", "init_args": {"cluster_number": 4, "train_top_k": 2}}}},
-    {"name": "rotated_retrieve4_top2_val", "group": "tasks", "base": "configs/retrieval_quickstart.yaml", "data_root": "demo_data_1024",
-     "what": "rotated object, RetrieveTaskGenerator 4, train_top_k 2, stain validation of 2 images (normalised)",
-     "set": {"validation": {"anomaly_syn_fn": {"class_path": "hiad_pl.syn.ColorShiftSynthesizer",
-                                               "init_args": {"p": 0.5, "region": "ellipse", "ellipse_axes": [4, 24], "seed": 0}},
-                            "val_sample_ratio": 0.2, "max_patch_number": 200}}},
-    {"name": "rotated_retrieve4_top2_shared", "group": "tasks", "base": "configs/retrieval_quickstart.yaml", "data_root": "demo_data_1024",
-     "what": "rotated object, RetrieveTaskGenerator 4, train_top_k 2, stain validation of 2 images, normalization shared",
-     "set": {"validation": {"anomaly_syn_fn": {"class_path": "hiad_pl.syn.ColorShiftSynthesizer",
-                                               "init_args": {"p": 0.5, "region": "ellipse", "ellipse_axes": [4, 24], "seed": 0}},
-                            "val_sample_ratio": 0.2, "max_patch_number": 200, "normalization": "shared"}}},
-    {"name": "padim_rotated_a2o", "group": "tasks", "base": "configs/padim_quickstart.yaml", "what": "PaDiM, rotated object, A2O", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object_rotated"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.A2OTaskGenerator", "init_args": {}}}},
-    {"name": "padim_rotated_spatial4", "group": "tasks", "base": "configs/padim_quickstart.yaml", "what": "PaDiM, rotated object, SpatialClustering 4", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object_rotated"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.SpatialClusteringTaskGenerator", "init_args": {'cluster_number': 4}}}},
-    {"name": "padim_rotated_retrieve4", "group": "tasks", "base": "configs/padim_quickstart.yaml", "what": "PaDiM, rotated object, Retrieve 4", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "categories": ["object_rotated"], "image_size": SMALL, "patch_size": 256},
-             "tasks": {"class_path": "hiad_pl.tasks.RetrieveTaskGenerator", "init_args": {'cluster_number': 4}}}},
-    # validation set (FastFlow's quality depends on the epoch)
-    {"name": "fastflow_plain_1024", "group": "validation", "base": "configs/fastflow_quickstart.yaml", "what": "FastFlow, 8 epochs, last epoch kept, raw scores", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "image_size": SMALL, "patch_size": 256}, "detector": {"init_args": {"epochs": 8}}}},
-    {"name": "fastflow_val_1024", "group": "validation", "base": "configs/fastflow_quickstart.yaml", "what": "FastFlow, 8 epochs, best validated epoch kept, normalised", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "image_size": SMALL, "patch_size": 256}, "detector": {"init_args": {"epochs": 8}},
-             "validation": {"anomaly_syn_fn": {"class_path": "hiad_pl.syn.RandomBoxSynthesizer", "init_args": {"p": 0.5, "seed": 0}},
-                            "val_sample_ratio": 0.2, "max_patch_number": 200}}},
-    {"name": "fastflow_val_stain_1024", "group": "validation", "base": "configs/fastflow_quickstart.yaml",
-     "what": "FastFlow, 8 epochs, best epoch on small colour-shift stains, normalised", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "image_size": SMALL, "patch_size": 256}, "detector": {"init_args": {"epochs": 8}},
-             "validation": {"anomaly_syn_fn": {"class_path": "hiad_pl.syn.ColorShiftSynthesizer",
-                                               "init_args": {"p": 0.5, "region": "ellipse", "ellipse_axes": [4, 24], "seed": 0}},
-                            "val_sample_ratio": 0.2, "max_patch_number": 200}}},
-    {"name": "fastflow_plain_lr_1024", "group": "validation", "base": "configs/fastflow_quickstart.yaml",
-     "what": "FastFlow, lr 0.005, 8 epochs, last epoch kept, raw scores", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "image_size": SMALL, "patch_size": 256}, "detector": {"init_args": {"epochs": 8, "lr": 0.005}}}},
-    {"name": "fastflow_val_stain_lr_1024", "group": "validation", "base": "configs/fastflow_quickstart.yaml",
-     "what": "FastFlow, lr 0.005, 8 epochs, best epoch on small colour-shift stains, normalised", "data_root": "demo_data_1024",
-     "set": {"data": {"root": "demo_data_1024", "image_size": SMALL, "patch_size": 256}, "detector": {"init_args": {"epochs": 8, "lr": 0.005}},
-             "validation": {"anomaly_syn_fn": {"class_path": "hiad_pl.syn.ColorShiftSynthesizer",
-                                               "init_args": {"p": 0.5, "region": "ellipse", "ellipse_axes": [4, 24], "seed": 0}},
-                            "val_sample_ratio": 0.2, "max_patch_number": 200}}},
-]
-COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1", "pro")
+PADIM = "configs/padim_quickstart.yaml"
+FASTFLOW = "configs/fastflow_quickstart.yaml"
+RETRIEVAL = "configs/retrieval_quickstart.yaml"
+BOXES = {"class_path": "hiad_pl.syn.RandomBoxSynthesizer", "init_args": {"p": 0.5, "seed": 0}}
+STAINS = {"class_path": "hiad_pl.syn.ColorShiftSynthesizer",
+          "init_args": {"p": 0.5, "region": "ellipse", "ellipse_axes": [4, 24], "seed": 0}}
+
+
+def at_1024(*categories: str, **data: Any) -> dict[str, Any]:
+    """Overrides that run a config on ``demo_data_1024`` (patches of 256), optionally on some categories."""
+    chosen = {"categories": list(categories)} if categories else {}
+    return {"data": {"root": "demo_data_1024", **chosen, "image_size": SMALL, "patch_size": 256, **data}}
+
+
+def tasks(generator: str, **init_args: Any) -> dict[str, Any]:
+    """Overrides that choose a task generator of ``hiad_pl.tasks``."""
+    return {"tasks": {"class_path": f"hiad_pl.tasks.{generator}", "init_args": init_args}}
+
+
+def validation(synthesizer: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Overrides that add a validation set: 20% of the training images, at most 200 patches per task."""
+    return {"validation": {"anomaly_syn_fn": synthesizer, "val_sample_ratio": 0.2, "max_patch_number": 200, **extra}}
+
+
+def epochs(count: int, **init_args: Any) -> dict[str, Any]:
+    """Overrides of the detector's training length (and other init_args)."""
+    return {"detector": {"init_args": {"epochs": count, **init_args}}}
+
+
+def experiment(name: str, group: str, base: str, what: str, *overrides: dict[str, Any]) -> dict[str, Any]:
+    """One experiment: ``base`` config updated by ``overrides`` (merged in order)."""
+    combined: dict[str, Any] = {}
+    for part in overrides:
+        combined = merge(combined, part)
+    return {"name": name, "group": group, "base": base, "what": what, **({"set": combined} if combined else {})}
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -131,6 +77,65 @@ def merge(base: dict, extra: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+ROTATED = at_1024("object_rotated")
+EXPERIMENTS: list[dict[str, Any]] = [
+    # full-resolution detection vs the same detector on a 256-px thumbnail
+    experiment("quickstart", "resolution", PATCHCORE, "PatchCore, 2048 px, 16 patches of 512, 4 neighbourhood tasks"),
+    experiment("downscaled_256", "resolution", PATCHCORE, "PatchCore, image downscaled to 256 px (one patch)",
+               {"data": {"image_size": 256, "patch_size": 256}}, tasks("A2OTaskGenerator")),
+    # more detectors
+    experiment("padim", "detectors", PADIM, "PaDiM, 2048 px, 4 neighbourhood tasks"),
+    experiment("fastflow", "detectors", FASTFLOW, "FastFlow, 2048 px, 4 neighbourhood tasks"),
+    # thumbnail branch on large defects, fusion on fine texture
+    experiment("large_patch_only", "thumbnail", PATCHCORE, "PatchCore patches only", at_1024("texture_large")),
+    experiment("large_thumbnail", "thumbnail", PATCHCORE, "PatchCore patches + 256-px thumbnail",
+               at_1024("texture_large"), {"thumbnail": {"thumbnail_size": 256}}),
+    experiment("large_thumbnail_shared", "thumbnail", PATCHCORE,
+               "PatchCore patches + 256-px thumbnail, box validation, normalization shared",
+               at_1024("texture_large"), {"thumbnail": {"thumbnail_size": 256}}, validation(BOXES, normalization="shared")),
+    experiment("fine_plain", "fusion", PATCHCORE, "PatchCore, no fusion", at_1024("texture_fine")),
+    experiment("fine_fusion", "fusion", PATCHCORE, "PatchCore, fusion ds_factors [0, 1], weights [0.5, 0.5]",
+               at_1024("texture_fine", ds_factors=[0, 1]), {"fusion_weights": [0.5, 0.5]}),
+    # task generators that look at the images
+    experiment("object_a2o", "tasks", PATCHCORE, "A2O (1 detector)", at_1024("object"), tasks("A2OTaskGenerator")),
+    experiment("object_spatial4", "tasks", PATCHCORE, "SpatialClustering, 4 clusters (4 detectors)",
+               at_1024("object"), tasks("SpatialClusteringTaskGenerator", cluster_number=4)),
+    experiment("object_o2o", "tasks", PATCHCORE, "O2O (16 detectors)", at_1024("object"), tasks("O2OTaskGenerator")),
+    experiment("rotated_a2o", "tasks", PATCHCORE, "rotated object, A2O (1 detector)", ROTATED, tasks("A2OTaskGenerator")),
+    experiment("rotated_spatial4", "tasks", PATCHCORE, "rotated object, SpatialClustering 4",
+               ROTATED, tasks("SpatialClusteringTaskGenerator", cluster_number=4)),
+    experiment("rotated_retrieve4", "tasks", PATCHCORE, "rotated object, RetrieveTaskGenerator 4",
+               ROTATED, tasks("RetrieveTaskGenerator", cluster_number=4)),
+    experiment("rotated_retrieve4_top2", "tasks", PATCHCORE, "rotated object, RetrieveTaskGenerator 4, train_top_k 2",
+               ROTATED, tasks("RetrieveTaskGenerator", cluster_number=4, train_top_k=2)),
+    experiment("rotated_retrieve4_top2_val", "tasks", RETRIEVAL,
+               "rotated object, RetrieveTaskGenerator 4, train_top_k 2, stain validation of 2 images (normalised)",
+               validation(STAINS)),
+    experiment("rotated_retrieve4_top2_shared", "tasks", RETRIEVAL,
+               "rotated object, RetrieveTaskGenerator 4, train_top_k 2, stain validation of 2 images, normalization shared",
+               validation(STAINS, normalization="shared")),
+    experiment("padim_rotated_a2o", "tasks", PADIM, "PaDiM, rotated object, A2O", ROTATED, tasks("A2OTaskGenerator")),
+    experiment("padim_rotated_spatial4", "tasks", PADIM, "PaDiM, rotated object, SpatialClustering 4",
+               ROTATED, tasks("SpatialClusteringTaskGenerator", cluster_number=4)),
+    experiment("padim_rotated_retrieve4", "tasks", PADIM, "PaDiM, rotated object, Retrieve 4",
+               ROTATED, tasks("RetrieveTaskGenerator", cluster_number=4)),
+    # validation set (FastFlow's quality depends on the epoch)
+    experiment("fastflow_plain_1024", "validation", FASTFLOW, "FastFlow, 8 epochs, last epoch kept, raw scores",
+               at_1024(), epochs(8)),
+    experiment("fastflow_val_1024", "validation", FASTFLOW, "FastFlow, 8 epochs, best validated epoch kept, normalised",
+               at_1024(), epochs(8), validation(BOXES)),
+    experiment("fastflow_val_stain_1024", "validation", FASTFLOW,
+               "FastFlow, 8 epochs, best epoch on small colour-shift stains, normalised",
+               at_1024(), epochs(8), validation(STAINS)),
+    experiment("fastflow_plain_lr_1024", "validation", FASTFLOW, "FastFlow, lr 0.005, 8 epochs, last epoch kept, raw scores",
+               at_1024(), epochs(8, lr=0.005)),
+    experiment("fastflow_val_stain_lr_1024", "validation", FASTFLOW,
+               "FastFlow, lr 0.005, 8 epochs, best epoch on small colour-shift stains, normalised",
+               at_1024(), epochs(8, lr=0.005), validation(STAINS)),
+]
+COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1", "pro")
 
 
 def run(experiment: dict[str, Any], work: Path) -> dict[str, Any]:
