@@ -331,7 +331,8 @@ def task_loggers(spec: Any, task: str, model_folder: Path, tensorboard_folder: P
     """Fresh loggers for one task: TensorBoard by default, else the configured ones.
 
     Each logger gets the task as its run (``version`` of folder loggers, ``run_name`` of
-    MLflow, ``name`` of W&B) and a folder in the model folder, unless its config sets them.
+    MLflow, ``name`` of W&B) and a folder in the model folder, wherever its config leaves
+    them unset or at the class's default.
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -345,15 +346,17 @@ def task_loggers(spec: Any, task: str, model_folder: Path, tensorboard_folder: P
         parameters = inspect.signature(cls).parameters
         short = cls.__name__.lower().removesuffix("logger")
         folder = tensorboard_folder if issubclass(cls, TensorBoardLogger) else model_folder / LOGGER_FOLDERS.get(short, short)
-        defaults: dict[str, Any] = {"save_dir": str(folder)}
+        per_task: dict[str, Any] = {"save_dir": str(folder)}
         if "version" in parameters:
-            defaults.update(name="", version=task)
+            per_task.update(name="", version=task)
         elif "run_name" in parameters:
-            defaults["run_name"] = task
+            per_task["run_name"] = task
         elif "name" in parameters:
-            defaults["name"] = task
-        defaults = {k: v for k, v in defaults.items() if k in parameters}
-        loggers.append(instantiate(item, "trainer.logger", **defaults))
+            per_task["name"] = task
+        given = {k: v for k, v in dict(item.get("init_args") or {}).items()
+                 if k not in per_task or k not in parameters or v != parameters[k].default}
+        kwargs = {**{k: v for k, v in per_task.items() if k in parameters}, **given}
+        loggers.append(instantiate({"class_path": item["class_path"], "init_args": kwargs}, "trainer.logger"))
     return loggers
 
 
