@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_ROOT ?= demo_data
-RUN_DIR   ?= runs/quickstart
+RUN_DIR   ?= runs/patchcore_quickstart
 
 .PHONY: demo test test-slow bench clean
 
@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/hiad-pl demo-data --root $(DEMO_ROOT)
-	$(VENV)/bin/hiad-pl tasks --config configs/quickstart.yaml
-	$(VENV)/bin/hiad-pl fit --config configs/quickstart.yaml --run_dir $(RUN_DIR)
-	$(VENV)/bin/hiad-pl test --config configs/quickstart.yaml --run_dir $(RUN_DIR)
+	$(VENV)/bin/hiad-pl tasks --config configs/patchcore_quickstart.yaml
+	$(VENV)/bin/hiad-pl fit --config configs/patchcore_quickstart.yaml --run_dir $(RUN_DIR)
+	$(VENV)/bin/hiad-pl test --config configs/patchcore_quickstart.yaml --run_dir $(RUN_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -30,7 +30,7 @@ from hiad_pl.data.demo import make_demo_dataset
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = 1024  # comparisons of options run at 1024 px (defects keep their pixel size) to stay affordable on a CPU
 
-PATCHCORE = "configs/quickstart.yaml"
+PATCHCORE = "configs/patchcore_quickstart.yaml"
 PADIM = "configs/padim_quickstart.yaml"
 FASTFLOW = "configs/fastflow_quickstart.yaml"
 RETRIEVAL = "configs/retrieval_quickstart.yaml"

@@ -1,40 +1,150 @@
 """``hiad-pl``: fit, test, predict, tasks, demo-data, detectors.
 
-Configs are YAML files with ``class_path``/``init_args`` for the detector and the
-task generator; every option can also be given on the command line
-(``--data.batch_size 4``) and ``--print_config`` shows the resolved config.
+The parser is built from the classes, with jsonargparse (the machinery of LightningCLI):
+``detector`` takes any :class:`~hiad_pl.detectors.base.HRDetector` subclass by name or
+import path with its typed, documented options (``--detector.help HRPatchCore``),
+``tasks`` any task generator, ``trainer`` ``lightning.Trainer``'s own arguments minus those
+hiad-pl sets per task, and a misspelt option at any depth stops the parse, naming the valid
+ones, before any data is read. ``--config`` takes a CLI config or one of the tutorial's flat
+detector files (``configs/patchcore.yaml``); ``--print_config`` shows the resolved config.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from hiad_pl import __version__
+from hiad_pl.config import (
+    RESERVED_TRAINER_KEYS,
+    DataConfig,
+    EvaluationConfig,
+    RunConfig,
+    ThumbnailConfig,
+    ValidationSection,
+    as_list,
+    branch_config,
+    detector_class_of,
+    did_you_mean,
+    import_class,
+    load_detector_file,
+)
+
+DEFAULT_DETECTOR = "hiad_pl.detectors.HRPatchCore"
+DEFAULT_TASKS = "hiad_pl.tasks.A2OTaskGenerator"
+
+
+def _accepted(path: str) -> list[str]:
+    """The keyword arguments of the class at ``path`` (empty when it cannot be imported)."""
+    try:
+        parameters = inspect.signature(import_class(path)).parameters
+    except (ValueError, TypeError):
+        return []
+    return [p for p in parameters if p not in ("self", "args", "kwargs")]
+
+
+class HiadArgumentParser(ArgumentParser):
+    """jsonargparse's parser whose errors also name the valid options of the misspelt one."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Exit with status 2, the message extended with the valid choices."""
+        super().error(message + self._choices_hint(message), ex)
+
+    def _choices_hint(self, message: str) -> str:
+        unknown = re.search(r"Option '([\w.]+)' is not accepted", message)
+        owner = re.findall(r"class_path '([\w.]+)'", message)
+        if unknown and owner:
+            valid = _accepted(owner[-1])
+            return f"\n  valid options of {owner[-1]}: {', '.join(valid)}{did_you_mean(unknown.group(1), valid)}" if valid else ""
+        key = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
+        if not key:
+            return ""
+        name = key.group(1) or key.group(2)
+        group, _, option = name.rpartition(".")
+        prefix = f"{group}." if group else ""
+        valid = sorted(
+            {d[len(prefix):].split(".")[0] for d in _destinations(self) if d.startswith(prefix) and d != "help"}
+        )
+        return f"\n  valid options{' of ' + group if group else ''}: {', '.join(valid)}{did_you_mean(option, valid)}"
+
+
+def _destinations(parser: ArgumentParser) -> list[str]:
+    """Every option key of a parser and its subcommands' parsers (subcommand name left out)."""
+    keys = [a.dest for a in parser._actions]
+    if parser._subcommands_action is not None:
+        for sub in parser._subcommands_action._name_parser_map.values():
+            keys.extend(_destinations(sub))
+    return keys
+
+
+def flat_detector_file(value: Any) -> dict[str, Any] | None:
+    """A tutorial detector file (flat options with ``class_path``) as a CLI config, else ``None``.
+
+    Its HiAD option names are translated and checked against the detector's signature;
+    ``patch_size`` goes to ``data``, HiAD's step counters to ``trainer``.
+    """
+    path = Path(str(value))
+    if not path.suffix.lower() in (".yaml", ".yml") or not path.is_file():
+        return None
+    content = load_detector_file(path)
+    if "class_path" not in content or "detector" in content:
+        return None
+    cls = detector_class_of(content["class_path"])
+    branch = branch_config(cls, content, str(path))
+    run: dict[str, Any] = {"detector": {"class_path": content["class_path"], "init_args": branch.options}}
+    if branch.size is not None:
+        run["data"] = {"patch_size": branch.size}
+    if branch.trainer:
+        run["trainer"] = branch.trainer
+    return run
+
+
+class RunConfigFile(ActionConfigFile):
+    """``--config``: a CLI config, or a tutorial detector file whose other settings come from defaults and flags."""
+
+    def __call__(self, parser: ArgumentParser, cfg: Namespace, values: Any, option_string: str | None = None) -> None:
+        try:
+            run = flat_detector_file(values)
+        except ValueError as error:
+            parser.error(str(error))
+        if run is None:
+            super().__call__(parser, cfg, values, option_string)
+        else:
+            self.apply_config(parser, cfg, self.dest, yaml.safe_dump(run))
 
 
 def _run_arguments(parser: ArgumentParser) -> None:
-    from hiad_pl.jobs import DataConfig, EvaluationConfig
+    import lightning
 
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (see configs/)")
+    import hiad_pl.detectors  # noqa: F401  (subclasses known by name: --detector HRPaDiM)
+    import hiad_pl.tasks  # noqa: F401
+    from hiad_pl.detectors.base import HRDetector
+    from hiad_pl.tasks.base import TaskGenerator
+
+    parser.add_argument("--config", action=RunConfigFile, help="YAML config: a CLI config or a detector file (configs/)")
     parser.add_argument("--run_dir", type=str, default="runs/default", help="Run folder: checkpoints, logs, metrics")
     parser.add_class_arguments(DataConfig, "data")
-    parser.add_argument("--detector", type=dict, default={"class_path": "hiad_pl.detectors.HRPatchCore"},
-                        help="Detector: {class_path: hiad_pl.detectors.HRPatchCore, init_args: {...}}")
-    parser.add_argument("--tasks", type=dict, default={"class_path": "hiad_pl.tasks.A2OTaskGenerator"},
-                        help="Task generator: {class_path: ..., init_args: {...}}")
-    parser.add_argument("--thumbnail", type=dict | None, default=None,
-                        help="Low-resolution branch: {thumbnail_size: 256, ...detector options that differ}")
-    parser.add_argument("--validation", type=dict | None, default=None,
-                        help="Validation set: {anomaly_syn_fn: {class_path, init_args}, val_sample_ratio, max_patch_number, evaluators}")
+    parser.add_subclass_arguments(
+        HRDetector, "detector", default={"class_path": DEFAULT_DETECTOR}, required=False,
+        help="Detector: any HRDetector subclass by name or import path; its options: --detector.help NAME",
+    )
+    parser.add_subclass_arguments(
+        TaskGenerator, "tasks", default={"class_path": DEFAULT_TASKS}, required=False,
+        help="Task generator: which patches each detector learns; its options: --tasks.help NAME",
+    )
+    parser.add_class_arguments(ThumbnailConfig, "thumbnail")
+    parser.add_class_arguments(ValidationSection, "validation", instantiate=False)
     parser.add_class_arguments(EvaluationConfig, "evaluation")
-    parser.add_argument("--trainer", type=dict, default={}, help="lightning.Trainer options (override detector defaults)")
-    parser.add_argument("--devices", type=list[int | str], default=[], help="GPU ids, or 'cpu' entries for CPU processes; [] = one CPU")
+    parser.add_class_arguments(lightning.Trainer, "trainer", skip=set(RESERVED_TRAINER_KEYS), instantiate=False)
+    parser.add_argument("--devices", type=list[int | str] | int | str, default=[],
+                        help="GPU ids, or 'cpu' entries for CPU processes; [] = one CPU")
     parser.add_argument("--seed", type=int, default=0, help="Random seed of every task's fit")
     parser.add_argument("--fusion_weights", type=list[float] | None, default=None,
                         help="Feature fusion weights, one per ds_factor (patch itself first)")
@@ -42,11 +152,24 @@ def _run_arguments(parser: ArgumentParser) -> None:
                         help="Stop after this many validations without improvement (-1: never)")
     parser.add_argument("--resume", type=bool, default=True,
                         help="Skip fitted tasks and continue interrupted ones; false refuses a folder with checkpoints")
+    # Values that follow from others: shown by --print_config, never set twice.
+    parser.link_arguments("data.patch_size", "detector.init_args.input_size")
+    parser.link_arguments("fusion_weights", "detector.init_args.fusion_weights")
+    parser.link_arguments("devices", "tasks.init_args.device", compute_fn=as_list)
+    parser.link_arguments("data.batch_size", "tasks.init_args.batch_size")
+    parser.link_arguments("fusion_weights", "tasks.init_args.fusion_weights")
+    parser.link_arguments("detector.class_path", "tasks.init_args.detector_class")
+    parser.link_arguments("detector.init_args", "tasks.init_args.detector_config", compute_fn=_plain_dict)
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    """A namespace (a detector's init_args) as a dict."""
+    return value.as_dict() if isinstance(value, Namespace) else dict(value or {})
 
 
 def build_parser() -> ArgumentParser:
     """The ``hiad-pl`` argument parser with its subcommands."""
-    parser = ArgumentParser(prog="hiad-pl", description="High-resolution industrial image anomaly detection")
+    parser = HiadArgumentParser(prog="hiad-pl", allow_abbrev=False, description="High-resolution industrial image anomaly detection")
     parser.add_argument("--version", action="version", version=f"hiad-pl {__version__}")
     parser.add_argument("--verbose", type=bool, default=False, help="Log progress details")
     commands = parser.add_subcommands(required=True)
@@ -56,21 +179,22 @@ def build_parser() -> ArgumentParser:
         ("test", "Evaluate a fitted run: metrics table, metrics.json, visualisations"),
         ("tasks", "Print the task layout of a config without training"),
     ):
-        sub = ArgumentParser(description=help_text)
+        sub = HiadArgumentParser(allow_abbrev=False, description=help_text)
         _run_arguments(sub)
         commands.add_subcommand(name, sub, help=help_text)
 
-    predict = ArgumentParser(description="Score new images with a fitted run")
+    predict = HiadArgumentParser(allow_abbrev=False, description="Score new images with a fitted run")
     predict.add_argument("--run_dir", type=str, required=True, help="A folder written by `hiad-pl fit`")
     predict.add_argument("--input", type=str, nargs="+", required=True, help="Image files or folders")
     predict.add_argument("--output", type=str, required=True, help="Folder for maps, overlays and scores.csv")
     predict.add_argument("--category", type=str | None, default=None, help="Category model to use (when the run has several)")
-    predict.add_argument("--devices", type=list[int | str], default=[], help="GPU ids; [] = CPU")
+    predict.add_argument("--devices", type=list[int | str] | int | str, default=[], help="GPU ids; [] = CPU")
     commands.add_subcommand("predict", predict, help="Score new images with a fitted run")
 
-    demo = ArgumentParser(description="Write the procedural high-resolution demo data set")
+    demo = HiadArgumentParser(allow_abbrev=False, description="Write the procedural high-resolution demo data set")
     demo.add_argument("--root", type=str, default="demo_data", help="Output folder")
-    demo.add_argument("--categories", type=list[str] | None, default=None, help="Categories (default: texture, object)")
+    demo.add_argument("--categories", type=list[str] | str | None, default=None,
+                      help="Categories, one name or a list (default: texture, object)")
     demo.add_argument("--image_size", type=int, default=2048, help="Image side in pixels")
     demo.add_argument("--seed", type=int, default=0, help="Random seed")
     demo.add_argument("--overwrite", type=bool, default=False, help="Rewrite categories that exist")
@@ -82,26 +206,21 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def to_run_config(cfg: Namespace) -> Any:
-    """Parsed namespace -> :class:`~hiad_pl.jobs.RunConfig`."""
-    from hiad_pl.jobs import DataConfig, EvaluationConfig, RunConfig
+def trainer_options(parsed: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer options a config sets: those at Lightning's default give way to the detector's defaults."""
+    import lightning
 
+    defaults = {name: p.default for name, p in inspect.signature(lightning.Trainer).parameters.items()}
+    return {k: v for k, v in parsed.items() if k not in defaults or v != defaults[k]}
+
+
+def to_run_config(cfg: Namespace) -> RunConfig:
+    """Parsed namespace -> :class:`~hiad_pl.config.RunConfig`, its detector settings checked."""
     plain = cfg.as_dict()
-    return RunConfig(
-        run_dir=Path(plain["run_dir"]),
-        data=DataConfig(**plain["data"]),
-        detector=plain["detector"],
-        tasks=plain["tasks"],
-        thumbnail=plain.get("thumbnail"),
-        validation=plain.get("validation"),
-        evaluation=EvaluationConfig(**plain["evaluation"]),
-        trainer=plain.get("trainer") or {},
-        devices=plain.get("devices") or [],
-        seed=plain["seed"],
-        fusion_weights=plain.get("fusion_weights"),
-        early_stop_epochs=plain["early_stop_epochs"],
-        resume=plain["resume"],
-    )
+    plain["trainer"] = trainer_options(plain.get("trainer") or {})
+    config = RunConfig.from_dict(plain)
+    config.detectors  # noqa: B018  (checks the thumbnail's options before any data is read)
+    return config
 
 
 def save_config(cfg: Namespace, run_dir: Path) -> None:
@@ -129,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             from hiad_pl.data.demo import make_demo_dataset
 
             summary = make_demo_dataset(
-                sub.root, categories=sub.categories, image_size=sub.image_size, seed=sub.seed, overwrite=sub.overwrite
+                sub.root, categories=as_list(sub.categories), image_size=sub.image_size, seed=sub.seed,
+                overwrite=sub.overwrite,
             )
             for name, info in summary["categories"].items():
                 state = "already present" if info["skipped"] else "written"
@@ -142,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "predict":
             from hiad_pl import jobs
 
-            out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, sub.devices)
+            out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices))
             print(f"predictions written to {out}")
         else:
             from hiad_pl import jobs

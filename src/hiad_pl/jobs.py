@@ -12,12 +12,11 @@ A run folder holds one model folder per category::
 
 from __future__ import annotations
 
-import inspect
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from hiad_pl.config import RunConfig, import_class, instantiate
 from hiad_pl.data.discovery import CategorySplit, discover
 from hiad_pl.data.sample import IMAGE_SUFFIXES, HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, as_pair
@@ -30,91 +29,10 @@ from hiad_pl.engine import (
     write_scores_csv,
     write_visualizations,
 )
-from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, detector_class_of, import_class, resolve_devices
+from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
 
 log = logging.getLogger("hiad_pl")
-
-
-@dataclass
-class DataConfig:
-    """Where the images are and how they are cut.
-
-    Args:
-        root: data set: a folder of MVTec-style categories, one category, a flat folder (train*/test* images) or a .jsonl list.
-        categories: categories to use (default: all found).
-        image_size: detection resolution, int or [width, height]; images are resized to it.
-        patch_size: patch size, int or [width, height].
-        stride: tiling stride (default: patch_size, no overlap).
-        ds_factors: down-sampling factors (powers of two) for multi-resolution feature fusion, e.g. [0, 1].
-        batch_size: patches per step.
-        num_workers: data loader worker processes per task.
-    """
-
-    root: str = "demo_data"
-    categories: list[str] | None = None
-    image_size: int | list[int] = 2048
-    patch_size: int | list[int] = 512
-    stride: int | list[int] | None = None
-    ds_factors: list[int] | None = None
-    batch_size: int = 8
-    num_workers: int = 0
-
-
-@dataclass
-class EvaluationConfig:
-    """How `hiad-pl test` evaluates.
-
-    Args:
-        evaluators: evaluator import paths (or {function: path, kwargs: {...}}); default: image, pixel and PRO metrics.
-        vis_size: side of each visualisation panel in pixels (0: no visualisations).
-    """
-
-    evaluators: list[Any] | None = None
-    vis_size: int = 1024
-
-
-@dataclass
-class RunConfig:
-    """Everything `fit` and `test` need (the parsed YAML, detector and tasks as class_path/init_args)."""
-
-    run_dir: Path
-    data: DataConfig
-    detector: dict[str, Any]
-    tasks: dict[str, Any]
-    thumbnail: dict[str, Any] | None = None
-    validation: dict[str, Any] | None = None
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    trainer: dict[str, Any] = field(default_factory=dict)
-    devices: list[int | str] = field(default_factory=list)
-    seed: int = 0
-    fusion_weights: list[float] | None = None
-    early_stop_epochs: int = -1
-    resume: bool = True
-
-
-def instantiate(spec: dict[str, Any] | str, section: str = "config", **defaults: Any) -> Any:
-    """Build an object from ``{class_path, init_args}`` (or a bare import path).
-
-    Arguments the class does not take are reported with the config ``section``
-    they came from, before anything is built.
-    """
-    if isinstance(spec, str):
-        spec = {"class_path": spec}
-    cls = import_class(spec["class_path"])
-    kwargs = {**defaults, **dict(spec.get("init_args") or {})}
-    check_arguments(cls, kwargs, section)
-    return cls(**kwargs)
-
-
-def check_arguments(cls: type, kwargs: dict[str, Any], section: str) -> None:
-    """Raise a ValueError naming ``section`` when ``cls`` cannot be called with ``kwargs``."""
-    signature = inspect.signature(cls)
-    try:
-        signature.bind(**kwargs)
-    except TypeError as error:
-        accepted = ", ".join(p for p in signature.parameters if p not in ("args", "kwargs"))
-        raise ValueError(f"{section}: bad init_args for {cls.__name__} ({error}); it accepts: {accepted}") from None
 
 
 def splits_of(config: RunConfig) -> list[CategorySplit]:
@@ -133,28 +51,15 @@ def make_indexes(config: RunConfig) -> list:
     return MultiResolutionHRImageSpliter(data.image_size, data.patch_size, data.stride, data.ds_factors)
 
 
-def detector_parts(config: RunConfig) -> tuple[type, dict[str, Any], dict[str, Any] | None]:
-    """Detector class, patch config and thumbnail config."""
-    cls = detector_class_of(config.detector["class_path"])
-    init = dict(config.detector.get("init_args") or {})
-    patch = {**init, "patch_size": config.data.patch_size}
-    thumbnail = None
-    if config.thumbnail:
-        if "thumbnail_size" not in config.thumbnail:
-            raise ValueError("thumbnail needs thumbnail_size")
-        thumbnail = {**init, **config.thumbnail}
-    return cls, patch, thumbnail
-
-
 def create_tasks(config: RunConfig, split: CategorySplit) -> list[Task]:
     """Run the configured task generator on a category's training images."""
-    cls, patch, _ = detector_parts(config)
+    detectors = config.detectors
     defaults: dict[str, Any] = {}
     generator_cls = import_class(config.tasks["class_path"])
     if issubclass(generator_cls, FeatureTaskGenerator):
         defaults = {
-            "detector_class": cls,
-            "detector_config": patch,
+            "detector_class": detectors.detector_class,
+            "detector_config": detectors.patch.options,
             "device": config.devices,
             "batch_size": config.data.batch_size,
             "fusion_weights": config.fusion_weights,
@@ -165,13 +70,13 @@ def create_tasks(config: RunConfig, split: CategorySplit) -> list[Task]:
 
 def orchestrator_for(config: RunConfig, split: CategorySplit, tasks: Sequence[Task] = ()) -> TaskOrchestrator:
     """The orchestrator of one category's model folder."""
-    cls, patch, thumbnail = detector_parts(config)
+    detectors = config.detectors
     return TaskOrchestrator(
-        cls,
-        patch,
+        detectors.detector_class,
+        {},
         tasks,
         config.run_dir / split.name,
-        thumbnail_config=thumbnail,
+        detectors=detectors,
         batch_size=config.data.batch_size,
         seed=config.seed,
         fusion_weights=config.fusion_weights,
@@ -183,13 +88,13 @@ def orchestrator_for(config: RunConfig, split: CategorySplit, tasks: Sequence[Ta
 
 def validation_config(config: RunConfig) -> ValidationConfig | None:
     """The `validation:` section as the tutorial's val_config."""
-    if not config.validation:
+    section = {k: v for k, v in dict(config.validation or {}).items() if v is not None}
+    if not section.get("anomaly_syn_fn"):
+        if set(section) - {"val_sample_ratio", "normalization"}:  # more than the defaults: a forgotten synthesiser
+            raise ValueError("validation needs anomaly_syn_fn: {class_path: hiad_pl.syn.RandomBoxSynthesizer, init_args: {p: 0.5}}")
         return None
     from hiad_pl.metrics import resolve_evaluator
 
-    section = dict(config.validation)
-    if "anomaly_syn_fn" not in section:
-        raise ValueError("validation needs anomaly_syn_fn: {class_path: hiad_pl.syn.RandomBoxSynthesizer, init_args: {p: 0.5}}")
     section["anomaly_syn_fn"] = instantiate(section["anomaly_syn_fn"], "validation.anomaly_syn_fn")
     section["evaluators"] = [resolve_evaluator(e) for e in section.get("evaluators") or []]
     return ValidationConfig.from_any(section)
@@ -313,7 +218,7 @@ def print_tasks(config: RunConfig) -> None:
 
     for split in splits_of(config):
         tasks = create_tasks(config, split)
-        if config.thumbnail:
-            tasks.append(thumbnail_task(config.thumbnail["thumbnail_size"]))
+        if config.detectors.thumbnail is not None:
+            tasks.append(thumbnail_task(config.detectors.thumbnail.size))
         print(f"[{split.name}]")
         print(task_layout(tasks))

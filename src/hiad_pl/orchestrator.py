@@ -12,7 +12,6 @@ A rerun skips tasks whose final checkpoint exists and resumes interrupted ones.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -26,8 +25,15 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 
+from hiad_pl.config import (
+    DetectorConfig,
+    check_trainer_options,
+    class_path,
+    import_class,
+    task_callbacks,
+    task_loggers,
+)
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import (
     MIN_RELIABLE_VALIDATION_PATCHES,
@@ -42,7 +48,6 @@ from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 
 log = logging.getLogger("hiad_pl")
 
-SIZE_KEYS = ("patch_size", "thumbnail_size")
 RUN_INFO_KEY = "hiad_pl"
 # Lightning advice that does not apply here: loaders are sized per task on purpose,
 # and tasks without a validation set have no validation loader.
@@ -56,33 +61,8 @@ QUIET_WARNINGS = (
     ".*across ranks is zero.*",
     ".*overridden `transfer_batch_to_device`.*",
 )
-RESERVED_TRAINER_KEYS = ("accelerator", "devices", "strategy", "logger", "default_root_dir")
-
-
-def class_path(cls: type) -> str:
-    """``module.Name`` of a class."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def import_class(path: str) -> type:
-    """Import ``module.Name``."""
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"cannot import {path!r}: {error}") from error
-
-
-def detector_class_of(detector_class: type | str) -> type:
-    """A detector class from itself, its registered short name, class name or import path."""
-    from hiad_pl.detectors import get_detector  # the registry imports every built-in detector
-
-    if isinstance(detector_class, type):
-        return detector_class
-    try:
-        return get_detector(detector_class)
-    except ValueError:
-        return import_class(detector_class)  # a base class such as HRDetector itself (inference only)
+#: Trainer options built fresh for every task from their specs.
+PER_TASK_TRAINER_KEYS = ("logger", "callbacks")
 
 
 def resolve_devices(devices: Sequence[int | str] | int | str | None) -> list[str]:
@@ -195,9 +175,13 @@ class TaskOrchestrator:
         seed: seed of every task's fit.
         fusion_weights: multi-resolution feature fusion weights (with ``ds_factors``).
         trainer_kwargs: ``lightning.Trainer`` arguments; they override the detector's defaults.
+            ``logger`` and ``callbacks`` are ``{class_path, init_args}`` specs (or lists of
+            them), built fresh for every task; the callbacks follow hiad-pl's own.
         num_workers: data loader workers per task.
         early_stop_epochs: stop a gradient-trained detector after this many validations without improvement (-1: never).
         log_root: TensorBoard folder (default ``<root>/tensorboard``); each task logs to ``<log_root>/<task>``.
+        detectors: the config model (:class:`~hiad_pl.config.DetectorConfig`), given instead of
+            ``patch_config`` and ``thumbnail_config``.
     """
 
     def __init__(
@@ -214,10 +198,15 @@ class TaskOrchestrator:
         num_workers: int = 0,
         early_stop_epochs: int = -1,
         log_root: str | Path | None = None,
+        detectors: DetectorConfig | None = None,
     ) -> None:
-        self.detector_class = detector_class_of(detector_class)
-        self.patch_config = dict(patch_config)
-        self.thumbnail_config = None if thumbnail_config is None else dict(thumbnail_config)
+        if detectors is None:
+            sections = {"patch": dict(patch_config)}
+            if thumbnail_config is not None:
+                sections["thumbnail"] = dict(thumbnail_config)
+            detectors = DetectorConfig.from_tutorial(detector_class, sections)
+        self.detectors = detectors
+        self.detector_class = detectors.detector_class
         self.root = Path(root)
         self.log_root = self.root / "tensorboard" if log_root is None else Path(log_root)
         self.batch_size = int(batch_size)
@@ -226,16 +215,12 @@ class TaskOrchestrator:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.num_workers = int(num_workers)
         self.early_stop_epochs = int(early_stop_epochs)
-        clash = sorted(set(self.trainer_kwargs) & set(RESERVED_TRAINER_KEYS))
-        if clash:
-            raise ValueError(f"trainer options {clash} are set by hiad-pl per task; choose devices with gpu_ids/devices")
+        check_trainer_options(self.trainer_kwargs)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.tasks = list(tasks)
-        if self.thumbnail_config is not None and not any(t.is_thumbnail for t in self.tasks):
-            if "thumbnail_size" not in self.thumbnail_config:
-                raise ValueError("the thumbnail config needs 'thumbnail_size'")
-            self.tasks.append(thumbnail_task(self.thumbnail_config["thumbnail_size"]))
+        if detectors.thumbnail is not None and not any(t.is_thumbnail for t in self.tasks):
+            self.tasks.append(thumbnail_task(detectors.thumbnail.size))
         self._detectors: dict[str, L.LightningModule] = {}
         self._normalization: dict[str, dict | None] = {}
         # Per split (training, validation): the image paths routed last and their routing.
@@ -253,18 +238,15 @@ class TaskOrchestrator:
 
     # --------------------------------------------------------------- building
     def _config_for(self, task: Task) -> tuple[dict[str, Any], tuple[int, int]]:
-        config = self.thumbnail_config if task.is_thumbnail else self.patch_config
-        if config is None:
-            raise ValueError(f"task {task.name!r} is a thumbnail task but no thumbnail config was given")
+        branch = self.detectors.branch(task.is_thumbnail)
         if task.is_thumbnail:
             size = task.thumbnail_size
         elif task.indexes:
             main = task.indexes[0].main_index
             size = (main.width, main.height)
         else:
-            size = as_pair(config.get("patch_size", 512), "patch_size")
-        kwargs = {k: v for k, v in config.items() if k not in SIZE_KEYS}
-        return kwargs, size
+            size = as_pair(512 if branch.size is None else branch.size, "patch_size")
+        return dict(branch.options), size
 
     def build_detector(self, task: Task) -> L.LightningModule:
         """A fresh detector for ``task`` (validates the config: backbone, weights, layers)."""
@@ -400,6 +382,7 @@ class TaskOrchestrator:
         if gradient:
             callbacks.append(ModelCheckpoint(dirpath=epoch_dir, filename="epoch{epoch:03d}", save_last=True, save_top_k=1))
         callbacks.extend(self._validation_callbacks(detector, data, val_config))
+        callbacks.extend(task_callbacks(self.trainer_kwargs.get("callbacks")))
         options: dict[str, Any] = {
             "enable_progress_bar": progress,
             "enable_model_summary": False,
@@ -408,12 +391,13 @@ class TaskOrchestrator:
             "log_every_n_steps": 1,
         }
         options.update(detector.trainer_defaults())
-        options.update(self.trainer_kwargs)
+        options.update(self.detectors.branch(task.is_thumbnail).trainer)
+        options.update({k: v for k, v in self.trainer_kwargs.items() if k not in PER_TASK_TRAINER_KEYS})
         trainer = L.Trainer(
             **options,
             **lightning_device(device),
             callbacks=callbacks,
-            logger=TensorBoardLogger(save_dir=str(self.log_root), name="", version=task.name),
+            logger=task_loggers(self.trainer_kwargs.get("logger"), task.name, self.root, self.log_root),
             default_root_dir=str(self.root),
         )
         last = epoch_dir / "last.ckpt"

@@ -8,27 +8,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from hiad_pl.config import DetectorConfig
 from hiad_pl.data.sample import HRSample
 from hiad_pl.engine import evaluate_predictions, run_inference, score_range, write_visualizations
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
-
-
-def split_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """``{'patch': {...}, 'thumbnail': {...}}`` -> (patch config, thumbnail config or None)."""
-    if not config:
-        raise ValueError("HRTrainer needs config={'patch': {...detector options, 'patch_size': ...}}")
-    unknown = set(config) - {"patch", "thumbnail"}
-    if unknown:
-        raise ValueError(f"config has unknown sections {sorted(unknown)}; expected 'patch' and optionally 'thumbnail'")
-    if "patch" not in config:
-        raise ValueError("config needs a 'patch' section")
-    thumbnail = config.get("thumbnail")
-    if thumbnail is not None and "thumbnail_size" not in thumbnail:
-        raise ValueError("config['thumbnail'] needs 'thumbnail_size'")
-    return dict(config["patch"]), None if thumbnail is None else dict(thumbnail)
 
 
 class HRTrainer:
@@ -38,6 +24,13 @@ class HRTrainer:
     log_root, vis_root)`` then ``.train(train_samples, gpu_ids)`` and
     ``.inference(test_samples, gpu_ids, evaluators=...)``. ``gpu_ids=[]`` or
     ``None`` runs on the CPU.
+
+    ``config`` is ``{'patch': ..., 'thumbnail': ...}``, each section a detector file of
+    ``configs/`` as loaded by ``yaml.load`` (HiAD's option names; ``thumbnail_size`` set on
+    the thumbnail section), read by :class:`~hiad_pl.config.DetectorConfig`. Without
+    ``detector_class`` the files' ``class_path`` names the detector. ``vis_root=None``
+    writes no visualisations. ``trainer_kwargs`` may hold ``logger`` and ``callbacks``
+    as ``{class_path, init_args}`` specs, built fresh for every task.
     """
 
     def __init__(
@@ -48,7 +41,7 @@ class HRTrainer:
         config: dict[str, Any] | None = None,
         checkpoint_root: str | Path = "saved_models",
         log_root: str | Path = "logs",
-        vis_root: str | Path = "vis",
+        vis_root: str | Path | None = "vis",
         seed: int = 0,
         fusion_weights: Sequence[float] | None = None,
         early_stop_epochs: int = -1,
@@ -61,7 +54,7 @@ class HRTrainer:
         self.config = config
         self.checkpoint_root = Path(checkpoint_root)
         self.log_root = Path(log_root)
-        self.vis_root = Path(vis_root)
+        self.vis_root = None if vis_root is None else Path(vis_root)
         self.seed = seed
         self.fusion_weights = fusion_weights
         self.early_stop_epochs = early_stop_epochs
@@ -72,15 +65,15 @@ class HRTrainer:
     def orchestrator(self) -> TaskOrchestrator:
         """The orchestrator behind this trainer (built on first use)."""
         if self._orchestrator is None:
-            if self.detector_class is None:
-                raise ValueError("HRTrainer needs detector_class (e.g. hiad_pl.detectors.HRPatchCore)")
-            patch, thumbnail = split_config(self.config)
+            if not self.config:
+                raise ValueError("HRTrainer needs config={'patch': {...detector options, 'patch_size': ...}}")
+            detectors = DetectorConfig.from_tutorial(self.detector_class, self.config)
             self._orchestrator = TaskOrchestrator(
-                self.detector_class,
-                patch,
+                detectors.detector_class,
+                {},
                 self.tasks,
                 self.checkpoint_root,
-                thumbnail_config=thumbnail,
+                detectors=detectors,
                 batch_size=self.batch_size,
                 seed=self.seed,
                 fusion_weights=self.fusion_weights,
@@ -119,7 +112,7 @@ class HRTrainer:
         """Score ``test_samples``.
 
         With ``return_results_only`` returns ``(image_scores, anomaly_maps)``.
-        Otherwise writes visualisations to ``vis_root``, evaluates with
+        Otherwise writes visualisations to ``vis_root`` (unless it is ``None``), evaluates with
         ``evaluators`` (when given), prints the per-class table and returns it.
         """
         if not test_samples:
@@ -130,8 +123,9 @@ class HRTrainer:
         scores, maps = run_inference(orchestrator, test_samples, device)
         if return_results_only:
             return scores, maps
-        vmin, vmax = score_range(maps, orchestrator.normalized)
-        write_visualizations(test_samples, maps, self.vis_root, vis_size, vmin, vmax)
+        if self.vis_root is not None:
+            vmin, vmax = score_range(maps, orchestrator.normalized)
+            write_visualizations(test_samples, maps, self.vis_root, vis_size, vmin, vmax)
         if not evaluators:
             return {}
         from hiad_pl.metrics import format_table, save_report

@@ -12,7 +12,7 @@ over layers after upsampling to the patch size.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,9 @@ class HRFastFlow(HRDetector):
         epochs: training epochs (the Trainer's default ``max_epochs``).
         seed: seed of the channel permutations.
     """
+
+    #: HiAD's option names in its config files (configs/fastflow_patch.yaml), and ours.
+    hiad_option_names: ClassVar[dict[str, str]] = {"flow_step": "flow_steps", "num_epochs": "epochs"}
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ The cost grows as ``P * d^2``: WideResNet-50 ``layer2``/``layer3`` with
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,8 @@ class HRPaDiM(OnePassDetector):
     """
 
     resizable_buffers = ("mean", "inv_covariance")
+    #: HiAD's option names in its config files (configs/padim.yaml), and ours.
+    hiad_option_names: ClassVar[dict[str, str]] = {"embed_dimension": "d_reduced"}
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,14 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hiad_pl.config import patch_options
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import patch_to_batch
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex
 from hiad_pl.tasks.base import FeatureTaskGenerator
-
-#: Config keys that size the input and are not detector arguments.
-SIZE_KEYS = ("patch_size", "thumbnail_size")
 
 
 def load_detector_class(detector_class: type | str | None, owner: str = "task generator") -> type:
@@ -45,18 +43,6 @@ def load_detector_class(detector_class: type | str | None, owner: str = "task ge
         return get_detector(str(detector_class))
     except ValueError as error:
         raise ValueError(f"{owner}: {error}") from error
-
-
-def detector_kwargs(detector_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The detector's keyword arguments from the tutorial's config.
-
-    Accepts the ``patch`` section itself or the whole ``{'patch': ..., 'thumbnail': ...}``
-    dict (the tutorial passes either); ``patch_size`` and ``thumbnail_size`` are dropped.
-    """
-    config = dict(detector_config or {})
-    if isinstance(config.get("patch"), Mapping):
-        config = dict(config["patch"])
-    return {k: v for k, v in config.items() if k not in SIZE_KEYS}
 
 
 def resolve_device(device: Sequence[int | str] | int | str | None) -> torch.device:
@@ -82,7 +68,10 @@ def build_embedding_detector(generator: FeatureTaskGenerator, indexes: Sequence[
     """A detector built from a generator's ``detector_class``/``detector_config``, sized to the patches."""
     owner = type(generator).__name__
     cls = load_detector_class(generator.detector_class, owner)
-    kwargs = detector_kwargs(generator.detector_config)
+    try:
+        kwargs = patch_options(cls, generator.detector_config)
+    except ValueError as error:
+        raise ValueError(f"{owner}: bad detector_config: {error}") from error
     if generator.fusion_weights is not None:
         kwargs["fusion_weights"] = list(generator.fusion_weights)
     main = indexes[0].main_index
