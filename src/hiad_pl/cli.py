@@ -102,11 +102,11 @@ def to_run_config(cfg: Namespace) -> Any:
 
 def save_config(cfg: Namespace, run_dir: Path) -> None:
     """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    from hiad_pl.tasks.base import atomic_write_text
+    from hiad_pl.io import atomic_write
 
     plain = cfg.as_dict()
     plain.pop("config", None)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
+    atomic_write(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -73,6 +72,7 @@ from torchmetrics.functional.classification.roc import _binary_roc_compute
 from torchmetrics.utilities.data import dim_zero_cat
 
 from hiad_pl.data.tiling import as_pair
+from hiad_pl.io import atomic_write
 
 __all__ = [
     "EXACT_MAX_PIXELS",
@@ -1050,26 +1050,11 @@ def save_report(
     }
     payload = {"metrics": metrics, "notes": getattr(results, "notes", {})}
     json_path, table_path = folder / "metrics.json", folder / "metrics.md"
-    _write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    _write_atomic(table_path, format_table(results) + "\n")
+    atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write(table_path, format_table(results) + "\n")
     return json_path, table_path
 
 
 def _finite_or_none(value: float | None) -> float | None:
     """``value`` as a float, or None when undefined or not finite (JSON has no NaN)."""
     return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the report from other users
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -37,6 +37,7 @@ from hiad_pl.data.datamodule import (
 )
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import as_pair, stitch
+from hiad_pl.io import AtomicCheckpointIO
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 
@@ -106,11 +107,8 @@ def lightning_device(device: str) -> dict[str, Any]:
 
 
 def atomic_save_checkpoint(trainer: L.Trainer, path: Path) -> None:
-    """Save the trainer's checkpoint so that ``path`` is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)  # keep callback entries (run info)
-    os.replace(tmp, path)
+    """Save the trainer's checkpoint so that ``path`` is either absent or complete (its plugin writes atomically)."""
+    trainer.save_checkpoint(path, weights_only=False)  # keep callback entries (run info)
 
 
 class RunInfo(Callback):
@@ -400,6 +398,7 @@ class TaskOrchestrator:
             **options,
             **lightning_device(device),
             callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
             logger=TensorBoardLogger(save_dir=str(self.log_root), name="", version=task.name),
             default_root_dir=str(self.root),
         )
