@@ -18,6 +18,14 @@ class ConfigError(UserError, ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A configured object has the wrong kind (an evaluator that is not callable, ...)."""
+
+
+class WeightsUnavailableError(UserError, RuntimeError):
+    """Pretrained backbone weights cannot be loaded (no network, package missing)."""
+
+
 class InputError(UserError, ValueError):
     """An input file or folder is missing, unreadable or inconsistent."""
 
