@@ -118,11 +118,14 @@ def write_prediction(prediction: Prediction, sample: HRSample, folder: Path, nor
 
 
 def write_scores_csv(rows: list[dict], path: Path, normalized: bool) -> None:
-    """``scores.csv``: one row per image; a first comment line says whether scores are normalised."""
+    """``scores.csv``: one row per image; a first comment line says whether scores are normalised.
+
+    The ``error`` column is empty for scored images and says why the others were skipped.
+    """
     buffer = io.StringIO()
     scale = "normalised to [0, 1] with validation statistics" if normalized else "raw (no validation set)"
     buffer.write(f"# scores: {scale}\n")
-    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "map", "map_min", "map_max"])
+    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "map", "map_min", "map_max", "error"], restval="")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, buffer.getvalue())
