@@ -75,3 +75,42 @@ def test_atomic_write_replaces_whole_files_only(tmp_path: Path) -> None:
     assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["file.txt"]
     atomic_write(target, b"new")
     assert target.read_text() == "new"
+
+
+HOLD_LOCK = """
+import sys, time
+from hiad_pl.io import run_folder_lock
+with run_folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(small_demo: Path, tmp_path: Path, capsys) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import write_config
+    from hiad_pl.cli import main
+    from hiad_pl.io import LOCK_NAME, run_folder_lock
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["fit", "--config", str(write_config(tmp_path, small_demo))]) == 2
+        err = capsys.readouterr().err
+        assert f"{run} is in use by process {holder.pid} on {socket.gethostname()}" in err and LOCK_NAME in err
+        assert not (run / "config.yaml").exists()  # refused before anything was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert f'"pid": {holder.pid}' in (run / LOCK_NAME).read_text()  # a kill -9 leaves the lock file behind
+    with run_folder_lock(run):  # ... and the next process takes it over
+        assert f'"pid": {os.getpid()}' in (run / LOCK_NAME).read_text()
+        with run_folder_lock(run):  # the holder may lock the same folder again (orchestrator inside the CLI)
+            pass
+    assert (run / LOCK_NAME).read_text() == ""

@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             if command == "tasks":
                 jobs.print_tasks(config)
             elif command == "fit":
-                save_config(sub, config.run_dir)
-                run_dir = jobs.fit(config)
+                from hiad_pl.io import run_folder_lock
+
+                with run_folder_lock(config.run_dir):
+                    save_config(sub, config.run_dir)
+                    run_dir = jobs.fit(config)
                 print(f"run folder: {run_dir}")
             elif command == "test":
                 jobs.test(config)

@@ -11,6 +11,7 @@ disk leaves the previous file or the new one, never a mix. Files get the mode
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -201,3 +202,14 @@ def run_folder_lock(folder: str | Path) -> Iterator[Path]:
             stream.flush()
     finally:
         stream.close()  # closing the file releases the flock
+
+
+def locks_root(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` of an object with a ``root`` folder while holding that folder's lock."""
+
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with run_folder_lock(self.root):
+            return method(self, *args, **kwargs)
+
+    return locked

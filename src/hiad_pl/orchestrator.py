@@ -37,7 +37,7 @@ from hiad_pl.data.datamodule import (
 )
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import as_pair, stitch
-from hiad_pl.io import AtomicCheckpointIO
+from hiad_pl.io import AtomicCheckpointIO, locks_root
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 
@@ -277,6 +277,7 @@ class TaskOrchestrator:
         """Tasks without a final checkpoint."""
         return [t for t in self.tasks if not self.checkpoint_path(t).is_file()]
 
+    @locks_root
     def fit(
         self,
         train_samples: Sequence[HRSample],
@@ -289,6 +290,7 @@ class TaskOrchestrator:
         With ``resume`` (the default) fitted tasks are skipped and interrupted
         gradient-trained tasks continue from their last epoch; without it, a
         model folder that already holds checkpoints is an error, never overwritten.
+        A model folder that another live process is fitting is refused.
         """
         if not train_samples:
             raise ValueError("no training samples")
