@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -38,6 +39,22 @@ PATCHCORE_TEST_CONFIG = {
     "pretrain_embed_dimension": 128,
     "target_embed_dimension": 128,
 }
+
+
+def write_config(tmp_path: Path, root: Path, **overrides) -> Path:
+    """A CLI config: PatchCore on the texture category, two neighbourhood tasks of 256-px patches; sections replaced by ``overrides``."""
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"root": str(root), "categories": ["texture"], "image_size": 512, "patch_size": 256, "batch_size": 4},
+        "detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": dict(PATCHCORE_TEST_CONFIG)},
+        "tasks": {"class_path": "hiad_pl.tasks.NeighborhoodTaskGenerator", "init_args": {"num_groups_width": 2, "num_groups_height": 1}},
+        "evaluation": {"vis_size": 256},
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def texture_split(root: Path) -> Any:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import PATCHCORE_TEST_CONFIG, auroc
+from conftest import PATCHCORE_TEST_CONFIG, auroc, write_config
 from hiad_pl.cli import main
 from hiad_pl.data.discovery import discover
 from hiad_pl.detectors import HRPatchCore
@@ -52,21 +51,6 @@ def test_hrtrainer_tutorial_flow_o2o_separates_defects(small_demo: Path, tmp_pat
     assert results["texture"]["pixel_auroc"] >= 0.8
     assert "|  clsname  |" in capsys.readouterr().out
     assert len(list((tmp_path / "vis" / "texture").glob("*.png"))) == len(split.test)
-
-
-def write_config(tmp_path: Path, root: Path, **overrides) -> Path:
-    config = {
-        "run_dir": str(tmp_path / "run"),
-        "data": {"root": str(root), "categories": ["texture"], "image_size": 512, "patch_size": 256, "batch_size": 4},
-        "detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": dict(PATCHCORE_TEST_CONFIG)},
-        "tasks": {"class_path": "hiad_pl.tasks.NeighborhoodTaskGenerator", "init_args": {"num_groups_width": 2, "num_groups_height": 1}},
-        "evaluation": {"vis_size": 256},
-    }
-    for key, value in overrides.items():
-        config[key] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

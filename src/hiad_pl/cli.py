@@ -12,9 +12,12 @@ detector files (``configs/patchcore.yaml``); ``--print_config`` shows the resolv
 from __future__ import annotations
 
 import inspect
+import contextlib
+import io
 import logging
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -118,6 +121,7 @@ class RunConfigFile(ActionConfigFile):
             super().__call__(parser, cfg, values, option_string)
         else:
             self.apply_config(parser, cfg, self.dest, yaml.safe_dump(run))
+from hiad_pl.errors import UserError
 
 
 def _run_arguments(parser: ArgumentParser) -> None:
@@ -189,6 +193,8 @@ def build_parser() -> ArgumentParser:
     predict.add_argument("--output", type=str, required=True, help="Folder for maps, overlays and scores.csv")
     predict.add_argument("--category", type=str | None, default=None, help="Category model to use (when the run has several)")
     predict.add_argument("--devices", type=list[int | str] | int | str, default=[], help="GPU ids; [] = CPU")
+    predict.add_argument("--strict", type=bool, default=False,
+                         help="Stop at the first unreadable image (default: skip it, report it, score the rest)")
     commands.add_subcommand("predict", predict, help="Score new images with a fitted run")
 
     demo = HiadArgumentParser(allow_abbrev=False, description="Write the procedural high-resolution demo data set")
@@ -225,17 +231,17 @@ def to_run_config(cfg: Namespace) -> RunConfig:
 
 def save_config(cfg: Namespace, run_dir: Path) -> None:
     """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    from hiad_pl.tasks.base import atomic_write_text
+    from hiad_pl.io import atomic_write
 
     plain = cfg.as_dict()
     plain.pop("config", None)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
+    atomic_write(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hiad-pl``."""
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    cfg = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("hiad_pl").setLevel(logging.INFO)
     if not cfg.verbose:  # device banners and tips from Lightning on every task
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "predict":
             from hiad_pl import jobs
 
-            out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices))
+            out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
             print(f"predictions written to {out}")
         else:
             from hiad_pl import jobs
@@ -271,16 +277,61 @@ def main(argv: list[str] | None = None) -> int:
             if command == "tasks":
                 jobs.print_tasks(config)
             elif command == "fit":
-                save_config(sub, config.run_dir)
-                run_dir = jobs.fit(config)
+                from hiad_pl.io import run_folder_lock
+
+                with run_folder_lock(config.run_dir):
+                    save_config(sub, config.run_dir)
+                    run_dir = jobs.fit(config)
                 print(f"run folder: {run_dir}")
             elif command == "test":
                 jobs.test(config)
                 print(f"metrics written to {config.run_dir / 'metrics.md'}")
-    except (ValueError, RuntimeError, OSError) as error:
-        print(f"hiad-pl {command}: error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return report_error(command, error, verbose=cfg.verbose, internal=False)
+    except KeyboardInterrupt:
+        print(f"hiad-pl {command}: interrupted (a rerun resumes)", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last resort of the entry point
+        return report_error(command, error, verbose=cfg.verbose, internal=True)
     return 0
+
+
+def parse_arguments(parser: ArgumentParser, argv: list[str] | None) -> Namespace:
+    """Parse ``argv``; a parsing error is printed as one line (after the usage) and exits with status 2."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parser.parse_args(argv)
+    except SystemExit as exit_:
+        text = captured.getvalue()
+        head, found, message = text.partition("error:")
+        if exit_.code and found:
+            sys.stderr.write(head)
+            print(f"{parser.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        else:
+            sys.stderr.write(text)
+        raise
+
+
+#: Errors of input, configuration or environment (exit status 2). hiad-pl's own are UserError;
+#: ValueError and OSError are what its checks and the file system raise for the same causes.
+USER_ERRORS = (UserError, ValueError, OSError)
+
+
+def report_error(command: str, error: BaseException, verbose: bool, internal: bool) -> int:
+    """Print ``error`` in one line (with the traceback when ``verbose``); returns the exit status.
+
+    Status 2 is an error of input or configuration, 1 an internal error.
+    """
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    message = " ".join(str(error).split()) or type(error).__name__
+    if internal:
+        hint = "" if verbose else " (rerun with --verbose true for the traceback)"
+        print(f"hiad-pl {command}: internal error: {type(error).__name__}: {message}{hint}", file=sys.stderr)
+        return 1
+    print(f"hiad-pl {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

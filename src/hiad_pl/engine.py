@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from hiad_pl.data.sample import HRSample
+from hiad_pl.io import atomic_write
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
-from hiad_pl.tasks.base import atomic_write_text
 from hiad_pl.visualize import overlay, render_panel, save_png
 
 log = logging.getLogger("hiad_pl")
@@ -104,15 +104,8 @@ def write_prediction(prediction: Prediction, sample: HRSample, folder: Path, nor
     vmin, vmax = (0.0, 1.0) if normalized else (float(anomaly_map.min()), float(anomaly_map.max()))
     scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     png16 = (scaled * 65535).round().astype(np.uint16)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{stem}_map.png.tmp"
-    Image.fromarray(png16).save(tmp, format="PNG")
-    tmp.replace(folder / f"{stem}_map.png")
-    buffer = io.BytesIO()
-    np.save(buffer, anomaly_map)
-    npy_tmp = folder / f".{stem}_map.npy.tmp"
-    npy_tmp.write_bytes(buffer.getvalue())
-    npy_tmp.replace(folder / f"{stem}_map.npy")
+    atomic_write(folder / f"{stem}_map.png", lambda stream: Image.fromarray(png16).save(stream, format="PNG"))
+    atomic_write(folder / f"{stem}_map.npy", lambda stream: np.save(stream, anomaly_map))
     with sample:
         save_png(overlay(sample.image.open(), anomaly_map, vmin, vmax), folder / f"{stem}_overlay.png")
     return {
@@ -125,11 +118,14 @@ def write_prediction(prediction: Prediction, sample: HRSample, folder: Path, nor
 
 
 def write_scores_csv(rows: list[dict], path: Path, normalized: bool) -> None:
-    """``scores.csv``: one row per image; a first comment line says whether scores are normalised."""
+    """``scores.csv``: one row per image; a first comment line says whether scores are normalised.
+
+    The ``error`` column is empty for scored images and says why the others were skipped.
+    """
     buffer = io.StringIO()
     scale = "normalised to [0, 1] with validation statistics" if normalized else "raw (no validation set)"
     buffer.write(f"# scores: {scale}\n")
-    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "map", "map_min", "map_max"])
+    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "map", "map_min", "map_max", "error"], restval="")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())

@@ -30,6 +30,7 @@ from hiad_pl.engine import (
     write_visualizations,
 )
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
+from hiad_pl.errors import InputError, PredictionError
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
 
 log = logging.getLogger("hiad_pl")
@@ -172,9 +173,20 @@ def input_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def predict(
-    run_dir: Path, inputs: Sequence[str | Path], output: Path, category: str | None = None, devices: Sequence[int | str] = ()
+    run_dir: Path,
+    inputs: Sequence[str | Path],
+    output: Path,
+    category: str | None = None,
+    devices: Sequence[int | str] = (),
+    strict: bool = False,
 ) -> Path:
-    """Score new images with a fitted run: maps (16-bit PNG, .npy), overlays and scores.csv."""
+    """Score new images with a fitted run: maps (16-bit PNG, .npy), overlays and scores.csv.
+
+    An image that cannot be read is skipped: the log and its ``error`` column in
+    ``scores.csv`` say why, the other images are scored, and a
+    :class:`~hiad_pl.errors.PredictionError` at the end counts the failures.
+    With ``strict`` the first unreadable image stops the run.
+    """
     categories = sorted(p.parent.name for p in Path(run_dir).glob("*/tasks.json"))
     if not categories:
         raise FileNotFoundError(f"{run_dir}: no fitted category (no */tasks.json)")
@@ -185,16 +197,33 @@ def predict(
     if category not in categories:
         raise ValueError(f"category {category!r} is not in {run_dir}; available: {categories}")
     image_size = saved_image_size(Path(run_dir))
-    samples = [HRSample(p, image_size=image_size, clsname=category) for p in input_images(inputs)]
+    paths = input_images(inputs)
     orchestrator = TaskOrchestrator("hiad_pl.detectors.base.HRDetector", {}, [], Path(run_dir) / category)
     device = resolve_devices(list(devices))[0]
     orchestrator.load(device)
-    stems = unique_stems([s.get_image_path() for s in samples])
-    rows = [
-        write_prediction(p, samples[p.sample_id], Path(output), orchestrator.normalized, stems[p.sample_id])
-        for p in orchestrator.predict(samples, device)
-    ]
-    write_scores_csv(rows, Path(output) / "scores.csv", orchestrator.normalized)
+    stems = unique_stems(paths)
+    rows: list[dict] = []
+    failures: list[InputError] = []
+    try:
+        for sample_id, path in enumerate(paths):
+            try:
+                sample = HRSample(path, image_size=image_size, clsname=category)
+                prediction = orchestrator.predict_sample(sample, sample_id, device)
+            except InputError as error:
+                if strict:
+                    raise
+                log.warning("skipped %s", error)
+                failures.append(error)
+                rows.append({"image": str(path), "error": " ".join(str(error).split())})
+                continue
+            rows.append(write_prediction(prediction, sample, Path(output), orchestrator.normalized, stems[sample_id]))
+    finally:
+        write_scores_csv(rows, Path(output) / "scores.csv", orchestrator.normalized)
+    if failures:
+        raise PredictionError(
+            f"{len(failures)} of {len(paths)} image(s) could not be scored (first: {failures[0]}); "
+            f"the others are in {Path(output) / 'scores.csv'}"
+        )
     return Path(output)
 
 

@@ -42,7 +42,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -73,6 +72,8 @@ from torchmetrics.functional.classification.roc import _binary_roc_compute
 from torchmetrics.utilities.data import dim_zero_cat
 
 from hiad_pl.data.tiling import as_pair
+from hiad_pl.errors import ConfigTypeError
+from hiad_pl.io import atomic_write
 
 __all__ = [
     "EXACT_MAX_PIXELS",
@@ -814,9 +815,9 @@ def resolve_evaluator(spec: Evaluator | str | Mapping[str, Any]) -> Evaluator:
     elif callable(spec):
         evaluator = spec
     else:
-        raise TypeError(f"an evaluator must be a callable, an import path or a dict, got {spec!r}")
+        raise ConfigTypeError(f"an evaluator must be a callable, an import path or a dict, got {spec!r}")
     if not callable(evaluator):
-        raise TypeError(f"evaluator {spec!r} resolves to {evaluator!r}, which is not callable")
+        raise ConfigTypeError(f"evaluator {spec!r} resolves to {evaluator!r}, which is not callable")
     _check_signature(evaluator, spec)
     return evaluator
 
@@ -864,7 +865,7 @@ def _check_signature(evaluator: Evaluator, spec: object) -> None:
     try:
         signature.bind(None, None, None, None, device=None)
     except TypeError as error:
-        raise TypeError(
+        raise ConfigTypeError(
             f"evaluator {spec!r} cannot be called as fn(prediction_scores, gt_labels, "
             f"prediction_masks, gt_masks, device=...): {error}"
         ) from None
@@ -968,7 +969,7 @@ def _evaluate_class(
                 record(key, None, name, error.reason)
             continue
         if not isinstance(produced, Mapping):
-            raise TypeError(f"evaluator {name} returned {type(produced).__name__}, expected a dict of floats")
+            raise ConfigTypeError(f"evaluator {name} returned {type(produced).__name__}, expected a dict of floats")
         for key, value in produced.items():
             number = _as_float(value, key, name)
             if math.isfinite(number):
@@ -983,7 +984,7 @@ def _as_float(value: Any, key: str, evaluator: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError) as error:
-        raise TypeError(f"evaluator {evaluator} returned {value!r} for {key!r}, not a number") from error
+        raise ConfigTypeError(f"evaluator {evaluator} returned {value!r} for {key!r}, not a number") from error
 
 
 def _is_threshold(key: str) -> bool:
@@ -1050,26 +1051,11 @@ def save_report(
     }
     payload = {"metrics": metrics, "notes": getattr(results, "notes", {})}
     json_path, table_path = folder / "metrics.json", folder / "metrics.md"
-    _write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    _write_atomic(table_path, format_table(results) + "\n")
+    atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write(table_path, format_table(results) + "\n")
     return json_path, table_path
 
 
 def _finite_or_none(value: float | None) -> float | None:
     """``value`` as a float, or None when undefined or not finite (JSON has no NaN)."""
     return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the report from other users
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -43,6 +43,7 @@ from hiad_pl.data.datamodule import (
 )
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import as_pair, stitch
+from hiad_pl.io import AtomicCheckpointIO, locks_root
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 
@@ -98,11 +99,8 @@ def lightning_device(device: str) -> dict[str, Any]:
 
 
 def atomic_save_checkpoint(trainer: L.Trainer, path: Path) -> None:
-    """Save the trainer's checkpoint so that ``path`` is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)  # keep callback entries (run info)
-    os.replace(tmp, path)
+    """Save the trainer's checkpoint so that ``path`` is either absent or complete (its plugin writes atomically)."""
+    trainer.save_checkpoint(path, weights_only=False)  # keep callback entries (run info)
 
 
 class RunInfo(Callback):
@@ -273,6 +271,7 @@ class TaskOrchestrator:
         """Tasks without a final checkpoint."""
         return [t for t in self.tasks if not self.checkpoint_path(t).is_file()]
 
+    @locks_root
     def fit(
         self,
         train_samples: Sequence[HRSample],
@@ -285,6 +284,7 @@ class TaskOrchestrator:
         With ``resume`` (the default) fitted tasks are skipped and interrupted
         gradient-trained tasks continue from their last epoch; without it, a
         model folder that already holds checkpoints is an error, never overwritten.
+        A model folder that another live process is fitting is refused.
         """
         if not train_samples:
             raise ValueError("no training samples")
@@ -397,6 +397,7 @@ class TaskOrchestrator:
             **options,
             **lightning_device(device),
             callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
             logger=task_loggers(self.trainer_kwargs.get("logger"), task.name, self.root, self.log_root),
             default_root_dir=str(self.root),
         )

