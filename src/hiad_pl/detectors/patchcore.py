@@ -192,6 +192,7 @@ class HRPatchCore(OnePassDetector):
     """
 
     resizable_buffers = ("memory_bank",)
+    scores_shared_embedding = True
 
     def __init__(
         self,
@@ -258,7 +259,10 @@ class HRPatchCore(OnePassDetector):
 
     def patch_features(self, batch: PatchBatch) -> Tensor:
         """Locally aware patch features ``[B, h, w, D]`` on the first layer's grid."""
-        maps = self.fused_embedding(batch)
+        return self.locally_aware_features(self.fused_embedding(batch))
+
+    def locally_aware_features(self, maps: list[Tensor]) -> Tensor:
+        """``[B, h, w, D]`` features from per-layer (fused) maps: neighbourhoods averaged, layers joined and pooled."""
         pad = self.merge_size // 2
         # count_include_pad=False keeps border locations (patch seams) on the same scale.
         maps = [F.avg_pool2d(m, self.merge_size, stride=1, padding=pad, count_include_pad=False) for m in maps]
@@ -333,8 +337,12 @@ class HRPatchCore(OnePassDetector):
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Distance of each location to its nearest bank features, upsampled to the patch size."""
+        return self.score_embedding(self.fused_embedding(batch), batch)
+
+    def score_embedding(self, embedding: list[Tensor], batch: PatchBatch) -> Tensor:
+        """:meth:`anomaly_map` from the patches' fused backbone maps."""
         index = self._nearest_neighbours()
-        features = self.patch_features(batch)
+        features = self.locally_aware_features(embedding)
         size, height, width, dim = features.shape
         distances = index.search(features.reshape(-1, dim), self.num_neighbors)
         scores = distances.mean(dim=1).reshape(size, 1, height, width)
