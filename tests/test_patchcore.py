@@ -9,13 +9,15 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors import HRPatchCore
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
-from hiad_pl.detectors.nn_search import NearestNeighbourIndex
+from hiad_pl.detectors.feature_store import FeatureStore
+from hiad_pl.detectors.nn_search import NearestNeighbourIndex, choose_search_kind
 from hiad_pl.detectors.patchcore import coreset_subsample, greedy_coreset_indices
 
 SIZE = 96
@@ -173,10 +175,66 @@ def test_coreset_subsample_sizes_and_candidate_cap(caplog: pytest.LogCaptureFixt
     assert bank.shape == (100, 200)
     assert (bank[:, None] == features[None]).all(-1).any(-1).all()  # rows of the input, unprojected
     assert torch.equal(coreset_subsample(features, 1.0), features)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO"), pytest.warns(UserWarning, match=r"random 300 of them and 700 \(70.0%\) are dropped"):
         capped = coreset_subsample(features, 0.1, projection_dim=16, max_candidates=300)
     assert capped.shape == (30, 200)
     assert "coreset_max_candidates=300" in caplog.text
+
+
+def test_chunked_coreset_considers_every_feature() -> None:
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(1000, 8, generator=generator)
+    features[::97] = 50 * F.normalize(torch.randn(11, 8, generator=generator), dim=1)  # 11 rare, far-off features
+    bank = coreset_subsample(features, 0.1, projection_dim=8, chunk_size=256)
+    assert bank.shape == (4 * 25, 8)  # four chunks of 250, each keeps 10%
+    assert (bank[:, None] == features[::97][None]).all(-1).any(0).all()
+
+
+def test_streamed_fit_equals_in_memory_fit() -> None:
+    images = textures(6, seed=5)[0]
+    detector = HRPatchCore(weights="none", input_size=SIZE, percentage=0.2, feature_dtype="float32", coreset_chunk_size=300)
+    in_memory = []
+    for batch in loader(images, batch_size=2):
+        detector.accumulate(batch)
+        in_memory.append(detector.patch_features(batch).reshape(-1, detector.embed_dimension))
+    store = detector._train_features
+    assert store.path.is_file() and len(store) == 6 * 12 * 12
+    detector.finalize()
+    assert not store.path.exists()  # the temporary file is gone with the pass
+    expected = coreset_subsample(torch.cat(in_memory), 0.2, chunk_size=300)
+    assert torch.equal(detector.memory_bank, expected)
+    # float16 streaming chooses from the same features rounded to half precision.
+    half = FeatureStore("float16")
+    half.append(torch.cat(in_memory))
+    assert torch.allclose(half.take(torch.arange(len(half))), torch.cat(in_memory), rtol=1e-3, atol=1e-3)
+    half.close()
+
+
+def test_channel_pooling_never_inflates() -> None:
+    detector = HRPatchCore(weights="none", input_size=64, pretrain_embed_dimension=1024, target_embed_dimension=1024)
+    assert detector.embed_dimension == 40 + 112  # EfficientNet-Lite0 blocks.2 + blocks.4 keep their channels
+    features = detector.patch_features(next(iter(loader(torch.randn(1, 3, 64, 64)))))
+    assert features.shape[-1] == 152
+    assert HRPatchCore(weights="none", pretrain_embed_dimension=64, target_embed_dimension=96).embed_dimension == 96
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_search_recall_is_measured(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(64, 32, generator=generator) * 4
+    vectors = centres.repeat_interleave(100, 0) + torch.randn(6400, 32, generator=generator)
+    queries = centres.repeat_interleave(8, 0) + torch.randn(512, 32, generator=generator)
+    index = NearestNeighbourIndex(vectors, kind=kind, nprobe=8)
+    assert index.recall_at_1 is None
+    with caplog.at_level("INFO"):
+        distances = index.search(queries, 1)
+    exact = torch.cdist(queries, vectors).min(dim=1).values
+    recall = float((distances[:, 0] - exact).abs().lt(1e-3).float().mean())
+    assert index.recall_at_1 is not None and abs(index.recall_at_1 - recall) <= 0.1  # a sample of 256 queries
+    assert recall >= 0.9 and (distances[:, 0] >= exact - 1e-3).all()  # never closer than the true neighbour
+    assert "recall@1" in caplog.text
+    assert choose_search_kind(6400, "auto", exact_max=10_000) == "exact"
+    assert choose_search_kind(6400, "auto", exact_max=1000) == "ivf"
 
 
 @pytest.mark.parametrize("backend", ["faiss-cpu", "torch"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -207,9 +206,8 @@ def test_patches_go_to_the_nearest_constructed_centre(
     centers = torch.cat([embeddings[[0, 3, 12]], stray])
     # Only the first task lists indexes: routing ignores where the others were trained.
     tasks = [Task(f"task_{k}", list(indexes) if k == 0 else [], [c.tolist()]) for k, c in enumerate(centers)]
-    orchestrator = SimpleNamespace(_detectors={t.name: detector for t in tasks}, batch_size=3)
     with sample:
-        routes = route_by_retrieval(orchestrator, sample, tasks)
+        routes = route_by_retrieval(detector, sample, tasks, batch_size=3)
     unit = torch.nn.functional.normalize
     expected = (unit(embeddings, dim=1) @ unit(centers, dim=1).T).argmax(1)
     owner = _owner(routes)
@@ -228,10 +226,9 @@ def test_retrieval_tasks_follow_content_on_rotated_images(
     assert all(t.centers is not None and len(t.centers) == 1 and t.train_top_k == 1 for t in retrieval_tasks)
     assert (0, 0) in found[0]  # numbered by first row-major position
 
-    orchestrator = SimpleNamespace(_detectors={t.name: detector for t in retrieval_tasks}, batch_size=8)
     with quadrant_samples["test"] as test, quadrant_samples["rotated"] as rotated:
-        upright = _owner(route_by_retrieval(orchestrator, test, retrieval_tasks))
-        turned = _owner(route_by_retrieval(orchestrator, rotated, retrieval_tasks))
+        upright = _owner(route_by_retrieval(detector, test, retrieval_tasks))
+        turned = _owner(route_by_retrieval(detector, rotated, retrieval_tasks))
     positional = {p: t.name for t, group in zip(retrieval_tasks, found) for p in group}
     assert upright == positional
     assert all(turned[_rotated_index(i)] == upright[(i.main_index.x, i.main_index.y)] for i in indexes)
@@ -279,10 +276,9 @@ def test_tasks_json_keeps_centres(
     loaded = load_tasks(save_tasks(retrieval_tasks, tmp_path / "tasks.json"))
     assert [t.centers for t in loaded] == [t.centers for t in retrieval_tasks]
     assert [t.todict() for t in loaded] == [t.todict() for t in retrieval_tasks]
-    orchestrator = SimpleNamespace(_detectors={t.name: detector for t in loaded}, batch_size=8)
     with quadrant_samples["rotated"] as sample:
-        before = _owner(route_by_retrieval(orchestrator, sample, retrieval_tasks))
-        after = _owner(route_by_retrieval(orchestrator, sample, loaded))
+        before = _owner(route_by_retrieval(detector, sample, retrieval_tasks))
+        after = _owner(route_by_retrieval(detector, sample, loaded))
     assert before == after
 
 
@@ -291,13 +287,12 @@ def test_retrieval_rejects_bad_inputs(
 ) -> None:
     with pytest.raises(ValueError, match="feature_resolution must be square"):
         RetrieveTaskGenerator(2, HRPatchCore, CONFIG, feature_resolution=(2, 1))
-    orchestrator = SimpleNamespace(_detectors={t.name: detector for t in retrieval_tasks}, batch_size=8)
     short = [Task(t.name, t.indexes, [c[:100] for c in t.centers]) for t in retrieval_tasks]
     with quadrant_samples["test"] as sample, pytest.raises(ValueError, match="another backbone or layers"):
-        route_by_retrieval(orchestrator, sample, short)
+        route_by_retrieval(detector, sample, short)
     mixed = [retrieval_tasks[0], Task("plain", retrieval_tasks[1].indexes)]
     with quadrant_samples["test"] as sample, pytest.raises(ValueError, match=r"\['plain'\] have none"):
-        route_by_retrieval(orchestrator, sample, mixed)
+        route_by_retrieval(detector, sample, mixed)
 
 
 def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
@@ -327,10 +322,9 @@ def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
     assert len(modules) == 4
 
     # Each task validates on the held-out image's patches that inference routes to it, and only those.
-    routes = SimpleNamespace(_detectors={t.name: detector for t in tasks}, batch_size=16)
     (val_sample,) = modules[0].val_samples
     with val_sample:
-        routed = _owner(route_by_retrieval(routes, val_sample, tasks))
+        routed = _owner(route_by_retrieval(detector, val_sample, tasks, batch_size=16))
     for task, module in zip(tasks, modules):
         grid = module.indexes
         validated = {(grid[i].main_index.x, grid[i].main_index.y) for i in module.val_items}

@@ -34,18 +34,13 @@ from hiad_pl.config import (
     task_callbacks,
     task_loggers,
 )
-from hiad_pl.data.batch import PatchBatch
-from hiad_pl.data.datamodule import (
-    MIN_RELIABLE_VALIDATION_PATCHES,
-    HighResDataModule,
-    patch_to_batch,
-    split_validation,
-)
+from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResDataModule, split_validation
 from hiad_pl.data.sample import HRSample
-from hiad_pl.data.tiling import as_pair, stitch
+from hiad_pl.data.tiling import as_pair
+from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.io import AtomicCheckpointIO, locks_root
-from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
+from hiad_pl.tasks.retrieval import retrieval_train_items
 
 log = logging.getLogger("hiad_pl")
 
@@ -149,15 +144,6 @@ def default_validation() -> ValidationConfig:
     from hiad_pl.syn import RandomBoxSynthesizer
 
     return ValidationConfig(RandomBoxSynthesizer(p=0.5, seed=0), val_sample_ratio=0.2, max_patch_number=200)
-
-
-@dataclass
-class Prediction:
-    """The result for one image."""
-
-    sample_id: int
-    anomaly_map: torch.Tensor  # [H, W] float32, blurred
-    score: float
 
 
 class TaskOrchestrator:
@@ -432,8 +418,6 @@ class TaskOrchestrator:
         validated and normalised on the patches it will score. A task that no
         validation patch is routed to is validated at its own positions.
         """
-        from hiad_pl.tasks.retrieval import retrieval_train_items
-
         paths = tuple(s.get_image_path() for s in samples)
         if validation not in self._retrieval_cache or self._retrieval_cache[validation][0] != paths:
             patch_tasks = [t for t in self.tasks if not t.is_thumbnail]
@@ -467,8 +451,9 @@ class TaskOrchestrator:
 
     # -------------------------------------------------------------- inference
     def load(self, device: str = "cpu") -> None:
-        """Load tasks and every task's detector onto ``device``."""
+        """Load tasks and every task's detector onto ``device``; frozen backbones are shared."""
         self.tasks = load_tasks(self.tasks_path)
+        backbones: dict[tuple, torch.nn.Module] = {}
         missing = [t.name for t in self.tasks if not self.checkpoint_path(t).is_file()]
         if missing:
             raise FileNotFoundError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
@@ -479,6 +464,8 @@ class TaskOrchestrator:
             cls = import_class(info["detector_class"]) if "detector_class" in info else self.detector_class
             detector = cls.load_from_checkpoint(path, map_location=device, weights_only=True)
             detector.eval().to(device)
+            # One frozen backbone per run, however many tasks (dedupe as they load: two copies at most).
+            share_frozen_backbones([detector], backbones)
             self._detectors[task.name] = detector
             self._normalization[task.name] = info.get("normalization")
         self._share_normalization()
@@ -502,60 +489,18 @@ class TaskOrchestrator:
         """Whether every task has validation statistics, so scores lie in [0, 1]."""
         return bool(self._normalization) and all(v is not None for v in self._normalization.values())
 
-    def _score_batches(self, task: Task, batches: list[PatchBatch], device: str) -> torch.Tensor:
-        detector = self._detectors[task.name]
-        merged = PatchBatch.collate(batches)
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(merged), self.batch_size):
-                chunk = _slice_batch(merged, start, start + self.batch_size).to(device)
-                outputs.append(detector.predict_step(chunk, 0).float().cpu())
-        maps = torch.cat(outputs)
-        stats = self._normalization.get(task.name) if self.normalized else None
-        return maps if stats is None else normalize_scores(maps, stats["low"], stats["high"])
-
-    def route(self, sample: HRSample, patch_tasks: list[Task]) -> list[tuple[Task, list]]:
-        """Which indexes of ``sample`` each task scores (by position, or by retrieval)."""
-        if any(t.centers is not None for t in patch_tasks):
-            from hiad_pl.tasks.retrieval import route_by_retrieval
-
-            return route_by_retrieval(self, sample, patch_tasks)
-        return [(t, list(t.indexes)) for t in patch_tasks]
-
-    def predict_sample(self, sample: HRSample, sample_id: int, device: str) -> Prediction:
-        """Score one image: patch maps stitched, thumbnail merged, blurred, scored."""
-        patch_tasks = [t for t in self.tasks if not t.is_thumbnail]
-        with sample:
-            width, height = sample.image_size
-            maps, mains = [], []
-            for task, indexes in self.route(sample, patch_tasks):
-                if not indexes:
-                    continue
-                batches = [patch_to_batch(sample[i], sample_id) for i in indexes]
-                maps.append(self._score_batches(task, batches, device))
-                mains.extend(i.main_index for i in indexes)
-            if mains and max(m.x + m.width for m in mains) > width or mains and max(m.y + m.height for m in mains) > height:
-                raise ValueError(f"{sample.get_image_path()}: image size {width}x{height} is smaller than the task indexes")
-            full = stitch(torch.cat(maps), mains, (width, height)).float() if maps else torch.zeros(height, width)
-            for task in (t for t in self.tasks if t.is_thumbnail):
-                thumb = self._score_batches(task, [patch_to_batch(sample.down_sampling_to_LR(task.thumbnail_size))], device)
-                full = torch.maximum(full, upsample(thumb[0], (width, height))) if maps else upsample(thumb[0], (width, height))
-        full = gaussian_blur(full)
-        return Prediction(sample_id, full, float(image_score(full)))
+    def pipeline(self, device: str = "cpu", prefetch: int = 2, images_per_step: int = 1) -> InferencePipeline:
+        """The inference pipeline over the loaded detectors (loads them first if needed)."""
+        if not self._detectors:
+            self.load(device)
+        stats = {name: (value if self.normalized else None) for name, value in self._normalization.items()}
+        return InferencePipeline(
+            self.tasks, self._detectors, stats, self.batch_size, device, prefetch=prefetch, images_per_step=images_per_step
+        )
 
     def predict(self, samples: Sequence[HRSample], device: str = "cpu") -> Iterator[Prediction]:
         """Predictions for each sample, one at a time (maps are not accumulated)."""
-        if not self._detectors:
-            self.load(device)
-        for sample_id, sample in enumerate(samples):
-            yield self.predict_sample(sample, sample_id, device)
-
-
-def _slice_batch(batch: PatchBatch, start: int, stop: int) -> PatchBatch:
-    values = {}
-    for name, value in vars(batch).items():
-        values[name] = value[start:stop] if value is not None else None
-    return PatchBatch(**values)
+        yield from self.pipeline(device).predict(samples)
 
 
 _WORKER_DEVICE = "cpu"

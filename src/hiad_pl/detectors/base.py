@@ -313,9 +313,19 @@ class HRDetector(lightning.LightningModule, ABC):
             ValueError: when ``fusion_weights`` does not have one weight for the
                 patch plus one per low-resolution view, or windows are missing.
         """
+        crops = self.fusion_crops(batch)
+        patch_maps = self.embedding(batch.image)
+        return self.fuse_embedding(patch_maps, None if crops is None else self.embedding(crops), batch)
+
+    def fusion_crops(self, batch: PatchBatch) -> Tensor | None:
+        """The low-resolution crops ``[B * L, 3, h, w]`` fused into the patches' features, or ``None`` without fusion.
+
+        Raises:
+            ValueError: as :meth:`fused_embedding`.
+        """
         low = batch.low_resolution_images
         if low is None or self.fusion_weights is None:
-            return self.embedding(batch.image)
+            return None
         if low.ndim != 5 or low.shape[0] != batch.image.shape[0]:
             raise ValueError(f"low_resolution_images must be [B, L, 3, h, w], got {tuple(low.shape)}")
         views = low.shape[1]
@@ -327,8 +337,13 @@ class HRDetector(lightning.LightningModule, ABC):
             )
         if batch.low_resolution_windows is None:
             raise ValueError("batch has low_resolution_images but no low_resolution_windows")
-        patch_maps = self.embedding(batch.image)
-        crop_maps = self.embedding(low.flatten(0, 1))
+        return low.flatten(0, 1)
+
+    def fuse_embedding(self, patch_maps: list[Tensor], crop_maps: list[Tensor] | None, batch: PatchBatch) -> list[Tensor]:
+        """:meth:`fused_embedding` from backbone maps computed elsewhere (e.g. once for several detectors)."""
+        if crop_maps is None:
+            return patch_maps
+        low = batch.low_resolution_images
         crop_size = (low.shape[-2], low.shape[-1])
         return [
             self._fuse_layer(patch_map, crop_map, batch.low_resolution_windows, crop_size)
@@ -355,6 +370,28 @@ class HRDetector(lightning.LightningModule, ABC):
     @abstractmethod
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Raw anomaly scores ``[B, h, w]`` at the input's resolution; higher is more anomalous."""
+
+    # ------------------------------------------------- sharing the frozen backbone
+
+    #: True for detectors whose :meth:`score_embedding` scores features computed elsewhere.
+    scores_shared_embedding: ClassVar[bool] = False
+
+    def score_embedding(self, embedding: list[Tensor], batch: PatchBatch) -> Tensor:
+        """:meth:`anomaly_map` from this detector's :meth:`fused_embedding` of ``batch``, computed elsewhere."""
+        raise NotImplementedError(f"{type(self).__name__} scores its own features (scores_shared_embedding is False)")
+
+    def frozen_backbone_key(self) -> tuple | None:
+        """What builds the frozen backbone; detectors with equal keys can share one (``None``: it trains)."""
+        if not self.freeze_backbone:
+            return None
+        hparams = self.hparams
+        return (hparams.backbone_name, tuple(hparams.layers_to_extract_from), hparams.weights)
+
+    def share_backbone(self, backbone: torch.nn.Module) -> None:
+        """Use ``backbone`` by reference: another detector's frozen backbone with the same :meth:`frozen_backbone_key`."""
+        if not self.freeze_backbone:
+            raise ValueError(f"{type(self).__name__} trains its backbone: it cannot share one")
+        self.backbone = backbone
 
     def predict_step(self, batch: PatchBatch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Anomaly maps ``[B, h, w]`` (float32) of a batch of patches."""

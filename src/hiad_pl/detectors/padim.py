@@ -132,6 +132,7 @@ class HRPaDiM(OnePassDetector):
     resizable_buffers = ("mean", "inv_covariance")
     #: HiAD's option names in its config files (configs/padim.yaml), and ours.
     hiad_option_names: ClassVar[dict[str, str]] = {"embed_dimension": "d_reduced"}
+    scores_shared_embedding = True
 
     def __init__(
         self,
@@ -162,7 +163,10 @@ class HRPaDiM(OnePassDetector):
 
     def gaussian_features(self, batch: PatchBatch) -> tuple[Tensor, tuple[int, int]]:
         """Selected features, position-major ``[P, B, d]`` (float32), and the ``(h, w)`` grid of the ``P`` positions."""
-        maps = self.fused_embedding(batch)
+        return self.selected_features(self.fused_embedding(batch))
+
+    def selected_features(self, maps: list[Tensor]) -> tuple[Tensor, tuple[int, int]]:
+        """:meth:`gaussian_features` from per-layer (fused) maps."""
         grid = maps[0].shape[-2:]
         # Nearest upsampling repeats each deep feature over the cells it covers, as the paper's concatenation does.
         maps = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="nearest") for m in maps]
@@ -220,9 +224,13 @@ class HRPaDiM(OnePassDetector):
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Mahalanobis distance of each position to its Gaussian, upsampled to the patch size."""
+        return self.score_embedding(self.fused_embedding(batch), batch)
+
+    def score_embedding(self, embedding: list[Tensor], batch: PatchBatch) -> Tensor:
+        """:meth:`anomaly_map` from the patches' fused backbone maps."""
         if self.mean.shape[0] == 0:
             raise RuntimeError("HRPaDiM has no statistics: fit it (trainer.fit) or load a checkpoint before scoring")
-        features, (height, width) = self.gaussian_features(batch)
+        features, (height, width) = self.selected_features(embedding)
         if features.shape[0] != self.mean.shape[0]:
             raise ValueError(
                 f"HRPaDiM was fitted on {self.mean.shape[0]} feature positions but this batch has "

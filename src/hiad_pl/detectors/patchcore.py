@@ -11,8 +11,8 @@ the image score are applied later, on the stitched full-resolution map.
 from __future__ import annotations
 
 import logging
-
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -21,7 +21,8 @@ from torch import Tensor
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, OnePassDetector
-from hiad_pl.detectors.nn_search import NearestNeighbourIndex
+from hiad_pl.detectors.feature_store import STORE_DTYPES, FeatureStore
+from hiad_pl.detectors.nn_search import SEARCH_KINDS, NearestNeighbourIndex, choose_search_kind
 
 #: Rows projected at once when the coreset's random projection is applied.
 PROJECTION_CHUNK_ROWS = 65536
@@ -30,23 +31,34 @@ log = logging.getLogger(__name__)
 
 
 def pool_channels(features: Tensor, dimension: int | None) -> Tensor:
-    """Adaptive average pooling of the last (channel) axis of ``features`` to ``dimension`` values."""
+    """Adaptive average pooling of the last (channel) axis of ``features`` down to ``dimension`` values.
+
+    Pooling only ever reduces: features no wider than ``dimension`` are returned
+    as they are (averaging cannot add information, it would only repeat channels).
+    """
     channels = features.shape[-1]
-    if dimension is None or dimension == channels:
+    if dimension is None or dimension >= channels:
         return features
     pooled = F.adaptive_avg_pool1d(features.reshape(-1, 1, channels), dimension)
     return pooled.reshape(*features.shape[:-1], dimension)
 
 
-def random_projection(features: Tensor, dimension: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """Features ``[N, D]`` mapped to ``dimension`` by a Gaussian random matrix (Johnson-Lindenstrauss).
+def pooled_width(channels: int, dimension: int | None) -> int:
+    """Width of :func:`pool_channels` output for ``channels`` input channels."""
+    return channels if dimension is None else min(channels, dimension)
 
-    Features already no wider than ``dimension`` are returned as they are (on ``device``).
-    Rows are projected in chunks so that only the ``[N, dimension]`` result is new memory.
-    """
-    if features.shape[1] <= dimension:
+
+def projection_matrix(dimension_in: int, dimension: int, generator: torch.Generator) -> Tensor | None:
+    """Gaussian random matrix ``[D, dimension]`` (Johnson-Lindenstrauss), or ``None`` when ``D <= dimension``."""
+    if dimension_in <= dimension:
+        return None
+    return torch.randn(dimension_in, dimension, generator=generator) / math.sqrt(dimension)
+
+
+def project(features: Tensor, matrix: Tensor | None, device: torch.device) -> Tensor:
+    """``features @ matrix`` in float32 on ``device``, by chunks of rows (only the result is new memory)."""
+    if matrix is None:
         return features.to(device, torch.float32)
-    matrix = torch.randn(features.shape[1], dimension, generator=generator) / math.sqrt(dimension)
     matrix = matrix.to(device)
     return torch.cat([chunk.to(device, torch.float32) @ matrix for chunk in features.split(PROJECTION_CHUNK_ROWS)])
 
@@ -76,38 +88,65 @@ def greedy_coreset_indices(points: Tensor, count: int, generator: torch.Generato
     return chosen
 
 
+def _take(features: Tensor | FeatureStore, indices: Tensor) -> Tensor:
+    """float32 rows of a tensor or a feature store at ``indices``."""
+    if isinstance(features, FeatureStore):
+        return features.take(indices.numpy())
+    return features[indices.to(features.device)].float()
+
+
 def coreset_subsample(
-    features: Tensor,
+    features: Tensor | FeatureStore,
     percentage: float,
     projection_dim: int = 128,
     max_candidates: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """The memory bank: ``percentage`` of ``features`` ``[N, D]`` chosen by greedy k-center.
 
-    Distances are measured after a random projection to ``projection_dim``
-    dimensions; the returned rows are the original features. When ``N`` exceeds
-    ``max_candidates``, a uniform random subset of ``max_candidates`` rows is
-    drawn first (and logged) and the bank keeps ``percentage`` of that subset,
-    which bounds both the time (``O(percentage * max_candidates^2)``) and the size
-    of the bank. ``percentage >= 1`` keeps every candidate.
+    ``features`` is a tensor or a :class:`FeatureStore` (rows are read from it a
+    chunk at a time). Distances are measured after a random projection to
+    ``projection_dim`` dimensions; the returned rows are the original features
+    (float32). Greedy selection costs ``O(percentage * N * C)`` for chunks of
+    ``C`` rows: with ``chunk_size`` set and ``N`` larger, the rows are shuffled
+    into equal chunks of at most ``chunk_size`` and each chunk keeps
+    ``percentage`` of itself (the union of per-chunk k-centers covers the whole
+    set: every training feature is considered). ``max_candidates`` instead
+    draws a uniform random subset first, which drops training features: a
+    warning gives the numbers. ``percentage >= 1`` keeps every candidate.
     """
     generator = torch.Generator().manual_seed(seed)
-    device = torch.device(device) if device is not None else features.device
-    total = features.shape[0]
+    total = len(features)
+    candidates = torch.arange(total)
     if max_candidates is not None and total > max_candidates:
-        log.info(
+        message = (
             f"PatchCore: {total} training features exceed coreset_max_candidates={max_candidates}; "
-            f"the coreset is chosen from a random subset of {max_candidates}."
+            f"the coreset is chosen from a random {max_candidates} of them and {total - max_candidates} "
+            f"({100 * (total - max_candidates) / total:.1f}%) are dropped. Unset coreset_max_candidates "
+            "to consider every feature (coreset_chunk_size bounds the time)."
         )
-        features = features[torch.randperm(total, generator=generator)[:max_candidates].to(features.device)]
+        log.warning(message)
+        warnings.warn(message, stacklevel=2)
+        candidates = torch.randperm(total, generator=generator)[:max_candidates]
     if percentage >= 1:
-        return features
-    count = max(1, math.ceil(percentage * features.shape[0]))
-    projected = random_projection(features, projection_dim, generator, device)
-    chosen = greedy_coreset_indices(projected, count, generator)
-    return features[chosen.to(features.device)]
+        return _take(features, candidates)
+    dimension_in = features.dim if isinstance(features, FeatureStore) else features.shape[1]
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    matrix = projection_matrix(int(dimension_in), projection_dim, generator)
+    if chunk_size is None or len(candidates) <= chunk_size:
+        chunks = [candidates]
+    else:
+        shuffled = candidates[torch.randperm(len(candidates), generator=generator)]
+        chunks = list(shuffled.tensor_split(math.ceil(len(candidates) / chunk_size)))
+        log.info(f"PatchCore: coreset over {len(candidates)} features in {len(chunks)} chunks of {len(chunks[0])}.")
+    chosen = []
+    for chunk in chunks:
+        count = max(1, math.ceil(percentage * len(chunk)))
+        projected = project(_take(features, chunk), matrix, device)
+        chosen.append(chunk[greedy_coreset_indices(projected, count, generator).cpu()])
+    return _take(features, torch.cat(chosen))
 
 
 class HRPatchCore(OnePassDetector):
@@ -122,26 +161,38 @@ class HRPatchCore(OnePassDetector):
         fusion_weights: multi-resolution fusion weights (see :class:`HRDetector`).
         merge_size: side of the neighbourhood averaged around each feature
             location (odd; 1 disables local aggregation).
-        percentage: fraction of the (candidate) training features kept in the bank.
-        pretrain_embed_dimension: channels each layer is average-pooled to before
-            concatenation; ``None`` keeps each layer's channel count.
-        target_embed_dimension: channels the concatenated feature is pooled to;
-            ``None`` keeps the concatenation's width.
+        percentage: fraction of the training features kept in the bank (1: no coreset,
+            every feature is searched, best with an approximate ``search``).
+        pretrain_embed_dimension: channels each layer is average-pooled down to before
+            concatenation (a layer with fewer channels keeps them); ``None`` keeps every channel.
+        target_embed_dimension: channels the concatenated feature is pooled down to
+            (never up); ``None`` keeps the concatenation's width.
         num_neighbors: the score is the mean distance to this many nearest bank features.
         coreset_projection_dim: dimension of the random projection on which the
             greedy coreset measures distances.
         coreset_max_candidates: most training features the greedy coreset
-            considers; beyond it a random subset is drawn first (logged), which
-            bounds time and bank size. ``None`` runs the greedy over all features
-            (the paper's setting; on a CPU this takes minutes for 10^5 features).
-        seed: seed of the projection, the coreset's start and the candidate subset.
+            considers; beyond it a random subset is drawn first and the rest are
+            dropped (a warning gives the numbers). ``None`` (the default) considers all.
+        coreset_chunk_size: greedy selection runs on shuffled chunks of at most
+            this many features (each keeps ``percentage`` of itself), so its time
+            is linear in the number of features; ``None`` runs one greedy over all
+            of them (the paper's setting; quadratic time).
+        feature_dtype: how training features are streamed to disk during the
+            pass: ``float16`` (half the bytes) or ``float32``.
+        search: nearest-neighbour search: ``exact``, ``ivf``, ``hnsw`` or ``auto``
+            (exact up to ``exact_search_max_bank`` bank features, IVF above).
+        exact_search_max_bank: largest bank ``auto`` searches exactly.
+        search_nprobe: IVF cells each query scans (more: slower, closer to exact).
+        seed: seed of the projection, the coreset's start and chunks, and the IVF cells.
 
-    The bank (``memory_bank``, ``[M, D]``) is a buffer saved in checkpoints. The
-    training features are held on the CPU until the pass ends: ``N x D x 4`` bytes
-    for ``N`` feature locations.
+    The bank (``memory_bank``, ``[M, D]``) is a buffer saved in checkpoints.
+    During the pass the training features are streamed to a temporary file
+    (``N x D x 2`` bytes for ``N`` locations in float16); resident memory is one
+    coreset chunk plus the bank.
     """
 
     resizable_buffers = ("memory_bank",)
+    scores_shared_embedding = True
 
     def __init__(
         self,
@@ -156,7 +207,12 @@ class HRPatchCore(OnePassDetector):
         target_embed_dimension: int | None = None,
         num_neighbors: int = 1,
         coreset_projection_dim: int = 128,
-        coreset_max_candidates: int | None = 50_000,
+        coreset_max_candidates: int | None = None,
+        coreset_chunk_size: int | None = 8192,
+        feature_dtype: str = "float16",
+        search: str = "auto",
+        exact_search_max_bank: int = 20_000,
+        search_nprobe: int = 8,
         seed: int = 0,
     ) -> None:
         super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights)
@@ -166,7 +222,14 @@ class HRPatchCore(OnePassDetector):
             num_neighbors=num_neighbors,
             coreset_projection_dim=coreset_projection_dim,
             coreset_max_candidates=coreset_max_candidates,
+            coreset_chunk_size=coreset_chunk_size,
+            exact_search_max_bank=exact_search_max_bank,
+            search_nprobe=search_nprobe,
         )
+        if feature_dtype not in STORE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {sorted(STORE_DTYPES)}, got {feature_dtype!r}")
+        if search not in SEARCH_KINDS:
+            raise ValueError(f"search must be one of {SEARCH_KINDS}, got {search!r}")
         if merge_size < 1 or merge_size % 2 == 0:
             raise ValueError(f"merge_size must be a positive odd number, got {merge_size}")
         if not 0 < percentage <= 1:
@@ -178,24 +241,28 @@ class HRPatchCore(OnePassDetector):
         self.num_neighbors = num_neighbors
         self.coreset_projection_dim = coreset_projection_dim
         self.coreset_max_candidates = coreset_max_candidates
+        self.coreset_chunk_size = coreset_chunk_size
+        self.feature_dtype = feature_dtype
+        self.search = search
+        self.exact_search_max_bank = exact_search_max_bank
+        self.search_nprobe = search_nprobe
         self.seed = seed
         self.register_buffer("memory_bank", torch.empty(0, self.embed_dimension))
-        self._train_features: list[Tensor] = []
+        self._train_features: FeatureStore | None = None
         self._search: tuple[tuple, NearestNeighbourIndex] | None = None
 
     @property
     def embed_dimension(self) -> int:
         """Width of one patch feature (and of the memory bank's rows)."""
-        if self.target_embed_dimension is not None:
-            return self.target_embed_dimension
-        per_layer = self.backbone.channels
-        if self.pretrain_embed_dimension is not None:
-            return self.pretrain_embed_dimension * len(per_layer)
-        return sum(per_layer)
+        concatenated = sum(pooled_width(c, self.pretrain_embed_dimension) for c in self.backbone.channels)
+        return pooled_width(concatenated, self.target_embed_dimension)
 
     def patch_features(self, batch: PatchBatch) -> Tensor:
         """Locally aware patch features ``[B, h, w, D]`` on the first layer's grid."""
-        maps = self.fused_embedding(batch)
+        return self.locally_aware_features(self.fused_embedding(batch))
+
+    def locally_aware_features(self, maps: list[Tensor]) -> Tensor:
+        """``[B, h, w, D]`` features from per-layer (fused) maps: neighbourhoods averaged, layers joined and pooled."""
         pad = self.merge_size // 2
         # count_include_pad=False keeps border locations (patch seams) on the same scale.
         maps = [F.avg_pool2d(m, self.merge_size, stride=1, padding=pad, count_include_pad=False) for m in maps]
@@ -211,32 +278,42 @@ class HRPatchCore(OnePassDetector):
 
     def on_train_epoch_start(self) -> None:
         """Start a fresh pass."""
-        self._train_features = []
+        self._drop_train_features()
+
+    def _drop_train_features(self) -> None:
+        if self._train_features is not None:
+            self._train_features.close()
+        self._train_features = None
 
     def accumulate(self, batch: PatchBatch) -> None:
-        """Keep the batch's patch features (on the CPU, to bound accelerator memory)."""
+        """Stream the batch's patch features to the pass's feature file."""
+        if self._train_features is None:
+            self._train_features = FeatureStore(self.feature_dtype)
         features = self.patch_features(batch)
-        self._train_features.append(features.reshape(-1, features.shape[-1]).cpu())
+        self._train_features.append(features.reshape(-1, features.shape[-1]))
 
     def has_pending_fit(self) -> bool:
         """Whether features were collected since the bank was last built."""
-        return bool(self._train_features)
+        return self._train_features is not None and len(self._train_features) > 0
 
     def finalize(self) -> None:
-        """Build the memory bank from the collected features by greedy coreset selection."""
-        features = torch.cat(self._train_features)
-        self._train_features = []
-        bank = coreset_subsample(
-            features,
-            self.percentage,
-            projection_dim=self.coreset_projection_dim,
-            max_candidates=self.coreset_max_candidates,
-            seed=self.seed,
-            device=self.memory_bank.device,
-        )
+        """Build the memory bank from the streamed features by greedy coreset selection."""
+        store = self._train_features
+        try:
+            bank = coreset_subsample(
+                store,
+                self.percentage,
+                projection_dim=self.coreset_projection_dim,
+                max_candidates=self.coreset_max_candidates,
+                seed=self.seed,
+                device=self.memory_bank.device,
+                chunk_size=self.coreset_chunk_size,
+            )
+        finally:
+            self._drop_train_features()
         self.memory_bank = bank.to(self.memory_bank.device, self.memory_bank.dtype)
         self._search = None
-        log.info(f"PatchCore: memory bank of {bank.shape[0]} features from {features.shape[0]}.")
+        log.info(f"PatchCore: memory bank of {bank.shape[0]} features from {len(store)}.")
 
     def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
         # A bank copied in place keeps its address, so the search index must be dropped here.
@@ -254,13 +331,18 @@ class HRPatchCore(OnePassDetector):
             )
         key = (bank.data_ptr(), tuple(bank.shape), str(bank.device))
         if self._search is None or self._search[0] != key:
-            self._search = (key, NearestNeighbourIndex(bank))
+            kind = choose_search_kind(bank.shape[0], self.search, self.exact_search_max_bank)
+            self._search = (key, NearestNeighbourIndex(bank, kind=kind, nprobe=self.search_nprobe, seed=self.seed))
         return self._search[1]
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Distance of each location to its nearest bank features, upsampled to the patch size."""
+        return self.score_embedding(self.fused_embedding(batch), batch)
+
+    def score_embedding(self, embedding: list[Tensor], batch: PatchBatch) -> Tensor:
+        """:meth:`anomaly_map` from the patches' fused backbone maps."""
         index = self._nearest_neighbours()
-        features = self.patch_features(batch)
+        features = self.locally_aware_features(embedding)
         size, height, width, dim = features.shape
         distances = index.search(features.reshape(-1, dim), self.num_neighbors)
         scores = distances.mean(dim=1).reshape(size, 1, height, width)

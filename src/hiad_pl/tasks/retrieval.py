@@ -4,7 +4,9 @@
 index) by its embedding and keeps the cluster centres in the tasks
 (``Task.centers``, saved in ``tasks.json``). At inference
 :func:`route_by_retrieval` embeds each patch of the test image and hands it to
-the task of the nearest centre (cosine similarity), wherever the patch lies. So
+the task of the nearest centre (cosine similarity), wherever the patch lies
+(the inference pipeline does the same with :func:`route_features` on the
+features it computes once for routing and scoring). So
 images need not be aligned (a part turned in every image still meets the
 detector that learned its look), and inference needs no training images.
 
@@ -35,7 +37,7 @@ Centres carry ``D = channels * cells`` values; the cells of a square
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -49,9 +51,6 @@ from hiad_pl.data.tiling import MultiResolutionIndex
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task
 from hiad_pl.tasks.clustering import check_cluster_number, kmeans_labels, position, warn_if_fewer
 from hiad_pl.tasks.embedding import module_device, patch_batches, patch_embeddings, pool_features
-
-if TYPE_CHECKING:
-    from hiad_pl.orchestrator import TaskOrchestrator
 
 
 def nearest_center(embeddings: Tensor, centers: Tensor) -> Tensor:
@@ -88,20 +87,29 @@ def cells_for(dim: int, channels: int) -> tuple[int, int]:
     return side, side
 
 
+def feature_similarities(features: Sequence[Tensor], tasks: Sequence[Task]) -> Tensor:
+    """``[N, T]`` cosine similarity of each patch to each task (its nearest centre), from the patches' fused maps."""
+    centers, owners = stacked_centers(tasks)
+    centers = F.normalize(centers.to(features[0].device), dim=1)
+    cells = cells_for(centers.shape[1], sum(f.shape[1] for f in features))
+    similarity = (F.normalize(pool_features(features, cells).float(), dim=1) @ centers.T).cpu()
+    per_task = torch.full((len(similarity), len(tasks)), -math.inf)
+    return per_task.scatter_reduce(1, owners.expand_as(similarity), similarity, reduce="amax")
+
+
+def route_features(features: Sequence[Tensor], tasks: Sequence[Task]) -> Tensor:
+    """Position in ``tasks`` of the task each patch is routed to, from the patches' fused maps ``[N, C_l, h, w]``."""
+    return feature_similarities(features, tasks).argmax(dim=1)
+
+
 def task_similarities(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
     """``[N, T]`` cosine similarity of each patch of ``batches`` to each task (its nearest centre), in order."""
-    centers, owners = stacked_centers(tasks)
     device = module_device(detector)
-    centers = F.normalize(centers.to(device), dim=1)
-    cells: tuple[int, int] | None = None
+    stacked_centers(tasks)  # checks the centres before any patch is embedded
     rows = []
     with torch.inference_mode():
         for batch in batches:
-            features = detector.fused_embedding(batch.to(device))
-            cells = cells or cells_for(centers.shape[1], sum(f.shape[1] for f in features))
-            similarity = (F.normalize(pool_features(features, cells).float(), dim=1) @ centers.T).cpu()
-            per_task = torch.full((len(similarity), len(tasks)), -math.inf)
-            rows.append(per_task.scatter_reduce(1, owners.expand_as(similarity), similarity, reduce="amax"))
+            rows.append(feature_similarities(detector.fused_embedding(batch.to(device)), tasks))
     return torch.cat(rows) if rows else torch.zeros(0, len(tasks))
 
 
@@ -111,23 +119,22 @@ def assign_batches(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Se
 
 
 def route_by_retrieval(
-    orchestrator: TaskOrchestrator, sample: HRSample, patch_tasks: Sequence[Task]
+    detector: nn.Module, sample: HRSample, patch_tasks: Sequence[Task], batch_size: int = 8
 ) -> list[tuple[Task, list[MultiResolutionIndex]]]:
     """The indexes of ``sample`` each task scores: every patch goes to the task of its nearest centre.
 
-    ``orchestrator`` provides the fitted detectors (``_detectors``, by task name)
-    and ``batch_size``; the first patch task's detector embeds the patches.
-    Tasks that receive no patch of this image come back with an empty list.
+    ``detector`` (any of the tasks' fitted detectors: they share one frozen
+    backbone) embeds the patches, ``batch_size`` at a time. Tasks that receive
+    no patch of this image come back with an empty list. The inference pipeline
+    routes with :func:`route_features` on the features it has already computed.
     """
     if not patch_tasks:
         return []
-    detector = orchestrator._detectors[patch_tasks[0].name]
     grid = retrieval_grid(patch_tasks)
-    size = int(orchestrator.batch_size)
     # The caller keeps the sample open: cut patches without closing it.
     batches = (
-        PatchBatch.collate([patch_to_batch(sample[i]) for i in grid[start : start + size]])
-        for start in range(0, len(grid), size)
+        PatchBatch.collate([patch_to_batch(sample[i]) for i in grid[start : start + batch_size]])
+        for start in range(0, len(grid), batch_size)
     )
     owners = assign_batches(detector, batches, patch_tasks).tolist()
     return [(task, [i for i, o in zip(grid, owners) if o == k]) for k, task in enumerate(patch_tasks)]

@@ -1,0 +1,318 @@
+"""The inference pipeline: whole images in, full-resolution anomaly maps and image scores out.
+
+Per image (``images_per_step`` images at a time)::
+
+    decode + cut patches (a background worker, ``prefetch`` images ahead)
+      -> ONE pass of the shared frozen backbone per patch, features fused once
+      -> routing on those features (by position, or retrieval to the nearest centre)
+      -> each task's head on its patches' features -> normalisation
+      -> stitch -> thumbnail merge -> Gaussian blur -> image score
+
+Every task of a run is built from one detector config, so the patch tasks'
+frozen backbones are one module (:func:`share_frozen_backbones`) and a patch's
+features serve routing and every head. Detectors that cannot score features
+computed elsewhere (``scores_shared_embedding`` False) run their own
+:meth:`~hiad_pl.detectors.base.HRDetector.predict_step` on their patches.
+The pipeline knows nothing of fitting; :class:`~hiad_pl.orchestrator.TaskOrchestrator`
+loads the detectors and hands them over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.data.datamodule import patch_to_batch
+from hiad_pl.data.sample import HRSample
+from hiad_pl.data.tiling import MultiResolutionIndex, stitch
+from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
+from hiad_pl.tasks.base import Task
+from hiad_pl.tasks.retrieval import retrieval_grid, route_features
+
+
+@dataclass
+class Prediction:
+    """The result for one image."""
+
+    sample_id: int
+    anomaly_map: Tensor  # [H, W] float32, blurred
+    score: float
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent in each stage, summed over the images scored (see :meth:`per_image`).
+
+    ``decode`` runs in the background worker, overlapped with the rest;
+    ``wait`` is the time the pipeline waited for it.
+    """
+
+    decode: float = 0.0
+    wait: float = 0.0
+    backbone: float = 0.0
+    heads: float = 0.0
+    stitch: float = 0.0
+    post: float = 0.0
+    images: int = 0
+
+    def per_image(self) -> dict[str, float]:
+        """Mean seconds per image of every stage."""
+        count = max(1, self.images)
+        return {f.name: getattr(self, f.name) / count for f in fields(self) if f.name != "images"}
+
+
+@dataclass
+class DecodedImage:
+    """One image cut into what the pipeline scores, ready on the CPU."""
+
+    sample_id: int
+    size: tuple[int, int]  # (width, height)
+    patches: PatchBatch | None  # the routing grid's patches, in grid order
+    thumbnails: list[PatchBatch]  # one per thumbnail task
+    seconds: float
+
+
+def share_frozen_backbones(
+    detectors: Iterable[nn.Module], shared: dict[tuple, nn.Module] | None = None
+) -> dict[tuple, nn.Module]:
+    """Make detectors with equal frozen-backbone settings use one backbone instance.
+
+    ``shared`` maps settings to the instance kept so far (pass the returned dict
+    again to dedupe detectors loaded one at a time, so at most two copies live at
+    once). Detectors whose backbone trains keep their own.
+    """
+    shared = {} if shared is None else shared
+    for detector in detectors:
+        key_of = getattr(detector, "frozen_backbone_key", None)
+        key = key_of() if callable(key_of) else None
+        if key is None:
+            continue
+        if key in shared:
+            detector.share_backbone(shared[key])
+        else:
+            shared[key] = detector.backbone
+    return shared
+
+
+def select_rows(batch: PatchBatch, rows: Sequence[int] | Tensor) -> PatchBatch:
+    """The patches of ``batch`` at ``rows`` (in that order)."""
+    positions = torch.as_tensor(rows, dtype=torch.long)
+    values: dict[str, Any] = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor):
+            values[f.name] = value.index_select(0, positions.to(value.device))
+        elif isinstance(value, list) and value:
+            values[f.name] = [value[int(k)] for k in positions]
+        else:
+            values[f.name] = value
+    return PatchBatch(**values)
+
+
+def check_fits(sample: HRSample, indexes: Sequence[MultiResolutionIndex]) -> None:
+    """Raise naming the image when it is smaller than the area ``indexes`` cover."""
+    if not indexes:
+        return
+    width, height = sample.image_size
+    if max(i.main_index.x + i.main_index.width for i in indexes) > width or max(
+        i.main_index.y + i.main_index.height for i in indexes
+    ) > height:
+        raise ValueError(f"{sample.get_image_path()}: image size {width}x{height} is smaller than the task indexes")
+
+
+class InferencePipeline:
+    """Scores whole images with a run's fitted detectors, one backbone pass per patch.
+
+    Args:
+        tasks: the run's tasks (patch tasks and thumbnail tasks).
+        detectors: the fitted detector of each task, by task name, in eval mode on ``device``.
+        normalization: per task name, validation statistics (``low``, ``high``) that map
+            its raw scores into [0, 1], or ``None`` to keep raw scores.
+        batch_size: patches per backbone forward pass and per head call.
+        device: where the detectors run.
+        prefetch: images decoded ahead by the background worker (0: decode inline).
+        images_per_step: images whose patches are batched together.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        detectors: Mapping[str, nn.Module],
+        normalization: Mapping[str, dict | None] | None = None,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        prefetch: int = 2,
+        images_per_step: int = 1,
+    ) -> None:
+        if batch_size < 1 or images_per_step < 1 or prefetch < 0:
+            raise ValueError("batch_size and images_per_step must be positive and prefetch non-negative")
+        self.patch_tasks = [t for t in tasks if not t.is_thumbnail]
+        self.thumbnail_tasks = [t for t in tasks if t.is_thumbnail]
+        missing = [t.name for t in tasks if t.name not in detectors]
+        if missing:
+            raise ValueError(f"no fitted detector for tasks {missing}")
+        self.detectors = dict(detectors)
+        self.normalization = dict(normalization or {})
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.prefetch = int(prefetch)
+        self.images_per_step = int(images_per_step)
+        self.retrieval = any(t.centers is not None for t in self.patch_tasks)
+        if self.retrieval:
+            self.grid = retrieval_grid(self.patch_tasks)
+        else:
+            self.grid = list(dict.fromkeys(i for t in self.patch_tasks for i in t.indexes))
+        position = {index: k for k, index in enumerate(self.grid)}
+        #: Grid positions of each positional task's indexes, in the task's order.
+        self._task_rows = [[position[i] for i in t.indexes] for t in self.patch_tasks]
+        patch_detectors = [self.detectors[t.name] for t in self.patch_tasks]
+        self._leader = patch_detectors[0] if patch_detectors else None
+        #: Whether every head scores the leader's features (one backbone, one fusion, shared-feature heads).
+        self.shares_features = bool(patch_detectors) and all(
+            getattr(d, "scores_shared_embedding", False)
+            and d.frozen_backbone_key() is not None
+            and d.frozen_backbone_key() == self._leader.frozen_backbone_key()
+            and d.fusion_weights == self._leader.fusion_weights
+            for d in patch_detectors
+        )
+        self.times = StageTimes()
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, sample: HRSample, sample_id: int) -> DecodedImage:
+        """Read one image and cut the grid's patches and the thumbnails."""
+        start = time.perf_counter()
+        with sample:
+            check_fits(sample, self.grid)
+            patches = None
+            if self.grid:
+                patches = PatchBatch.collate([patch_to_batch(sample[i], sample_id) for i in self.grid])
+            thumbnails = [
+                patch_to_batch(sample.down_sampling_to_LR(t.thumbnail_size), sample_id) for t in self.thumbnail_tasks
+            ]
+            size = sample.image_size
+        return DecodedImage(sample_id, size, patches, thumbnails, time.perf_counter() - start)
+
+    def _decoded(self, samples: Sequence[HRSample]) -> Iterator[DecodedImage]:
+        """Decoded images in order, ``prefetch`` ahead in a background thread."""
+        if self.prefetch == 0:
+            for sample_id, sample in enumerate(samples):
+                yield self.decode(sample, sample_id)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiad-decode") as pool:
+            pending: deque[Future] = deque()
+            items = iter(enumerate(samples))
+            for sample_id, sample in items:
+                pending.append(pool.submit(self.decode, sample, sample_id))
+                if len(pending) > self.prefetch:
+                    break
+            while pending:
+                start = time.perf_counter()
+                decoded = pending.popleft().result()
+                self.times.wait += time.perf_counter() - start
+                for sample_id, sample in items:
+                    pending.append(pool.submit(self.decode, sample, sample_id))
+                    break
+                yield decoded
+
+    # ------------------------------------------------------------------ score
+    def predict(self, samples: Sequence[HRSample]) -> Iterator[Prediction]:
+        """Predictions for each sample in order (maps are not accumulated)."""
+        group: list[DecodedImage] = []
+        for decoded in self._decoded(samples):
+            self.times.decode += decoded.seconds
+            group.append(decoded)
+            if len(group) == self.images_per_step:
+                yield from self.score(group)
+                group = []
+        if group:
+            yield from self.score(group)
+
+    def score(self, images: Sequence[DecodedImage]) -> list[Prediction]:
+        """Score decoded images together: backbone, routing, heads, stitch, post-processing."""
+        with torch.inference_mode():
+            fulls = self._patch_maps(images)
+            start = time.perf_counter()
+            predictions = []
+            for image, full in zip(images, fulls):
+                for task, thumbnail in zip(self.thumbnail_tasks, image.thumbnails):
+                    thumb = self._head(task, thumbnail)[0]
+                    merged = upsample(thumb, image.size)
+                    full = merged if full is None else torch.maximum(full, merged)
+                if full is None:
+                    width, height = image.size
+                    full = torch.zeros(height, width)
+                full = gaussian_blur(full)
+                predictions.append(Prediction(image.sample_id, full, float(image_score(full))))
+            self.times.post += time.perf_counter() - start
+            self.times.images += len(images)
+        return predictions
+
+    def _patch_maps(self, images: Sequence[DecodedImage]) -> list[Tensor | None]:
+        """Stitched ``[H, W]`` patch maps of each image (``None`` without patch tasks)."""
+        if not self.patch_tasks:
+            return [None] * len(images)
+        patches = PatchBatch.collate([image.patches for image in images])
+        start = time.perf_counter()
+        embedding = self._embed(patches) if self.shares_features or self.retrieval else None
+        self.times.backbone += time.perf_counter() - start
+
+        start = time.perf_counter()
+        cells = len(self.grid)
+        if self.retrieval:
+            owners = route_features(embedding, self.patch_tasks)
+            rows_of = [torch.nonzero(owners == k).flatten().tolist() for k in range(len(self.patch_tasks))]
+        else:
+            rows_of = [[n * cells + r for n in range(len(images)) for r in rows] for rows in self._task_rows]
+        scored: list[tuple[list[int], Tensor]] = []
+        for task, rows in zip(self.patch_tasks, rows_of):
+            if rows:
+                features = [layer[rows] for layer in embedding] if self.shares_features else None
+                scored.append((rows, self._head(task, select_rows(patches, rows), features)))
+        self.times.heads += time.perf_counter() - start
+
+        start = time.perf_counter()
+        fulls: list[Tensor | None] = []
+        for n, image in enumerate(images):
+            maps, mains = [], []
+            for rows, task_maps in scored:
+                mine = [k for k, row in enumerate(rows) if row // cells == n]
+                maps.append(task_maps[mine])
+                mains.extend(self.grid[rows[k] % cells].main_index for k in mine)
+            fulls.append(stitch(torch.cat(maps), mains, image.size).float() if mains else None)
+        self.times.stitch += time.perf_counter() - start
+        return fulls
+
+    def _embed(self, patches: PatchBatch) -> list[Tensor]:
+        """The leader's fused backbone maps of every patch, ``batch_size`` patches per forward pass."""
+        chunks = []
+        for start in range(0, len(patches), self.batch_size):
+            chunk = select_rows(patches, range(start, min(start + self.batch_size, len(patches))))
+            chunks.append(self._leader.fused_embedding(chunk.to(self.device)))
+        return [torch.cat(layer) for layer in zip(*chunks)]
+
+    def _head(self, task: Task, patches: PatchBatch, features: list[Tensor] | None = None) -> Tensor:
+        """Normalised maps ``[B, h, w]`` (CPU, float32) of ``task``'s detector on ``patches``.
+
+        With ``features`` (the patches' shared fused maps) the head scores them;
+        without, the detector embeds the patches itself.
+        """
+        detector = self.detectors[task.name]
+        outputs = []
+        for start in range(0, len(patches), self.batch_size):
+            stop = min(start + self.batch_size, len(patches))
+            chunk = select_rows(patches, range(start, stop)).to(self.device)
+            if features is None:
+                maps = detector.predict_step(chunk, 0)
+            else:
+                maps = detector.score_embedding([layer[start:stop] for layer in features], chunk)
+            outputs.append(maps.float().cpu())
+        maps = torch.cat(outputs)
+        stats = self.normalization.get(task.name)
+        return maps if stats is None else normalize_scores(maps, stats["low"], stats["high"])
