@@ -19,7 +19,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -122,6 +122,7 @@ class RunConfigFile(ActionConfigFile):
         else:
             self.apply_config(parser, cfg, self.dest, yaml.safe_dump(run))
 from hiad_pl.errors import UserError
+from hiad_pl.launchers import RayOptions
 
 
 def _run_arguments(parser: ArgumentParser) -> None:
@@ -156,6 +157,9 @@ def _run_arguments(parser: ArgumentParser) -> None:
                         help="Stop after this many validations without improvement (-1: never)")
     parser.add_argument("--resume", type=bool, default=True,
                         help="Skip fitted tasks and continue interrupted ones; false refuses a folder with checkpoints")
+    parser.add_argument("--launcher", type=Literal["local", "ray"], default="local",
+                        help="Where task fits and test scoring run: local processes, or a Ray cluster")
+    parser.add_class_arguments(RayOptions, "ray")
     # Values that follow from others: shown by --print_config, never set twice.
     parser.link_arguments("data.patch_size", "detector.init_args.input_size")
     parser.link_arguments("fusion_weights", "detector.init_args.fusion_weights")

@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from jsonargparse import ArgumentParser, Namespace
 
 from hiad_pl.data.synthesis import AnomalySynthesizer
+from hiad_pl.launchers import RayOptions
 
 #: Keys that size a branch's input; they are not detector arguments.
 SIZE_KEYS = ("patch_size", "thumbnail_size")
@@ -479,9 +480,13 @@ class RunConfig:
     fusion_weights: list[float] | None = None
     early_stop_epochs: int = -1
     resume: bool = True
+    launcher: str = "local"
+    ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
         self.devices = as_list(self.devices) or []
+        if isinstance(self.ray, Mapping):
+            self.ray = RayOptions(**self.ray)
         self.fusion_weights = as_list(self.fusion_weights)
 
     @functools.cached_property
@@ -508,4 +513,6 @@ class RunConfig:
             fusion_weights=plain.get("fusion_weights"),
             early_stop_epochs=plain.get("early_stop_epochs", -1),
             resume=plain.get("resume", True),
+            launcher=plain.get("launcher", "local"),
+            ray=plain.get("ray") or {},
         )

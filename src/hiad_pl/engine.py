@@ -13,6 +13,7 @@ from PIL import Image
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.io import atomic_write
+from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
 from hiad_pl.visualize import overlay, render_panel, save_png
 
@@ -75,10 +76,11 @@ def evaluate_predictions(
 
 
 def run_inference(
-    orchestrator: TaskOrchestrator, samples: Sequence[HRSample], device: str
+    orchestrator: TaskOrchestrator, samples: Sequence[HRSample], device: str, launcher: Launcher | None = None
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Image scores and float16 anomaly maps of ``samples``."""
-    return collect(orchestrator.predict(samples, device), len(samples))
+    """Image scores and float16 anomaly maps of ``samples`` (on ``device``, or spread by ``launcher``)."""
+    predictions = orchestrator.predict(samples, device) if launcher is None else launcher.predict(orchestrator, samples)
+    return collect(predictions, len(samples))
 
 
 def unique_stems(paths: Sequence[str | Path]) -> list[str]:

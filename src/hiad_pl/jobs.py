@@ -29,6 +29,7 @@ from hiad_pl.engine import (
     write_scores_csv,
     write_visualizations,
 )
+from hiad_pl.launchers import make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.errors import InputError, PredictionError
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
@@ -109,7 +110,7 @@ def fit(config: RunConfig) -> Path:
         tasks = create_tasks(config, split)
         orchestrator = orchestrator_for(config, split, tasks)
         log.info("fitting %s: %d task(s), %d training images", split.name, len(orchestrator.tasks), len(split.train))
-        orchestrator.fit(split.train, config.devices, val_config, resume=config.resume)
+        orchestrator.fit(split.train, config.devices, val_config, resume=config.resume, launcher=config.launcher, ray=config.ray)
     return config.run_dir
 
 
@@ -122,7 +123,9 @@ def test(config: RunConfig) -> dict[str, dict]:
         if config.evaluation.evaluators
         else default_evaluators()
     )
-    device = resolve_devices(config.devices)[0]
+    devices = resolve_devices(config.devices)
+    device = devices[0]
+    launcher = make_launcher(config.launcher, devices, config.ray)
     samples: list[HRSample] = []
     scores, maps = [], []
     for split in splits_of(config):
@@ -130,7 +133,7 @@ def test(config: RunConfig) -> dict[str, dict]:
             raise ValueError(f"{config.data.root}: category {split.name!r} has no test images")
         orchestrator = orchestrator_for(config, split)
         orchestrator.load(device)
-        split_scores, split_maps = run_inference(orchestrator, split.test, device)
+        split_scores, split_maps = run_inference(orchestrator, split.test, device, launcher)
         if config.evaluation.vis_size > 0:
             vmin, vmax = score_range(split_maps, orchestrator.normalized)
             write_visualizations(split.test, split_maps, config.run_dir / "visualizations", config.evaluation.vis_size, vmin, vmax)

@@ -12,11 +12,9 @@ A rerun skips tasks whose final checkpoint exists and resumes interrupted ones.
 
 from __future__ import annotations
 
+import copy
 import logging
-import os
-import sys
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -39,6 +37,7 @@ from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.io import AtomicCheckpointIO, locks_root
+from hiad_pl.launchers import Launcher, RayOptions, make_launcher
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
 
@@ -264,6 +263,8 @@ class TaskOrchestrator:
         devices: Sequence[int | str] | None = None,
         val_config: ValidationConfig | dict | None = None,
         resume: bool = True,
+        launcher: "str | Launcher" = "local",
+        ray: "RayOptions | dict | None" = None,
     ) -> list[Path]:
         """Fit every pending task; returns the final checkpoints of all tasks.
 
@@ -271,6 +272,8 @@ class TaskOrchestrator:
         gradient-trained tasks continue from their last epoch; without it, a
         model folder that already holds checkpoints is an error, never overwritten.
         A model folder that another live process is fitting is refused.
+        ``launcher`` says where the fits run (``local`` processes or ``ray``, see
+        :mod:`hiad_pl.launchers`; ``ray`` takes :class:`~hiad_pl.launchers.RayOptions`).
         """
         if not train_samples:
             raise ValueError("no training samples")
@@ -299,25 +302,9 @@ class TaskOrchestrator:
         done = len(self.tasks) - len(pending)
         if done:
             log.info("%d task(s) already fitted in %s, skipped", done, self.root)
-        if len(devices) == 1 or len(pending) <= 1:
-            for task in pending:
-                self.fit_task(task, list(train_samples), devices[0], val_config, progress=True)
-        else:
-            self._fit_parallel(pending, list(train_samples), devices, val_config)
+        if pending:
+            make_launcher(launcher, devices, ray).fit(self, pending, list(train_samples), val_config)
         return [self.checkpoint_path(t) for t in self.tasks]
-
-    def _fit_parallel(
-        self, tasks: list[Task], samples: list[HRSample], devices: list[str], val_config: ValidationConfig | None
-    ) -> None:
-        ctx = torch.multiprocessing.get_context("spawn")
-        queue = ctx.Manager().Queue()
-        for device in devices:
-            queue.put(device)
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
-        with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_claim_device, initargs=(queue, threads)) as pool:
-            futures = [pool.submit(_fit_in_worker, self, task, samples, val_config) for task in tasks]
-            for future in futures:
-                future.result()
 
     def fit_task(
         self,
@@ -498,25 +485,15 @@ class TaskOrchestrator:
             self.tasks, self._detectors, stats, self.batch_size, device, prefetch=prefetch, images_per_step=images_per_step
         )
 
+    def detached(self) -> "TaskOrchestrator":
+        """A copy without loaded detectors, cheap to send to another process."""
+        clone = copy.copy(self)
+        clone._detectors, clone._normalization = {}, {}
+        return clone
+
     def predict(self, samples: Sequence[HRSample], device: str = "cpu") -> Iterator[Prediction]:
         """Predictions for each sample, one at a time (maps are not accumulated)."""
         yield from self.pipeline(device).predict(samples)
-
-
-_WORKER_DEVICE = "cpu"
-
-
-def _claim_device(queue: Any, threads: int) -> None:
-    global _WORKER_DEVICE
-    _WORKER_DEVICE = queue.get()
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-
-
-def _fit_in_worker(
-    orchestrator: TaskOrchestrator, task: Task, samples: list[HRSample], val_config: ValidationConfig | None
-) -> str:
-    return str(orchestrator.fit_task(task, samples, _WORKER_DEVICE, val_config, progress=False))
 
 
 def collect(predictions: Iterator[Prediction], count: int) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -11,6 +11,7 @@ import numpy as np
 from hiad_pl.config import DetectorConfig
 from hiad_pl.data.sample import HRSample
 from hiad_pl.engine import evaluate_predictions, run_inference, score_range, write_visualizations
+from hiad_pl.launchers import RayOptions, make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.tasks.base import Task
 
@@ -30,7 +31,9 @@ class HRTrainer:
     the thumbnail section), read by :class:`~hiad_pl.config.DetectorConfig`. Without
     ``detector_class`` the files' ``class_path`` names the detector. ``vis_root=None``
     writes no visualisations. ``trainer_kwargs`` may hold ``logger`` and ``callbacks``
-    as ``{class_path, init_args}`` specs, built fresh for every task.
+    as ``{class_path, init_args}`` specs, built fresh for every task. ``launcher="ray"``
+    fits each task as a Ray task and scores test images in shards (``ray_options``:
+    :class:`~hiad_pl.launchers.RayOptions`).
     """
 
     def __init__(
@@ -47,6 +50,8 @@ class HRTrainer:
         early_stop_epochs: int = -1,
         trainer_kwargs: dict[str, Any] | None = None,
         num_workers: int = 0,
+        launcher: str = "local",
+        ray_options: RayOptions | dict | None = None,
     ) -> None:
         self.batch_size = batch_size
         self.tasks = list(tasks or [])
@@ -60,6 +65,8 @@ class HRTrainer:
         self.early_stop_epochs = early_stop_epochs
         self.trainer_kwargs = trainer_kwargs
         self.num_workers = num_workers
+        self.launcher = launcher
+        self.ray_options = RayOptions(**ray_options) if isinstance(ray_options, dict) else ray_options
         self._orchestrator: TaskOrchestrator | None = None
 
     def orchestrator(self) -> TaskOrchestrator:
@@ -97,7 +104,7 @@ class HRTrainer:
             raise ValueError("HRTrainer has no tasks: create them with a task generator (e.g. A2OTaskGenerator)")
         print(f"Start training, devices: {devices}")
         print(f"Tasks config is saved as: {orchestrator.tasks_path}")
-        paths = orchestrator.fit(train_samples, devices, val_config)
+        paths = orchestrator.fit(train_samples, devices, val_config, launcher=self.launcher, ray=self.ray_options)
         print(f"The training progress can be monitored in: {self.log_root}")
         return paths
 
@@ -118,9 +125,10 @@ class HRTrainer:
         if not test_samples:
             raise ValueError("no test samples")
         orchestrator = self.orchestrator()
-        device = resolve_devices(gpu_ids)[0]
+        devices = resolve_devices(gpu_ids)
+        device = devices[0]
         orchestrator.load(device)
-        scores, maps = run_inference(orchestrator, test_samples, device)
+        scores, maps = run_inference(orchestrator, test_samples, device, make_launcher(self.launcher, devices, self.ray_options))
         if return_results_only:
             return scores, maps
         if self.vis_root is not None:
