@@ -16,6 +16,7 @@ from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, stitch
 from hiad_pl.detectors import HRPatchCore
 from hiad_pl.detectors.backbones import TimmFeatureExtractor
+from hiad_pl.detectors.features import clear_shared_extractors
 from hiad_pl.inference import InferencePipeline, share_frozen_backbones
 from hiad_pl.orchestrator import TaskOrchestrator
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
@@ -173,6 +174,7 @@ def test_one_backbone_instance_per_loaded_run(images, tmp_path: Path) -> None:
     tasks = [Task(f"task_{k}", [index]) for k, index in enumerate(indexes)]
     config = {"weights": "none", "percentage": 0.5}
     TaskOrchestrator(HRPatchCore, config, tasks, tmp_path / "run", batch_size=4).fit(images["train"], [])
+    clear_shared_extractors()  # the fit's extractor: not part of the loaded run
     gc.collect()
     before = sum(type(o) is TimmFeatureExtractor for o in gc.get_objects())
     loaded = TaskOrchestrator(HRPatchCore, config, [], tmp_path / "run", batch_size=4)

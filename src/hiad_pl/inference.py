@@ -19,6 +19,7 @@ loads the detectors and hands them over.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,9 +33,12 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import patch_to_batch
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, stitch
+from hiad_pl.errors import InputError
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task
 from hiad_pl.tasks.retrieval import retrieval_grid, route_features
+
+log = logging.getLogger("hiad_pl")
 
 
 @dataclass
@@ -183,6 +187,8 @@ class InferencePipeline:
             for d in patch_detectors
         )
         self.times = StageTimes()
+        #: Images left out by ``predict(..., skip_unreadable=True)``: sample id -> why.
+        self.skipped: dict[int, InputError] = {}
 
     # ------------------------------------------------------------------ decode
     def decode(self, sample: HRSample, sample_id: int) -> DecodedImage:
@@ -199,33 +205,56 @@ class InferencePipeline:
             size = sample.image_size
         return DecodedImage(sample_id, size, patches, thumbnails, time.perf_counter() - start)
 
-    def _decoded(self, samples: Sequence[HRSample]) -> Iterator[DecodedImage]:
-        """Decoded images in order, ``prefetch`` ahead in a background thread."""
+    def _decoded(self, samples: Sequence[HRSample], skip_unreadable: bool) -> Iterator[DecodedImage]:
+        """Decoded images in order, ``prefetch`` ahead in a background thread.
+
+        With ``skip_unreadable`` an image that cannot be read is left out, recorded in
+        :attr:`skipped` and logged; otherwise its error stops the iteration.
+        """
+
+        def result(sample_id: int, decode: Any) -> DecodedImage | None:
+            try:
+                return decode()
+            except InputError as error:
+                if not skip_unreadable:
+                    raise
+                log.warning("skipped %s", error)
+                self.skipped[sample_id] = error
+                return None
+
         if self.prefetch == 0:
             for sample_id, sample in enumerate(samples):
-                yield self.decode(sample, sample_id)
+                decoded = result(sample_id, lambda: self.decode(sample, sample_id))
+                if decoded is not None:
+                    yield decoded
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiad-decode") as pool:
-            pending: deque[Future] = deque()
+            pending: deque[tuple[int, Future]] = deque()
             items = iter(enumerate(samples))
             for sample_id, sample in items:
-                pending.append(pool.submit(self.decode, sample, sample_id))
+                pending.append((sample_id, pool.submit(self.decode, sample, sample_id)))
                 if len(pending) > self.prefetch:
                     break
             while pending:
                 start = time.perf_counter()
-                decoded = pending.popleft().result()
+                sample_id, future = pending.popleft()
+                decoded = result(sample_id, future.result)
                 self.times.wait += time.perf_counter() - start
-                for sample_id, sample in items:
-                    pending.append(pool.submit(self.decode, sample, sample_id))
+                for next_id, sample in items:
+                    pending.append((next_id, pool.submit(self.decode, sample, next_id)))
                     break
-                yield decoded
+                if decoded is not None:
+                    yield decoded
 
     # ------------------------------------------------------------------ score
-    def predict(self, samples: Sequence[HRSample]) -> Iterator[Prediction]:
-        """Predictions for each sample in order (maps are not accumulated)."""
+    def predict(self, samples: Sequence[HRSample], skip_unreadable: bool = False) -> Iterator[Prediction]:
+        """Predictions for each sample in order (maps are not accumulated).
+
+        With ``skip_unreadable`` images that cannot be read yield nothing and are
+        listed in :attr:`skipped` (sample id -> error) instead of stopping the run.
+        """
         group: list[DecodedImage] = []
-        for decoded in self._decoded(samples):
+        for decoded in self._decoded(samples, skip_unreadable):
             self.times.decode += decoded.seconds
             group.append(decoded)
             if len(group) == self.images_per_step:

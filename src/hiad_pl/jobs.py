@@ -205,23 +205,31 @@ def predict(
     device = resolve_devices(list(devices))[0]
     orchestrator.load(device)
     stems = unique_stems(paths)
-    rows: list[dict] = []
+    rows: dict[int, dict] = {}
     failures: list[InputError] = []
+
+    def skipped(k: int, error: InputError) -> None:
+        failures.append(error)
+        rows[k] = {"image": str(paths[k]), "error": " ".join(str(error).split())}
+
+    samples: list[tuple[int, HRSample]] = []
+    for k, path in enumerate(paths):
+        try:
+            samples.append((k, HRSample(path, image_size=image_size, clsname=category)))
+        except InputError as error:
+            if strict:
+                raise
+            log.warning("skipped %s", error)
+            skipped(k, error)
+    pipeline = orchestrator.pipeline(device)
     try:
-        for sample_id, path in enumerate(paths):
-            try:
-                sample = HRSample(path, image_size=image_size, clsname=category)
-                prediction = orchestrator.predict_sample(sample, sample_id, device)
-            except InputError as error:
-                if strict:
-                    raise
-                log.warning("skipped %s", error)
-                failures.append(error)
-                rows.append({"image": str(path), "error": " ".join(str(error).split())})
-                continue
-            rows.append(write_prediction(prediction, sample, Path(output), orchestrator.normalized, stems[sample_id]))
+        for prediction in pipeline.predict([s for _, s in samples], skip_unreadable=not strict):
+            k, sample = samples[prediction.sample_id]
+            rows[k] = write_prediction(prediction, sample, Path(output), orchestrator.normalized, stems[k])
     finally:
-        write_scores_csv(rows, Path(output) / "scores.csv", orchestrator.normalized)
+        for sample_id, error in pipeline.skipped.items():
+            skipped(samples[sample_id][0], error)
+        write_scores_csv([rows[k] for k in sorted(rows)], Path(output) / "scores.csv", orchestrator.normalized)
     if failures:
         raise PredictionError(
             f"{len(failures)} of {len(paths)} image(s) could not be scored (first: {failures[0]}); "
