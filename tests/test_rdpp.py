@@ -110,7 +110,7 @@ def test_two_adams_with_the_papers_settings_and_every_loss_term() -> None:
 def texture_1024(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo texture at 1024 px: 16 patches of 256 px per image."""
     root = tmp_path_factory.mktemp("demo1024")
-    make_demo_dataset(root, categories=["texture"], image_size=1024, num_train=4, num_test_good=4, num_test_defect=4)
+    make_demo_dataset(root, categories=["texture"], image_size=1024, num_train=2, num_test_good=4, num_test_defect=4)
     return root
 
 

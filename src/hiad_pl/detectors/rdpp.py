@@ -14,7 +14,9 @@ corrupted by synthetic anomalies) and the loss is
   map and the decoder's rebuild of it (clean patches);
 * ``L_ot``: Sinkhorn optimal-transport divergence (geomloss) between the
   softmax-normalised projected features of the clean batch and of the same
-  batch shuffled, summed over layers, as in the authors' code;
+  batch shuffled, summed over layers, as in the authors' code (the shuffled
+  batch is the same set of points, so this debiased divergence stays near
+  zero: it is kept for fidelity and logged as ``train/ot_loss``);
 * ``L_recon``: ``1 - cos`` (channel-wise) between the projections of the
   corrupted and the clean patches: the projection removes anomalies;
 * ``L_contrast``: cosine-embedding loss (margin 0.5) pushing the corrupted
