@@ -126,6 +126,7 @@ def _tensorboard_scalars(folder: Path, tag: str) -> list[float]:
     return [v for _, v in sorted(values)]
 
 
+@pytest.mark.slow  # about 3 min on 2 free cores; the resume test below covers the same fit path in the default run
 def test_rdpp_learns_the_demo_texture(texture_1024: Path, tmp_path: Path) -> None:
     (split,) = discover(texture_1024, categories=["texture"], image_size=1024)
     tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=1024, patch_size=256))
