@@ -70,3 +70,22 @@ def test_detectors_with_equal_settings_share_one_frozen_extractor() -> None:
     first.on_save_checkpoint(checkpoint)
     assert not any(key.startswith("backbone.") for key in checkpoint["state_dict"])
     assert list(first.frozen_modules) == ["backbone"] and "flows" in first.trainable_modules
+
+
+def test_vit_weights_from_a_local_file_load_at_another_size(tmp_path) -> None:
+    import timm
+
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "vit_tiny.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    settings = FeatureSettings.of("vit_tiny_patch16_224", ["blocks.1"], str(path), model_kwargs={"img_size": 128})
+    extractor = create_extractor(settings)
+    # the file's 14 x 14 position embedding is resampled to the 8 x 8 grid of a 128-px model
+    assert tuple(extractor.model.pos_embed.shape) == (1, 65, 192)
+    torch.testing.assert_close(extractor.model.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
+    with torch.no_grad():
+        assert tuple(extractor(torch.randn(1, 3, 128, 128))[0].shape) == (1, 192, 8, 8)
+    wrong = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), wrong)
+    with pytest.raises(ValueError, match="wrong.pth.*do not match backbone 'vit_tiny_patch16_224'"):
+        create_extractor(FeatureSettings.of("vit_tiny_patch16_224", ["blocks.1"], str(wrong)))

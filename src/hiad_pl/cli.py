@@ -211,7 +211,7 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("demo-data", demo, help="Write the procedural demo data set")
 
     listing = ArgumentParser(description="List the registered detectors, one line each")
-    listing.add_argument("--modules", type=list[str], default=[], help="Modules to import first (your own detectors)")
+    listing.add_argument("--modules", type=str, nargs="*", default=[], help="Modules to import first (your own detectors)")
     commands.add_subcommand("detectors", listing, help="List the registered detectors")
     return parser
 

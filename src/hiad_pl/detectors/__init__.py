@@ -14,7 +14,7 @@ from hiad_pl.detectors.base import DETECTOR_REGISTRY, HRDetector, OnePassDetecto
 from hiad_pl.detectors.fastflow import HRFastFlow
 from hiad_pl.detectors.padim import HRPaDiM
 from hiad_pl.detectors.patchcore import HRPatchCore
-#RDPP
+from hiad_pl.detectors.rdpp import HRRDPP
 
 #: Short names of the detectors and their classes: the live registry.
 DETECTORS: dict[str, type[HRDetector]] = DETECTOR_REGISTRY
@@ -69,7 +69,7 @@ __all__ = [
     "HRFastFlow",
     "HRPaDiM",
     "HRPatchCore",
-#RDPPALL
+    "HRRDPP",
     "OnePassDetector",
     "describe_detectors",
     "get_detector",

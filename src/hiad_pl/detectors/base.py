@@ -213,8 +213,11 @@ class HRDetector(lightning.LightningModule, ABC):
     @property
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Frozen parts by attribute name: the backbone (when frozen) and :attr:`frozen_submodules`."""
-        names = (("backbone",) if self.freeze_backbone else ()) + tuple(self.frozen_submodules)
-        return {name: getattr(self, name) for name in names}
+        # parts built after super().__init__ are absent until then (setup checks they exist)
+        return {name: module for name in self._frozen_names() if (module := getattr(self, name, None)) is not None}
+
+    def _frozen_names(self) -> tuple[str, ...]:
+        return (("backbone",) if self.freeze_backbone else ()) + tuple(self.frozen_submodules)
 
     @property
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -412,7 +415,14 @@ class HRDetector(lightning.LightningModule, ABC):
         return self
 
     def setup(self, stage: str) -> None:
-        """Freeze the frozen parts (a teacher built after ``super().__init__`` included) before optimisers exist."""
+        """Freeze the frozen parts (a teacher built after ``super().__init__`` included) before optimisers exist.
+
+        Raises:
+            ValueError: when a name in :attr:`frozen_submodules` is not a submodule.
+        """
+        missing = [name for name in self._frozen_names() if not isinstance(getattr(self, name, None), nn.Module)]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.frozen_submodules names {missing}, which are not submodules")
         for module in self.frozen_modules.values():
             module.requires_grad_(False).eval()
 
