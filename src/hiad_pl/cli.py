@@ -128,10 +128,9 @@ from hiad_pl.launchers import RayOptions
 def _run_arguments(parser: ArgumentParser) -> None:
     import lightning
 
-    import hiad_pl.detectors  # noqa: F401  (subclasses known by name: --detector HRPaDiM)
-    import hiad_pl.tasks  # noqa: F401
-    from hiad_pl.detectors.base import HRDetector
-    from hiad_pl.tasks.base import TaskGenerator
+    # from the packages, which import every subclass: they are then known by name (--detector HRPaDiM)
+    from hiad_pl.detectors import HRDetector
+    from hiad_pl.tasks import TaskGenerator
 
     parser.add_argument("--config", action=RunConfigFile, help="YAML config: a CLI config or a detector file (configs/)")
     parser.add_argument("--run_dir", type=str, default="runs/default", help="Run folder: checkpoints, logs, metrics")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from hiad_pl.data.synthesis import AnomalySynthesizer
 from hiad_pl.launchers import RayOptions
@@ -108,7 +108,7 @@ def validate_options(cls: type, options: Mapping[str, Any], section: str) -> dic
             )
     try:
         parsed = _options_parser(cls).parse_object(dict(options), defaults=False)
-    except Exception as error:  # jsonargparse's ArgumentError carries the type problem
+    except ArgumentError as error:
         raise ValueError(f"{section}: bad value for {cls.__name__}: {error}") from None
     return {name: _plain(parsed[name]) for name in options}
 
