@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from hiad_pl.data.batch import PatchBatch
@@ -37,7 +37,7 @@ from hiad_pl.data.datamodule import (
 )
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import as_pair, stitch
-from hiad_pl.io import AtomicCheckpointIO, locks_root
+from hiad_pl.io import AtomicCheckpointIO, check_checkpoint, load_checkpoint, locks_root
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 
@@ -385,7 +385,9 @@ class TaskOrchestrator:
         callbacks: list[Callback] = [RunInfo(class_path(self.detector_class), task, size)]
         epoch_dir = self.root / "checkpoints" / task.name
         if gradient:
-            callbacks.append(ModelCheckpoint(dirpath=epoch_dir, filename="epoch{epoch:03d}", save_last=True, save_top_k=1))
+            from hiad_pl.callbacks import epoch_checkpoint
+
+            callbacks.append(epoch_checkpoint(epoch_dir, validated=val_config is not None and data.has_validation))
         callbacks.extend(self._validation_callbacks(detector, data, val_config))
         options: dict[str, Any] = {
             "enable_progress_bar": progress,
@@ -407,6 +409,7 @@ class TaskOrchestrator:
         last = epoch_dir / "last.ckpt"
         resume = str(last) if gradient and last.is_file() else None
         if resume:
+            check_checkpoint(last, task.name)
             log.info("%s: resuming from %s", task.name, last)
         with warnings.catch_warnings():
             for message in QUIET_WARNINGS:
@@ -477,7 +480,7 @@ class TaskOrchestrator:
             raise FileNotFoundError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
         for task in self.tasks:
             path = self.checkpoint_path(task)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load_checkpoint(path, task.name)
             info = checkpoint.get(RUN_INFO_KEY, {})
             cls = import_class(info["detector_class"]) if "detector_class" in info else self.detector_class
             detector = cls.load_from_checkpoint(path, map_location=device, weights_only=True)
