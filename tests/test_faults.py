@@ -287,3 +287,43 @@ def test_disk_full_while_writing_a_checkpoint_then_corrupt_checkpoint_is_named(s
     final.unlink()
     assert main(["fit", "--config", str(config)]) == 2
     assert f"{epochs / 'last.ckpt'}: unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_demo: Path, tmp_path: Path, monkeypatch) -> None:
+    import pickle
+
+    from conftest import PATCHCORE_TEST_CONFIG
+    from hiad_pl.data.discovery import discover
+    from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
+    from hiad_pl.detectors import HRPatchCore
+    from hiad_pl.orchestrator import TaskOrchestrator
+    from hiad_pl.tasks import retrieval
+    from hiad_pl.tasks.base import Task
+
+    (split,) = discover(small_demo, categories=["texture"], image_size=512)
+    grid = MultiResolutionHRImageSpliter(512, 256)
+    tasks = [Task(f"task_{k}", indexes=grid[2 * k : 2 * k + 2], centers=[[float(k)]]) for k in range(2)]
+    calls: list[int] = []
+
+    def route(detector, samples, patch_tasks, batch_size=8, top_k=None):  # stands in for embedding every patch
+        calls.append(len(samples))
+        count = len(samples) * len(grid)
+        return list(grid), {t.name: [i for i in range(count) if i % len(patch_tasks) == k] for k, t in enumerate(patch_tasks)}
+
+    monkeypatch.setattr(retrieval, "retrieval_train_items", route)
+    dispatched: list[TaskOrchestrator] = []
+
+    def dispatch(self, pending, samples, devices, val_config):  # what the worker processes receive
+        dispatched.extend(pickle.loads(pickle.dumps(self)) for _ in pending)
+
+    monkeypatch.setattr(TaskOrchestrator, "_fit_parallel", dispatch)
+    config = {**PATCHCORE_TEST_CONFIG, "patch_size": 256}
+    TaskOrchestrator(HRPatchCore, config, tasks, tmp_path).fit(split.train, devices=["cpu", "cpu"])
+    assert calls == [len(split.train)] and len(dispatched) == 2
+    for worker, task in zip(dispatched, tasks):
+        _, items = worker._retrieval_items(None, task, split.train)
+        assert items == route(None, split.train, tasks)[1][task.name]
+    rerun = TaskOrchestrator(HRPatchCore, config, tasks, tmp_path)  # a new process on the same folder
+    rerun._retrieval_items(None, tasks[0], split.train)
+    assert len(calls) == 1 + 2  # the two reference calls above; the workers and the rerun embedded nothing
+    assert len(list((tmp_path / "retrieval").glob("training-*.json"))) == 1
