@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from hiad_pl.data.datamodule import (
 )
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair, stitch
+from hiad_pl.errors import ConfigError
 from hiad_pl.io import AtomicCheckpointIO, atomic_write, check_checkpoint, load_checkpoint, locks_root
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
@@ -220,6 +222,9 @@ class TaskOrchestrator:
             raise ValueError(f"trainer options {clash} are set by hiad-pl per task; choose devices with gpu_ids/devices")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        unknown = sorted(set(self.trainer_kwargs) - set(inspect.signature(L.Trainer).parameters))
+        if unknown:
+            raise ConfigError(f"trainer: unknown lightning.Trainer options {unknown}")
         self.tasks = list(tasks)
         if self.thumbnail_config is not None and not any(t.is_thumbnail for t in self.tasks):
             if "thumbnail_size" not in self.thumbnail_config:
