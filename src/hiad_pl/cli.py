@@ -3,6 +3,10 @@
 Configs are YAML files with ``class_path``/``init_args`` for the detector and the
 task generator; every option can also be given on the command line
 (``--data.batch_size 4``) and ``--print_config`` shows the resolved config.
+
+Exit status: 0 done, 2 bad input, configuration or environment (one line naming
+the file or key; see :mod:`hiad_pl.errors`), 1 internal error (the traceback
+with ``--verbose true``), 130 interrupted.
 """
 
 from __future__ import annotations
