@@ -129,6 +129,7 @@ def test_truncated_training_image_is_named(small_demo: Path, tmp_path: Path, cap
         ("unknown category", ["'nosuch'", "not found", "available"]),
         ("wrong config type", ["data.batch_size", "four"]),
         ("image smaller than a patch", ["patch_size 1024x1024", "image_size 512x512"]),
+        ("misspelt trainer option", ["trainer", "max_epoch"]),
     ],
 )
 def test_bad_data_or_config_is_one_line_with_status_2(small_demo: Path, tmp_path: Path, capsys, case: str, names: list[str]) -> None:
@@ -140,10 +141,11 @@ def test_bad_data_or_config_is_one_line_with_status_2(small_demo: Path, tmp_path
         data["categories"] = ["nosuch"]
     elif case == "wrong config type":
         data["batch_size"] = "four"
-    else:
+    elif case == "image smaller than a patch":
         data["patch_size"] = 1024
+    trainer = {"max_epoch": 3} if case == "misspelt trainer option" else {}
     try:
-        status = main(["fit", "--config", str(write_config(tmp_path, small_demo, data=data))])
+        status = main(["fit", "--config", str(write_config(tmp_path, small_demo, data=data, trainer=trainer))])
     except SystemExit as exit_:  # argument parsing errors exit from the parser
         status = exit_.code
     err = capsys.readouterr().err

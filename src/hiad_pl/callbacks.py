@@ -4,6 +4,12 @@ Each task's detector is validated on its own held-out patches with synthetic
 anomalies. The best validation (image AUROC, ties broken by the mean of the
 other metrics) is kept: its weights are restored at the end of fitting and its
 score statistics normalise that task's maps to [0, 1] at inference.
+
+A gradient-trained detector's best weights live on disk, in the checkpoint
+that Lightning's ``ModelCheckpoint`` keeps for the best selection score
+(:func:`epoch_checkpoint`); that callback and the selector's own state travel
+in ``last.ckpt``, so a resumed fit still knows the best epoch of before the
+interruption. A one-pass detector is validated once, so its weights are the best.
 """
 
 from __future__ import annotations
@@ -11,14 +17,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from hiad_pl.io import load_checkpoint
 from hiad_pl.metrics import UndefinedMetricError
 from hiad_pl.postprocess import image_score
 
@@ -109,15 +117,43 @@ def pooled_statistics(statistics: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {"low": low, "high": max(high, low + 1e-6)}
 
 
+def epoch_checkpoint(dirpath: str | Path, validated: bool) -> ModelCheckpoint:
+    """Epoch checkpoints of a gradient-trained detector: ``last.ckpt`` to resume and, when
+    ``validated``, ``best-epoch<NNN>.ckpt`` with the best :data:`SELECTION_METRIC` so far."""
+    if validated:
+        return ModelCheckpoint(
+            dirpath=dirpath,
+            filename="best-epoch{epoch:03d}",
+            monitor=SELECTION_METRIC,
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            auto_insert_metric_name=False,
+        )
+    return ModelCheckpoint(dirpath=dirpath, filename="epoch{epoch:03d}", save_last=True, save_top_k=1)
+
+
+def best_checkpoint_path(trainer: L.Trainer) -> str | None:
+    """The file of the best validated epoch, kept by the trainer's :func:`epoch_checkpoint` (None without one)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor == SELECTION_METRIC and callback.best_model_path:
+            return callback.best_model_path
+    return None
+
+
 class ValidationSelector(Callback):
-    """Scores each validation epoch, logs metrics, keeps the best weights and their statistics."""
+    """Scores each validation epoch, logs metrics, keeps the best epoch and its statistics.
+
+    The best weights themselves are on disk (:func:`epoch_checkpoint`) for
+    gradient-trained detectors, and in the module for one-pass detectors,
+    which are validated once.
+    """
 
     def __init__(self, evaluators: Sequence[Callable[..., dict]] | None = None, scope: str = "task") -> None:
         self.evaluators = list(evaluators) if evaluators else default_validation_evaluators()
         self.scope = scope
         self.best_score = -math.inf
         self.best_epoch: int | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
         self.best_statistics: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
         self._maps: list[torch.Tensor] = []
@@ -149,10 +185,10 @@ class ValidationSelector(Callback):
         # moves on; a one-pass detector is validated by trainer.validate once its epoch is done.
         trained = trainer.current_epoch + (1 if trainer.state.fn == TrainerFn.FITTING else 0)
         self.history.append({"epoch": trained, "score": score, **values})
-        if score > self.best_score or self.best_state is None:
+        # Strictly better, as ModelCheckpoint(mode="max") decides, so both keep the same epoch.
+        if score > self.best_score or self.best_epoch is None:
             self.best_score = score
             self.best_epoch = trained
-            self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             self.best_statistics = normalization_statistics(maps, labels, self.scope)
         pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
 
@@ -171,10 +207,14 @@ class ValidationSelector(Callback):
         return values
 
     def restore_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Load the best validated weights and statistics into the module."""
-        if self.best_state is None:
+        """Load the best validated weights (from the best epoch's checkpoint) and statistics into the module."""
+        if self.best_epoch is None:
             return
-        pl_module.load_state_dict(self.best_state)
+        path = best_checkpoint_path(trainer)
+        if path is not None:
+            checkpoint = load_checkpoint(path)
+            pl_module.on_load_checkpoint(checkpoint)  # fills in what the checkpoint leaves out (frozen backbone)
+            pl_module.load_state_dict(checkpoint["state_dict"])
         pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
         log.info("kept the weights after epoch %s (validation score %.4f)", self.best_epoch, self.best_score)
 

@@ -7,12 +7,16 @@ import path with its typed, documented options (``--detector.help HRPatchCore``)
 hiad-pl sets per task, and a misspelt option at any depth stops the parse, naming the valid
 ones, before any data is read. ``--config`` takes a CLI config or one of the tutorial's flat
 detector files (``configs/patchcore.yaml``); ``--print_config`` shows the resolved config.
+
+Exit status: 0 done, 2 bad input, configuration or environment (one line naming
+the file or key; see :mod:`hiad_pl.errors`), 1 internal error (the traceback
+with ``--verbose true``), 130 interrupted.
 """
 
 from __future__ import annotations
 
-import inspect
 import contextlib
+import inspect
 import io
 import logging
 import re

@@ -56,20 +56,33 @@ from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryPrecisionRecallCurve
+from torchmetrics.utilities.data import dim_zero_cat
+
+#: The torchmetrics releases whose private curve functions these metrics are tested with (as in pyproject.toml).
+TORCHMETRICS_TESTED = ">=1.9,<1.10"
 
 # torchmetrics' own curve computations, applied to one shared state so that the
 # pixels are sorted or histogrammed once for AUROC, AP and the PR curve; the
-# public wrappers would also squash scores outside [0, 1] with a sigmoid.
-from torchmetrics.functional.classification.auroc import _binary_auroc_compute
-from torchmetrics.functional.classification.average_precision import (
-    _binary_average_precision_compute,
-)
-from torchmetrics.functional.classification.precision_recall_curve import (
-    _binary_clf_curve,
-    _binary_precision_recall_curve_compute,
-)
-from torchmetrics.functional.classification.roc import _binary_roc_compute
-from torchmetrics.utilities.data import dim_zero_cat
+# public wrappers would also squash scores outside [0, 1] with a sigmoid, and no
+# public function takes the per-pixel weights of the PRO curve. They are not
+# public API, so pyproject.toml pins the torchmetrics release they are tested with.
+try:
+    from torchmetrics.functional.classification.auroc import _binary_auroc_compute
+    from torchmetrics.functional.classification.average_precision import (
+        _binary_average_precision_compute,
+    )
+    from torchmetrics.functional.classification.precision_recall_curve import (
+        _binary_clf_curve,
+        _binary_precision_recall_curve_compute,
+    )
+    from torchmetrics.functional.classification.roc import _binary_roc_compute
+except ImportError as _error:  # pragma: no cover - only with an untested torchmetrics
+    import torchmetrics as _torchmetrics
+
+    raise ImportError(
+        f"hiad-pl's metrics need torchmetrics {TORCHMETRICS_TESTED} (found {_torchmetrics.__version__}): "
+        f"pip install 'torchmetrics{TORCHMETRICS_TESTED}' ({_error})"
+    ) from _error
 
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.errors import ConfigTypeError

@@ -6,6 +6,7 @@ A model folder holds everything inference needs::
     <root>/checkpoints/<task>.ckpt    one Lightning checkpoint per task, written atomically
     <root>/checkpoints/<task>/        per-epoch checkpoints of gradient-trained detectors (resume)
     <root>/tensorboard/<task>/        one TensorBoard run per task (or <log_root>/<task>/)
+    <root>/retrieval/                 routing of the training patches to retrieval tasks (computed once)
 
 A rerun skips tasks whose final checkpoint exists and resumes interrupted ones.
 """
@@ -13,6 +14,9 @@ A rerun skips tasks whose final checkpoint exists and resumes interrupted ones.
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
+import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from hiad_pl.config import (
     DetectorConfig,
@@ -34,9 +38,10 @@ from hiad_pl.config import (
 )
 from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResDataModule, split_validation
 from hiad_pl.data.sample import HRSample
-from hiad_pl.data.tiling import as_pair
+from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
-from hiad_pl.io import AtomicCheckpointIO, locks_root
+from hiad_pl.errors import ConfigError
+from hiad_pl.io import AtomicCheckpointIO, atomic_write, check_checkpoint, load_checkpoint, locks_root
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
@@ -201,6 +206,9 @@ class TaskOrchestrator:
         check_trainer_options(self.trainer_kwargs)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        unknown = sorted(set(self.trainer_kwargs) - set(inspect.signature(L.Trainer).parameters))
+        if unknown:
+            raise ConfigError(f"trainer: unknown lightning.Trainer options {unknown}")
         self.tasks = list(tasks)
         if detectors.thumbnail is not None and not any(t.is_thumbnail for t in self.tasks):
             self.tasks.append(thumbnail_task(detectors.thumbnail.size))
@@ -302,6 +310,7 @@ class TaskOrchestrator:
         done = len(self.tasks) - len(pending)
         if done:
             log.info("%d task(s) already fitted in %s, skipped", done, self.root)
+        self._route_retrieval_once(pending, list(train_samples), val_config)
         if pending:
             make_launcher(launcher, devices, ray).fit(self, pending, list(train_samples), val_config)
         return [self.checkpoint_path(t) for t in self.tasks]
@@ -317,9 +326,7 @@ class TaskOrchestrator:
         """Fit one task and write its final checkpoint atomically."""
         L.seed_everything(self.seed, workers=True, verbose=False)
         detector = self.build_detector(task)
-        fit_samples, val_samples = train_samples, []
-        if val_config is not None:
-            fit_samples, val_samples = split_validation(train_samples, val_config.val_sample_ratio, self.seed)
+        fit_samples, val_samples = self._split(train_samples, val_config)
         gradient = not getattr(detector, "fits_in_one_pass", False)
         indexes, train_items, val_items = list(task.indexes), None, None
         if task.centers is not None:
@@ -353,7 +360,9 @@ class TaskOrchestrator:
         callbacks: list[Callback] = [RunInfo(class_path(self.detector_class), task, size)]
         epoch_dir = self.root / "checkpoints" / task.name
         if gradient:
-            callbacks.append(ModelCheckpoint(dirpath=epoch_dir, filename="epoch{epoch:03d}", save_last=True, save_top_k=1))
+            from hiad_pl.callbacks import epoch_checkpoint
+
+            callbacks.append(epoch_checkpoint(epoch_dir, validated=val_config is not None and data.has_validation))
         callbacks.extend(self._validation_callbacks(detector, data, val_config))
         callbacks.extend(task_callbacks(self.trainer_kwargs.get("callbacks")))
         options: dict[str, Any] = {
@@ -377,6 +386,7 @@ class TaskOrchestrator:
         last = epoch_dir / "last.ckpt"
         resume = str(last) if gradient and last.is_file() else None
         if resume:
+            check_checkpoint(last, task.name)
             log.info("%s: resuming from %s", task.name, last)
         with warnings.catch_warnings():
             for message in QUIET_WARNINGS:
@@ -393,10 +403,37 @@ class TaskOrchestrator:
         atomic_save_checkpoint(trainer, path)
         return path
 
+    def _split(self, samples: list[HRSample], val_config: ValidationConfig | None) -> tuple[list[HRSample], list[HRSample]]:
+        """Fitting and validation images (no validation images without a validation config)."""
+        if val_config is None:
+            return samples, []
+        return split_validation(samples, val_config.val_sample_ratio, self.seed)
+
+    def _route_retrieval_once(self, tasks: list[Task], samples: list[HRSample], val_config: ValidationConfig | None) -> None:
+        """Route the patches of retrieval tasks before fitting them, so that worker processes share one routing."""
+        task = next((t for t in tasks if t.centers is not None), None)
+        if task is None:
+            return
+        detector = self.build_detector(task)
+        fit_samples, val_samples = self._split(samples, val_config)
+        self._retrieval_items(detector, task, fit_samples)
+        if val_samples:
+            self._retrieval_items(detector, task, val_samples, validation=True)
+
+    def _retrieval_routing_path(self, paths: tuple[str, ...], validation: bool) -> Path:
+        """Where the routing of these images is kept: it depends on the images, tasks and detector config."""
+        key = json.dumps(
+            [paths, [t.todict() for t in self.tasks if not t.is_thumbnail], self.patch_config, self.fusion_weights],
+            sort_keys=True,
+            default=repr,
+        )
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        return self.root / "retrieval" / f"{'validation' if validation else 'training'}-{digest}.json"
+
     def _retrieval_items(
         self, detector: L.LightningModule, task: Task, samples: list[HRSample], validation: bool = False
     ) -> tuple[list, list[int]]:
-        """The grid and the items of ``samples`` routed to a retrieval task (computed once per process).
+        """The grid and the items of ``samples`` routed to a retrieval task (computed once per model folder).
 
         Patches are routed with the rule inference uses, by a fresh detector:
         its frozen backbone embeds exactly as the fitted one will. Training
@@ -404,12 +441,21 @@ class TaskOrchestrator:
         only to the nearest, where inference would send them, so each task is
         validated and normalised on the patches it will score. A task that no
         validation patch is routed to is validated at its own positions.
+        The routing is kept in memory and in ``<root>/retrieval/``, so that every
+        task, worker process and rerun reads it instead of embedding every
+        training patch again.
         """
         paths = tuple(s.get_image_path() for s in samples)
         if validation not in self._retrieval_cache or self._retrieval_cache[validation][0] != paths:
-            patch_tasks = [t for t in self.tasks if not t.is_thumbnail]
-            top_k = 1 if validation else None
-            routed = retrieval_train_items(detector, samples, patch_tasks, self.batch_size, top_k)
+            saved = self._retrieval_routing_path(paths, validation)
+            if saved.is_file():
+                data = json.loads(saved.read_text(encoding="utf-8"))
+                routed = ([MultiResolutionIndex.from_str(i) for i in data["grid"]], data["items"])
+            else:
+                patch_tasks = [t for t in self.tasks if not t.is_thumbnail]
+                top_k = 1 if validation else None
+                routed = retrieval_train_items(detector, samples, patch_tasks, self.batch_size, top_k)
+                atomic_write(saved, json.dumps({"grid": [str(i) for i in routed[0]], "items": routed[1]}))
             self._retrieval_cache[validation] = (paths, routed)
         grid, items = self._retrieval_cache[validation][1]
         chosen = items[task.name]
@@ -446,7 +492,7 @@ class TaskOrchestrator:
             raise FileNotFoundError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
         for task in self.tasks:
             path = self.checkpoint_path(task)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load_checkpoint(path, task.name)
             info = checkpoint.get(RUN_INFO_KEY, {})
             cls = import_class(info["detector_class"]) if "detector_class" in info else self.detector_class
             detector = cls.load_from_checkpoint(path, map_location=device, weights_only=True)
