@@ -211,7 +211,7 @@ class HRPatchCore(OnePassDetector):
         coreset_chunk_size: int | None = 8192,
         feature_dtype: str = "float16",
         search: str = "auto",
-        exact_search_max_bank: int = 20_000,
+        exact_search_max_bank: int = 10_000,
         search_nprobe: int = 8,
         seed: int = 0,
     ) -> None:
