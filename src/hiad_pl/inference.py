@@ -23,6 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from itertools import islice
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -205,20 +206,14 @@ class InferencePipeline:
             for sample_id, sample in enumerate(samples):
                 yield self.decode(sample, sample_id)
             return
+        items = iter(enumerate(samples))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiad-decode") as pool:
-            pending: deque[Future] = deque()
-            items = iter(enumerate(samples))
-            for sample_id, sample in items:
-                pending.append(pool.submit(self.decode, sample, sample_id))
-                if len(pending) > self.prefetch:
-                    break
+            pending = deque(pool.submit(self.decode, sample, k) for k, sample in islice(items, self.prefetch + 1))
             while pending:
                 start = time.perf_counter()
                 decoded = pending.popleft().result()
                 self.times.wait += time.perf_counter() - start
-                for sample_id, sample in items:
-                    pending.append(pool.submit(self.decode, sample, sample_id))
-                    break
+                pending.extend(pool.submit(self.decode, sample, k) for k, sample in islice(items, 1))
                 yield decoded
 
     # ------------------------------------------------------------------ score
