@@ -136,13 +136,15 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
     orchestrator = TaskOrchestrator("hiad_pl.detectors.HRPatchCore", {}, [], run, batch_size=8)
     orchestrator.load("cpu")
     pipeline = orchestrator.pipeline("cpu")
-    floor = backbone_floor(pipeline, split)
+    floor_before = backbone_floor(pipeline, split)
     scores, maps = np.zeros(len(split.test)), []
     start = time.perf_counter()
     for prediction in pipeline.predict(split.test):
         scores[prediction.sample_id] = prediction.score
         maps.append(prediction.anomaly_map.numpy().astype(np.float16))
     wall = (time.perf_counter() - start) / len(split.test)
+    # The floor is timed before and after the pipeline; on shared cores the smaller is the fairer.
+    floor = min(floor_before, backbone_floor(pipeline, split))
     labels = np.array([s.label for s in split.test])
     masks = [s.full_mask() for s in split.test]
     pixel = metrics.compute_pixelwise_metrics_resize(scores, labels, maps, masks, resize=512)
