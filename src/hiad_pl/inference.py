@@ -24,6 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from itertools import islice
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -228,21 +229,15 @@ class InferencePipeline:
                 if decoded is not None:
                     yield decoded
             return
+        items = iter(enumerate(samples))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiad-decode") as pool:
-            pending: deque[tuple[int, Future]] = deque()
-            items = iter(enumerate(samples))
-            for sample_id, sample in items:
-                pending.append((sample_id, pool.submit(self.decode, sample, sample_id)))
-                if len(pending) > self.prefetch:
-                    break
+            pending = deque((k, pool.submit(self.decode, sample, k)) for k, sample in islice(items, self.prefetch + 1))
             while pending:
                 start = time.perf_counter()
                 sample_id, future = pending.popleft()
                 decoded = result(sample_id, future.result)
                 self.times.wait += time.perf_counter() - start
-                for next_id, sample in items:
-                    pending.append((next_id, pool.submit(self.decode, sample, next_id)))
-                    break
+                pending.extend((k, pool.submit(self.decode, sample, k)) for k, sample in islice(items, 1))
                 if decoded is not None:
                     yield decoded
 

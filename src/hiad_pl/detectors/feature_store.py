@@ -4,8 +4,7 @@ A one-pass detector sees every training location once; at 2K-4K the rows
 (``N`` locations x ``D`` channels) reach millions. :class:`FeatureStore` appends
 each batch's rows to a raw file in a temporary folder (float16 by default: half
 of float32's bytes, and PatchCore's distances need no more precision) and reads
-them back memory-mapped, so resident memory stays at one chunk while the
-operating system pages the rest.
+them back block by block, so resident memory stays at one block.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ STORE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": tor
 
 
 class FeatureStore:
-    """Rows ``[N, D]`` appended batch by batch to a file; read back as float32 chunks.
+    """Rows ``[N, D]`` appended batch by batch to a file; read back as float32 blocks.
 
     Args:
         dtype: ``float16`` (the default, half the bytes) or ``float32`` (exact copies).
@@ -41,10 +40,9 @@ class FeatureStore:
         self.dtype = STORE_DTYPES[dtype]
         self._folder = Path(tempfile.mkdtemp(prefix="hiad_features_", dir=directory))
         self.path = self._folder / "features.bin"
-        self._file = open(self.path, "wb")
+        self._file: Any = open(self.path, "wb")
         self.rows = 0
         self.dim: int | None = None
-        self._mapped: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.rows
@@ -62,37 +60,28 @@ class FeatureStore:
         self._file.write(rows.detach().to("cpu", self.dtype).contiguous().numpy().tobytes())
         self.rows += int(rows.shape[0])
 
-    def mapped(self) -> np.ndarray:
-        """The rows as a read-only memory-mapped ``[N, D]`` array (ends appending)."""
-        if self._mapped is None:
-            if self.dim is None or self.rows == 0:
-                raise RuntimeError("the feature store is empty")
+    def read(self, start: int, stop: int) -> Tensor:
+        """float32 rows ``start:stop``, read from the file (ends appending).
+
+        A plain read, not a memory map: pages of the file already read do not
+        count towards the process's resident memory.
+        """
+        if self._file is not None:
             self._file.close()
             self._file = None
-            numpy_dtype = np.float16 if self.dtype == torch.float16 else np.float32
-            self._mapped = np.memmap(self.path, dtype=numpy_dtype, mode="r", shape=(self.rows, self.dim))
-        return self._mapped
-
-    def take(self, indices: Tensor | np.ndarray) -> Tensor:
-        """float32 rows at ``indices`` (read in ascending order, returned in the order asked)."""
-        order = np.asarray(indices, dtype=np.int64)
-        ascending = np.argsort(order, kind="stable")
-        rows = np.empty((len(order), self.dim or 0), dtype=np.float32)
-        rows[ascending] = self.mapped()[order[ascending]]
-        return torch.from_numpy(rows)
-
-    def chunks(self, size: int) -> Iterator[Tensor]:
-        """float32 chunks of at most ``size`` consecutive rows, in order."""
-        data = self.mapped()
-        for start in range(0, self.rows, size):
-            yield torch.from_numpy(np.asarray(data[start : start + size], dtype=np.float32))
+        stop = min(stop, self.rows)
+        if self.dim is None or start >= stop:
+            return torch.empty(0, self.dim or 0)
+        numpy_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        itemsize = np.dtype(numpy_dtype).itemsize
+        values = np.fromfile(self.path, dtype=numpy_dtype, count=(stop - start) * self.dim, offset=start * self.dim * itemsize)
+        return torch.from_numpy(values.reshape(stop - start, self.dim)).float()
 
     def close(self) -> None:
         """Delete the file."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._mapped = None
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def __del__(self) -> None:

@@ -53,7 +53,7 @@ RECALL_SAMPLE = 256
 log = logging.getLogger(__name__)
 
 
-def choose_search_kind(size: int, requested: str = "auto", exact_max: int = 20_000) -> str:
+def choose_search_kind(size: int, requested: str = "auto", exact_max: int = 10_000) -> str:
     """The search kind for a bank of ``size`` vectors: ``requested``, or for ``auto`` exact up to ``exact_max``."""
     if requested not in SEARCH_KINDS:
         raise ValueError(f"search kind must be one of {SEARCH_KINDS}, got {requested!r}")

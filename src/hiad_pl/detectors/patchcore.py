@@ -26,6 +26,8 @@ from hiad_pl.detectors.nn_search import SEARCH_KINDS, NearestNeighbourIndex, cho
 
 #: Rows projected at once when the coreset's random projection is applied.
 PROJECTION_CHUNK_ROWS = 65536
+#: Coreset chunks read from the training features at once (the rows are shuffled within them).
+CORESET_CHUNKS_PER_BLOCK = 16
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,11 @@ def greedy_coreset_indices(points: Tensor, count: int, generator: torch.Generato
     return chosen
 
 
-def _take(features: Tensor | FeatureStore, indices: Tensor) -> Tensor:
-    """float32 rows of a tensor or a feature store at ``indices``."""
+def _read(features: Tensor | FeatureStore, start: int, stop: int) -> Tensor:
+    """float32 rows ``start:stop`` of a tensor or a feature store."""
     if isinstance(features, FeatureStore):
-        return features.take(indices.numpy())
-    return features[indices.to(features.device)].float()
+        return features.read(start, stop)
+    return features[start:stop].float()
 
 
 def coreset_subsample(
@@ -106,20 +108,22 @@ def coreset_subsample(
 ) -> Tensor:
     """The memory bank: ``percentage`` of ``features`` ``[N, D]`` chosen by greedy k-center.
 
-    ``features`` is a tensor or a :class:`FeatureStore` (rows are read from it a
-    chunk at a time). Distances are measured after a random projection to
-    ``projection_dim`` dimensions; the returned rows are the original features
-    (float32). Greedy selection costs ``O(percentage * N * C)`` for chunks of
-    ``C`` rows: with ``chunk_size`` set and ``N`` larger, the rows are shuffled
-    into equal chunks of at most ``chunk_size`` and each chunk keeps
-    ``percentage`` of itself (the union of per-chunk k-centers covers the whole
-    set: every training feature is considered). ``max_candidates`` instead
-    draws a uniform random subset first, which drops training features: a
-    warning gives the numbers. ``percentage >= 1`` keeps every candidate.
+    ``features`` is a tensor or a :class:`FeatureStore`, read one block of
+    ``CORESET_CHUNKS_PER_BLOCK * chunk_size`` rows at a time. Distances are
+    measured after a random projection to ``projection_dim`` dimensions; the
+    returned rows are the original features (float32). Greedy selection costs
+    ``O(percentage * N * C)`` for chunks of ``C`` rows: with ``chunk_size`` set
+    and ``N`` larger, each block's rows are shuffled into equal chunks of at most
+    ``chunk_size`` and each chunk keeps ``percentage`` of itself (the union of
+    per-chunk k-centers covers the whole set: every training feature is
+    considered). Without ``chunk_size`` one greedy runs over all rows.
+    ``max_candidates`` instead draws a uniform random subset first, which drops
+    training features: a warning gives the numbers. ``percentage >= 1`` keeps
+    every candidate.
     """
     generator = torch.Generator().manual_seed(seed)
     total = len(features)
-    candidates = torch.arange(total)
+    keep: Tensor | None = None
     if max_candidates is not None and total > max_candidates:
         message = (
             f"PatchCore: {total} training features exceed coreset_max_candidates={max_candidates}; "
@@ -129,24 +133,31 @@ def coreset_subsample(
         )
         log.warning(message)
         warnings.warn(message, stacklevel=2)
-        candidates = torch.randperm(total, generator=generator)[:max_candidates]
-    if percentage >= 1:
-        return _take(features, candidates)
+        keep = torch.zeros(total, dtype=torch.bool)
+        keep[torch.randperm(total, generator=generator)[:max_candidates]] = True
     dimension_in = features.dim if isinstance(features, FeatureStore) else features.shape[1]
     device = torch.device(device) if device is not None else torch.device("cpu")
     matrix = projection_matrix(int(dimension_in), projection_dim, generator)
-    if chunk_size is None or len(candidates) <= chunk_size:
-        chunks = [candidates]
-    else:
-        shuffled = candidates[torch.randperm(len(candidates), generator=generator)]
-        chunks = list(shuffled.tensor_split(math.ceil(len(candidates) / chunk_size)))
-        log.info(f"PatchCore: coreset over {len(candidates)} features in {len(chunks)} chunks of {len(chunks[0])}.")
-    chosen = []
-    for chunk in chunks:
-        count = max(1, math.ceil(percentage * len(chunk)))
-        projected = project(_take(features, chunk), matrix, device)
-        chosen.append(chunk[greedy_coreset_indices(projected, count, generator).cpu()])
-    return _take(features, torch.cat(chosen))
+    block = total if chunk_size is None else chunk_size * CORESET_CHUNKS_PER_BLOCK
+    bank = []
+    for start in range(0, total, block):
+        rows = _read(features, start, start + block)
+        if keep is not None:
+            rows = rows[keep[start : start + block]]
+        if percentage >= 1 or len(rows) == 0:
+            bank.append(rows)
+            continue
+        if chunk_size is None or len(rows) <= chunk_size:
+            chunks = [torch.arange(len(rows))]
+        else:
+            chunks = list(torch.randperm(len(rows), generator=generator).tensor_split(math.ceil(len(rows) / chunk_size)))
+        for chunk in chunks:
+            count = max(1, math.ceil(percentage * len(chunk)))
+            projected = project(rows[chunk], matrix, device)
+            bank.append(rows[chunk[greedy_coreset_indices(projected, count, generator).cpu()]])
+    if chunk_size is not None and total > chunk_size and percentage < 1:
+        log.info(f"PatchCore: coreset over all {total} features in chunks of at most {chunk_size}.")
+    return torch.cat(bank)
 
 
 class HRPatchCore(OnePassDetector):
@@ -188,7 +199,7 @@ class HRPatchCore(OnePassDetector):
     The bank (``memory_bank``, ``[M, D]``) is a buffer saved in checkpoints.
     During the pass the training features are streamed to a temporary file
     (``N x D x 2`` bytes for ``N`` locations in float16); resident memory is one
-    coreset chunk plus the bank.
+    block of features (16 coreset chunks) plus the bank.
     """
 
     resizable_buffers = ("memory_bank",)
@@ -211,7 +222,7 @@ class HRPatchCore(OnePassDetector):
         coreset_chunk_size: int | None = 8192,
         feature_dtype: str = "float16",
         search: str = "auto",
-        exact_search_max_bank: int = 20_000,
+        exact_search_max_bank: int = 10_000,
         search_nprobe: int = 8,
         seed: int = 0,
     ) -> None:

@@ -1,0 +1,249 @@
+"""Time the inference pipeline stage by stage beside the bare-backbone floor; fit time and peak memory.
+
+Two experiments on the procedural demo data (texture category), PatchCore with
+the tutorial's settings (EfficientNet-Lite0 ``blocks.2`` + ``blocks.4``, embed
+dimensions 1024/1024, which pool down to the layers' 152 channels, coreset 10%):
+
+``scale``
+    per image size (2048, 4096) and layout (A2O: one detector for all 512-px
+    patches; O2O: one per patch position): fit time and peak RSS (in its own
+    process), then per-stage inference times (decode, backbone, heads / k-NN,
+    stitch, post-processing) beside the bare backbone over the same patches,
+    timed in the same process, and that process's peak RSS.
+``search``
+    accuracy per second of the memory-bank choices at 1024 px (patches of 256,
+    A2O): every training feature searched exactly (the reference), every
+    feature with an IVF index, the chunked coreset with exact or IVF search;
+    pixel and image AUROC, fit and inference time, measured recall@1.
+
+    python benchmarks/bench_inference.py scale --sizes 2048 --train 30 --test 10
+    python benchmarks/bench_inference.py search --out docs/bench_inference.json
+
+Results accumulate in the JSON file (``--out``) and are printed as Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The tutorial's PatchCore settings.
+TUTORIAL_PATCHCORE = {
+    "backbone_name": "efficientnet_lite0",
+    "weights": "offline",
+    "layers_to_extract_from": ["blocks.2", "blocks.4"],
+    "merge_size": 3,
+    "percentage": 0.1,
+    "pretrain_embed_dimension": 1024,
+    "target_embed_dimension": 1024,
+}
+#: Memory-bank variants of the ``search`` experiment: PatchCore overrides.
+SEARCH_VARIANTS: dict[str, dict[str, Any]] = {
+    "all features, exact": {"percentage": 1.0, "search": "exact"},
+    "all features, IVF": {"percentage": 1.0, "search": "ivf"},
+    "all features, HNSW": {"percentage": 1.0, "search": "hnsw"},
+    "coreset 10%, exact": {"percentage": 0.1, "search": "exact"},
+    "coreset 10%, IVF": {"percentage": 0.1, "search": "ivf"},
+}
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def in_child(function: Callable[..., dict], *args: Any) -> dict:
+    """Run ``function(*args)`` in a fresh process (its own peak RSS) and return its result."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def demo_split(root: Path, image_size: int, train: int, test: int) -> Any:
+    """The texture category of a demo data set (written once under ``root``)."""
+    from hiad_pl.data.demo import make_demo_dataset
+    from hiad_pl.data.discovery import discover
+
+    folder = root / f"demo_{image_size}_{train}_{test}"
+    good = max(1, test // 3)
+    make_demo_dataset(folder, categories=["texture"], image_size=image_size, num_train=train,
+                      num_test_good=good, num_test_defect=max(1, test - good))
+    (split,) = discover(folder, categories=["texture"], image_size=image_size)
+    return split
+
+
+def make_tasks(layout: str, split: Any, image_size: int, patch_size: int) -> list:
+    """A2O or O2O tasks over ``patch_size`` patches."""
+    from hiad_pl.tasks import A2OTaskGenerator, O2OTaskGenerator
+    from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
+
+    generator = {"a2o": A2OTaskGenerator, "o2o": O2OTaskGenerator}[layout]()
+    return generator.create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=image_size, patch_size=patch_size))
+
+
+def fit_phase(run: str, data_root: str, image_size: int, patch_size: int, train: int, test: int,
+              layout: str, config: dict, threads: int) -> dict:
+    """Fit one run folder; wall time and peak RSS of the fitting process."""
+    import torch
+
+    from hiad_pl.detectors import HRPatchCore
+    from hiad_pl.orchestrator import TaskOrchestrator
+
+    torch.set_num_threads(threads)
+    split = demo_split(Path(data_root), image_size, train, test)
+    tasks = make_tasks(layout, split, image_size, patch_size)
+    start = time.perf_counter()
+    TaskOrchestrator(HRPatchCore, config, tasks, run, batch_size=8).fit(split.train, [])
+    return {"fit_s": time.perf_counter() - start, "fit_peak_rss_gb": peak_rss_gb(), "tasks": len(tasks)}
+
+
+def backbone_floor(pipeline: Any, split: Any) -> float:
+    """Mean seconds per image of the bare shared backbone over every patch of the test images."""
+    import torch
+
+    backbone, size = pipeline._leader.backbone, pipeline.batch_size
+    with torch.inference_mode():  # warm-up: the first pass builds the convolution kernels
+        backbone(pipeline.decode(split.test[0], 0).patches.image[:size])
+    total = 0.0
+    for sample_id, sample in enumerate(split.test):
+        patches = pipeline.decode(sample, sample_id).patches.image
+        with torch.inference_mode():
+            start = time.perf_counter()
+            for chunk in patches.split(size):
+                backbone(chunk)
+            total += time.perf_counter() - start
+    return total / len(split.test)
+
+
+def test_phase(run: str, data_root: str, image_size: int, train: int, test: int, threads: int) -> dict:
+    """Score the test images of a fitted run: per-stage times, the backbone floor, metrics, peak RSS."""
+    import numpy as np
+    import torch
+
+    from hiad_pl.orchestrator import TaskOrchestrator
+    from hiad_pl.utils import metrics
+
+    torch.set_num_threads(threads)
+    split = demo_split(Path(data_root), image_size, train, test)
+    orchestrator = TaskOrchestrator("hiad_pl.detectors.HRPatchCore", {}, [], run, batch_size=8)
+    orchestrator.load("cpu")
+    pipeline = orchestrator.pipeline("cpu")
+    floor_before = backbone_floor(pipeline, split)
+    scores, maps = np.zeros(len(split.test)), []
+    start = time.perf_counter()
+    for prediction in pipeline.predict(split.test):
+        scores[prediction.sample_id] = prediction.score
+        maps.append(prediction.anomaly_map.numpy().astype(np.float16))
+    wall = (time.perf_counter() - start) / len(split.test)
+    # The floor is timed before and after the pipeline; on shared cores the smaller is the fairer.
+    floor = min(floor_before, backbone_floor(pipeline, split))
+    labels = np.array([s.label for s in split.test])
+    masks = [s.full_mask() for s in split.test]
+    pixel = metrics.compute_pixelwise_metrics_resize(scores, labels, maps, masks, resize=512)
+    image = metrics.compute_imagewise_metrics(scores, labels)
+    recalls = [d._search[1].recall_at_1 for d in orchestrator._detectors.values() if d._search is not None]
+    banks = [int(d.memory_bank.shape[0]) for d in orchestrator._detectors.values()]
+    kinds = sorted({d._search[1].kind for d in orchestrator._detectors.values() if d._search is not None})
+    return {
+        "floor_s": floor,
+        "inference_s": wall,
+        "stages_s": pipeline.times.per_image(),
+        "test_peak_rss_gb": peak_rss_gb(),
+        "pixel_auroc": pixel["pixel_auroc"],
+        "image_auroc": image["image_auroc"],
+        "recall_at_1": min((r for r in recalls if r is not None), default=None),
+        "bank_size": sum(banks),
+        "search": kinds,
+        "backbones": len({id(d.backbone) for d in orchestrator._detectors.values()}),
+    }
+
+
+def run_experiment(name: str, work: Path, image_size: int, patch_size: int, train: int, test: int,
+                   layout: str, config: dict, threads: int) -> dict:
+    """Fit then test in two fresh processes; one result row."""
+    run = work / name.replace(" ", "_").replace(",", "").replace("%", "")
+    shutil.rmtree(run, ignore_errors=True)
+    row = {"name": name, "image_size": image_size, "patch_size": patch_size, "layout": layout,
+           "train": train, "test": test, "threads": threads, "config": config}
+    row.update(in_child(fit_phase, str(run), str(work), image_size, patch_size, train, test, layout, config, threads))
+    row.update(in_child(test_phase, str(run), str(work), image_size, train, test, threads))
+    shutil.rmtree(run, ignore_errors=True)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def scale_table(rows: list[dict]) -> str:
+    """Markdown table of the ``scale`` experiment."""
+    lines = [
+        "| images | layout | train / test | fit (s) | fit peak RSS (GB) | floor (s/img) | inference (s/img) | x floor "
+        "| decode* | backbone | heads / k-NN | stitch | post | test peak RSS (GB) | pixel AUROC | search |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r["stages_s"]
+        lines.append(
+            f"| {r['image_size']} | {r['layout'].upper()} ({r['tasks']} tasks) | {r['train']} / {r['test']} | {r['fit_s']:.0f} "
+            f"| {r['fit_peak_rss_gb']:.2f} | {r['floor_s']:.2f} | {r['inference_s']:.2f} | {r['inference_s'] / r['floor_s']:.2f} "
+            f"| {s['decode']:.2f} | {s['backbone']:.2f} | {s['heads']:.2f} | {s['stitch']:.2f} | {s['post']:.2f} "
+            f"| {r['test_peak_rss_gb']:.2f} | {r['pixel_auroc']:.4f} | {', '.join(r['search'])} |"
+        )
+    return "\n".join(lines)
+
+
+def search_table(rows: list[dict]) -> str:
+    """Markdown table of the ``search`` experiment."""
+    lines = [
+        "| memory bank | bank size | fit (s) | inference (s/img) | heads / k-NN (s/img) | recall@1 | pixel AUROC | image AUROC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        recall = "exact" if r["recall_at_1"] is None or r["search"] == ["exact"] else f"{r['recall_at_1']:.3f}"
+        lines.append(
+            f"| {r['name']} | {r['bank_size']} | {r['fit_s']:.0f} | {r['inference_s']:.2f} | {r['stages_s']['heads']:.2f} "
+            f"| {recall} | {r['pixel_auroc']:.4f} | {r['image_auroc']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Command line: ``scale`` or ``search``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["scale", "search"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--layouts", nargs="+", default=["a2o", "o2o"], choices=["a2o", "o2o"])
+    parser.add_argument("--train", type=int, default=30, help="training images")
+    parser.add_argument("--test", type=int, default=10, help="test images")
+    parser.add_argument("--variants", nargs="+", default=list(SEARCH_VARIANTS), choices=list(SEARCH_VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_inference"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON file the rows are added to")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if args.experiment == "scale":
+        for size in args.sizes:
+            for layout in args.layouts:
+                rows.append(run_experiment(f"{layout} {size}", args.work, size, 512, args.train, args.test,
+                                           layout, dict(TUTORIAL_PATCHCORE), args.threads))
+        print(scale_table(rows))
+    else:
+        for name in args.variants:
+            config = {**TUTORIAL_PATCHCORE, **SEARCH_VARIANTS[name]}
+            rows.append(run_experiment(name, args.work, 1024, 256, args.train, args.test, "a2o", config, args.threads))
+        print(search_table(rows))
+    if args.out is not None:
+        saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        saved.setdefault(args.experiment, []).extend(rows)
+        args.out.write_text(json.dumps(saved, indent=1))
+
+
+if __name__ == "__main__":
+    main()
