@@ -1,4 +1,4 @@
-"""``hiad-pl``: fit, test, predict, tasks, demo-data.
+"""``hiad-pl``: fit, test, predict, tasks, demo-data, serve, export.
 
 Configs are YAML files with ``class_path``/``init_args`` for the detector and the
 task generator; every option can also be given on the command line
@@ -61,12 +61,18 @@ def build_parser() -> ArgumentParser:
         commands.add_subcommand(name, sub, help=help_text)
 
     predict = ArgumentParser(description="Score new images with a fitted run")
-    predict.add_argument("--run_dir", type=str, required=True, help="A folder written by `hiad-pl fit`")
+    predict.add_argument("--run_dir", type=str | None, default=None, help="A folder written by `hiad-pl fit`")
+    predict.add_argument("--export", type=str | None, default=None,
+                         help="A folder written by `hiad-pl export` (scored with onnxruntime, no torch), instead of --run_dir")
     predict.add_argument("--input", type=str, nargs="+", required=True, help="Image files or folders")
     predict.add_argument("--output", type=str, required=True, help="Folder for maps, overlays and scores.csv")
     predict.add_argument("--category", type=str | None, default=None, help="Category model to use (when the run has several)")
     predict.add_argument("--devices", type=list[int | str], default=[], help="GPU ids; [] = CPU")
     commands.add_subcommand("predict", predict, help="Score new images with a fitted run")
+
+    from hiad_pl.serve import serve_parser
+
+    commands.add_subcommand("serve", serve_parser(), help="Serve a fitted run over HTTP")
 
     demo = ArgumentParser(description="Write the procedural high-resolution demo data set")
     demo.add_argument("--root", type=str, default="demo_data", help="Output folder")
@@ -132,10 +138,21 @@ def main(argv: list[str] | None = None) -> int:
                 defects = sum(info["test_defect"].values())
                 print(f"{sub.root}/{name}: {info['train']} train, {info['test_good']} good + {defects} defective test images ({state})")
         elif command == "predict":
-            from hiad_pl import jobs
+            if (sub.run_dir is None) == (sub.export is None):
+                raise ValueError("give either --run_dir (a fitted run) or --export (an exported model)")
+            if sub.export is not None:
+                from hiad_pl.deploy.predictor import predict_export
 
-            out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, sub.devices)
+                out = predict_export(Path(sub.export), sub.input, Path(sub.output))
+            else:
+                from hiad_pl import jobs
+
+                out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, sub.devices)
             print(f"predictions written to {out}")
+        elif command == "serve":
+            from hiad_pl.serve import serve_command
+
+            serve_command(sub)
         else:
             from hiad_pl import jobs
 

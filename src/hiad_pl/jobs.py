@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hiad_pl.data.discovery import CategorySplit, discover
-from hiad_pl.data.sample import IMAGE_SUFFIXES, HRSample
+from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, as_pair
+from hiad_pl.deploy.files import input_images
 from hiad_pl.engine import (
     evaluate_predictions,
     run_inference,
@@ -250,44 +251,58 @@ def saved_image_size(run_dir: Path) -> tuple[int, int]:
     return as_pair(data.get("image_size", 2048), "image_size")
 
 
-def input_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively) in named folders."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
-            if not found:
-                raise ValueError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return files
+@dataclass
+class LoadedRun:
+    """One category model of a fitted run, loaded and ready to score."""
+
+    orchestrator: TaskOrchestrator
+    category: str
+    image_size: tuple[int, int]
+    device: str
+
+
+def run_categories(run_dir: Path) -> list[str]:
+    """The fitted categories of a run folder (folders holding a tasks.json)."""
+    categories = sorted(p.parent.name for p in Path(run_dir).glob("*/tasks.json"))
+    if not categories:
+        raise FileNotFoundError(f"{run_dir}: no fitted category (no */tasks.json)")
+    return categories
+
+
+def choose_category(run_dir: Path, category: str | None) -> str:
+    """``category``, or the run's only category; an error lists the choices otherwise."""
+    categories = run_categories(run_dir)
+    if category is None:
+        if len(categories) > 1:
+            raise ValueError(f"{run_dir} holds several categories {categories}: choose one with --category")
+        return categories[0]
+    if category not in categories:
+        raise ValueError(f"category {category!r} is not in {run_dir}; available: {categories}")
+    return category
+
+
+def load_run(run_dir: Path, category: str | None = None, devices: Sequence[int | str] = ()) -> LoadedRun:
+    """Load a fitted category model once (tasks, every task's checkpoint) onto the first of ``devices``."""
+    category = choose_category(Path(run_dir), category)
+    image_size = saved_image_size(Path(run_dir))
+    orchestrator = TaskOrchestrator("hiad_pl.detectors.base.HRDetector", {}, [], Path(run_dir) / category)
+    device = resolve_devices(list(devices))[0]
+    orchestrator.load(device)
+    return LoadedRun(orchestrator, category, image_size, device)
 
 
 def predict(
     run_dir: Path, inputs: Sequence[str | Path], output: Path, category: str | None = None, devices: Sequence[int | str] = ()
 ) -> Path:
     """Score new images with a fitted run: maps (16-bit PNG, .npy), overlays and scores.csv."""
-    categories = sorted(p.parent.name for p in Path(run_dir).glob("*/tasks.json"))
-    if not categories:
-        raise FileNotFoundError(f"{run_dir}: no fitted category (no */tasks.json)")
-    if category is None:
-        if len(categories) > 1:
-            raise ValueError(f"{run_dir} holds several categories {categories}: choose one with --category")
-        category = categories[0]
-    if category not in categories:
-        raise ValueError(f"category {category!r} is not in {run_dir}; available: {categories}")
-    image_size = saved_image_size(Path(run_dir))
-    samples = [HRSample(p, image_size=image_size, clsname=category) for p in input_images(inputs)]
-    orchestrator = TaskOrchestrator("hiad_pl.detectors.base.HRDetector", {}, [], Path(run_dir) / category)
-    device = resolve_devices(list(devices))[0]
-    orchestrator.load(device)
+    files = input_images(inputs)  # a bad input fails before the models load
+    run = load_run(Path(run_dir), category, devices)
+    samples = [HRSample(p, image_size=run.image_size, clsname=run.category) for p in files]
+    orchestrator = run.orchestrator
     stems = unique_stems([s.get_image_path() for s in samples])
     rows = [
         write_prediction(p, samples[p.sample_id], Path(output), orchestrator.normalized, stems[p.sample_id])
-        for p in orchestrator.predict(samples, device)
+        for p in orchestrator.predict(samples, run.device)
     ]
     write_scores_csv(rows, Path(output) / "scores.csv", orchestrator.normalized)
     return Path(output)
