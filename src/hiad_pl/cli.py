@@ -70,9 +70,11 @@ def build_parser() -> ArgumentParser:
     predict.add_argument("--devices", type=list[int | str], default=[], help="GPU ids; [] = CPU")
     commands.add_subcommand("predict", predict, help="Score new images with a fitted run")
 
+    from hiad_pl.deploy.export import export_parser
     from hiad_pl.serve import serve_parser
 
     commands.add_subcommand("serve", serve_parser(), help="Serve a fitted run over HTTP")
+    commands.add_subcommand("export", export_parser(), help="Export a fitted run to ONNX graphs and a manifest")
 
     demo = ArgumentParser(description="Write the procedural high-resolution demo data set")
     demo.add_argument("--root", type=str, default="demo_data", help="Output folder")
@@ -153,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             from hiad_pl.serve import serve_command
 
             serve_command(sub)
+        elif command == "export":
+            from hiad_pl.deploy.export import export_command
+
+            print(f"exported to {export_command(sub)}")
         else:
             from hiad_pl import jobs
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -178,13 +178,6 @@ class RunScorer:
             )
         sample.image.open()
         return sample
-
-    def array_sample(self, image: np.ndarray, name: str) -> HRSample:
-        """A decoded ``[H, W, 3]`` uint8 image as a sample (written losslessly once to keep one decode path)."""
-        with tempfile.TemporaryDirectory(prefix="hiad-serve-") as folder:
-            path = Path(folder) / f"{Path(name).stem or 'image'}.png"
-            path.write_bytes(png_bytes(np.ascontiguousarray(image), compress_level=0))
-            return self.sample(path)
 
     def score(self, samples: Sequence[HRSample]) -> list[Prediction]:
         """Anomaly maps and image scores of decoded samples, scored together."""
@@ -350,7 +343,9 @@ def create_app(scorer: RunScorer, config: ServeConfig | None = None) -> FastAPI:
         }
 
     @app.post("/predict")
-    async def predict(request: Request, map: bool = False, map_format: str = "png") -> dict[str, Any]:
+    async def predict(
+        request: Request, with_map: bool = Query(False, alias="map"), map_format: str = "png"
+    ) -> dict[str, Any]:
         if map_format not in MAP_FORMATS:
             raise RequestError(422, f"map_format must be one of {list(MAP_FORMATS)}, got {map_format!r}")
         content_type = request.headers.get("content-type", "")
@@ -384,7 +379,7 @@ def create_app(scorer: RunScorer, config: ServeConfig | None = None) -> FastAPI:
             "normalized": scorer.normalized,
             "batch_size": batch_size,
         }
-        if map:
+        if with_map:
             body.update(encode_map(prediction.anomaly_map.numpy(), scorer.normalized, map_format))
         request.state.detail = f"image={filename!r} score={prediction.score:.6f} batch={batch_size}"
         return body
