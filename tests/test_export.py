@@ -111,3 +111,9 @@ def test_bad_export_folder_is_named(tmp_path: Path, capsys) -> None:
     (tmp_path / "image.png").write_bytes(b"")
     assert predictor_main(["--export", str(tmp_path / "nothing"), "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "not an export" in capsys.readouterr().err
+
+
+def test_predict_takes_either_a_run_or_an_export(tmp_path: Path, capsys) -> None:
+    for choice in ([], ["--run_dir", str(tmp_path), "--export", str(tmp_path)]):
+        assert main(["predict", *choice, "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+        assert "either --run_dir (a fitted run) or --export" in capsys.readouterr().err

@@ -51,13 +51,10 @@ from hiad_pl.data.sample import HRSample, ImageReadError, read_size
 from hiad_pl.data.tiling import stitch
 from hiad_pl.deploy.files import map_png16, map_range, png_bytes
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator
-from hiad_pl.postprocess import gaussian_blur, image_score, upsample
+from hiad_pl.postprocess import NORMALIZED_THRESHOLD, gaussian_blur, image_score, upsample
 
 log = logging.getLogger("hiad_pl.serve")
 
-#: Default decision threshold on normalised scores: halfway between the top of normal
-#: validation scores (mapped to 0.05) and the largest validation score (mapped to 0.95).
-NORMALIZED_THRESHOLD = 0.5
 MAP_FORMATS = ("png", "npy")
 
 Item = TypeVar("Item")

@@ -36,7 +36,7 @@ from hiad_pl.deploy.files import atomic_write_bytes
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.patchcore import HRPatchCore
-from hiad_pl.postprocess import BLUR_SIGMA, SCORE_WINDOW, normalize_scores
+from hiad_pl.postprocess import BLUR_SIGMA, NORMALIZED_THRESHOLD, SCORE_WINDOW, normalize_scores
 from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
@@ -192,7 +192,6 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     import yaml
 
     from hiad_pl.jobs import load_run
-    from hiad_pl.serve import NORMALIZED_THRESHOLD
     from hiad_pl.tasks.retrieval import cells_for, retrieval_grid, stacked_centers
     from hiad_pl.visualize import heatmap
 
