@@ -204,7 +204,9 @@ def main() -> None:
         results[experiment["name"]] = run(experiment, args.work)
         args.out.write_text(json.dumps(results, indent=2))
     print(table(results))
-    args.out.with_suffix(".md").write_text(table(results))
+    markdown = args.out.with_suffix(".md")
+    serving = markdown.read_text().partition("\n## Serving")[1:] if markdown.is_file() else ()
+    markdown.write_text(table(results) + "".join(serving))  # the Serving section is load_test.py's
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``hiad-pl``: fit, test, predict, tasks, demo-data, detectors.
+"""``hiad-pl``: fit, test, predict, tasks, demo-data, detectors, serve, export.
 
 The parser is built from the classes, with jsonargparse (the machinery of LightningCLI):
 ``detector`` takes any :class:`~hiad_pl.detectors.base.HRDetector` subclass by name or
@@ -195,7 +195,9 @@ def build_parser() -> ArgumentParser:
         commands.add_subcommand(name, sub, help=help_text)
 
     predict = HiadArgumentParser(allow_abbrev=False, description="Score new images with a fitted run")
-    predict.add_argument("--run_dir", type=str, required=True, help="A folder written by `hiad-pl fit`")
+    predict.add_argument("--run_dir", type=str | None, default=None, help="A folder written by `hiad-pl fit`")
+    predict.add_argument("--export", type=str | None, default=None,
+                         help="A folder written by `hiad-pl export` (scored with onnxruntime, no torch), instead of --run_dir")
     predict.add_argument("--input", type=str, nargs="+", required=True, help="Image files or folders")
     predict.add_argument("--output", type=str, required=True, help="Folder for maps, overlays and scores.csv")
     predict.add_argument("--category", type=str | None, default=None, help="Category model to use (when the run has several)")
@@ -203,6 +205,12 @@ def build_parser() -> ArgumentParser:
     predict.add_argument("--strict", type=bool, default=False,
                          help="Stop at the first unreadable image (default: skip it, report it, score the rest)")
     commands.add_subcommand("predict", predict, help="Score new images with a fitted run")
+
+    from hiad_pl.deploy.export import export_parser
+    from hiad_pl.serve import serve_parser
+
+    commands.add_subcommand("serve", serve_parser(), help="Serve a fitted run over HTTP")
+    commands.add_subcommand("export", export_parser(), help="Export a fitted run to ONNX graphs and a manifest")
 
     demo = HiadArgumentParser(allow_abbrev=False, description="Write the procedural high-resolution demo data set")
     demo.add_argument("--root", type=str, default="demo_data", help="Output folder")
@@ -273,10 +281,25 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(jobs.list_detectors(sub.modules)))
         elif command == "predict":
-            from hiad_pl import jobs
+            if (sub.run_dir is None) == (sub.export is None):
+                raise ValueError("give either --run_dir (a fitted run) or --export (an exported model)")
+            if sub.export is not None:
+                from hiad_pl.deploy.predictor import predict_export
 
-            out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
+                out = predict_export(Path(sub.export), sub.input, Path(sub.output))
+            else:
+                from hiad_pl import jobs
+
+                out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
             print(f"predictions written to {out}")
+        elif command == "serve":
+            from hiad_pl.serve import serve_command
+
+            serve_command(sub)
+        elif command == "export":
+            from hiad_pl.deploy.export import export_command
+
+            print(f"exported to {export_command(sub)}")
         else:
             from hiad_pl import jobs
 

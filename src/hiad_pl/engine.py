@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from hiad_pl.data.sample import HRSample
-from hiad_pl.io import atomic_write
+from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
 from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
 from hiad_pl.visualize import overlay, render_panel, save_png
@@ -83,51 +80,12 @@ def run_inference(
     return collect(predictions, len(samples))
 
 
-def unique_stems(paths: Sequence[str | Path]) -> list[str]:
-    """Output names for input images: the file stem, prefixed by folders where stems collide."""
-    paths = [Path(p) for p in paths]
-    stems = [p.stem for p in paths]
-    depth = 1
-    while len(set(stems)) < len(stems) and depth < max(len(p.parts) for p in paths):
-        stems = ["_".join(p.parts[-depth - 1 : -1] + (p.stem,)) for p in paths]
-        depth += 1
-    if len(set(stems)) < len(stems):
-        stems = [f"{k:05d}_{stem}" for k, stem in enumerate(stems)]
-    return stems
-
-
 def write_prediction(prediction: Prediction, sample: HRSample, folder: Path, normalized: bool, stem: str) -> dict:
-    """Write one image's map (16-bit PNG and .npy) and overlay; returns its CSV row.
-
-    The 16-bit PNG spans [0, 1] for normalised scores; raw maps span their own
-    min..max, which the row records so the PNG can be mapped back.
-    """
+    """Write one image's map (16-bit PNG and .npy) and overlay; returns its CSV row (see :mod:`hiad_pl.deploy.files`)."""
     anomaly_map = prediction.anomaly_map.numpy().astype(np.float32)
-    vmin, vmax = (0.0, 1.0) if normalized else (float(anomaly_map.min()), float(anomaly_map.max()))
-    scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    png16 = (scaled * 65535).round().astype(np.uint16)
-    atomic_write(folder / f"{stem}_map.png", lambda stream: Image.fromarray(png16).save(stream, format="PNG"))
-    atomic_write(folder / f"{stem}_map.npy", lambda stream: np.save(stream, anomaly_map))
+    vmin, vmax = map_range(anomaly_map, normalized)
     with sample:
-        save_png(overlay(sample.image.open(), anomaly_map, vmin, vmax), folder / f"{stem}_overlay.png")
-    return {
-        "image": sample.get_image_path(),
-        "score": f"{prediction.score:.6f}",
-        "map": f"{stem}_map.png",
-        "map_min": f"{vmin:.6g}",
-        "map_max": f"{vmax:.6g}",
-    }
-
-
-def write_scores_csv(rows: list[dict], path: Path, normalized: bool) -> None:
-    """``scores.csv``: one row per image; a first comment line says whether scores are normalised.
-
-    The ``error`` column is empty for scored images and says why the others were skipped.
-    """
-    buffer = io.StringIO()
-    scale = "normalised to [0, 1] with validation statistics" if normalized else "raw (no validation set)"
-    buffer.write(f"# scores: {scale}\n")
-    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "map", "map_min", "map_max", "error"], restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buffer.getvalue())
+        blended = overlay(sample.image.open(), anomaly_map, vmin, vmax)
+    return write_prediction_files(
+        folder, stem, sample.get_image_path(), anomaly_map, prediction.score, blended, normalized
+    )

@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Union
 
-import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from hiad_pl.errors import CheckpointError, RunFolderLockedError, WriteError
 
@@ -86,16 +84,6 @@ def _sync_folder(folder: Path) -> None:
         os.close(handle)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O through :func:`atomic_write` (epoch, best and final checkpoints alike)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Write ``checkpoint`` to ``path`` atomically with the run's file mode."""
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        atomic_write(path, lambda stream: torch.save(checkpoint, stream))
-
-
 def check_checkpoint(path: str | Path, task: str | None = None) -> None:
     """Raise :class:`~hiad_pl.errors.CheckpointError` when ``path`` is not a complete checkpoint archive.
 
@@ -120,6 +108,8 @@ def corrupt_checkpoint(path: str | Path, error: BaseException, task: str | None 
 
 def load_checkpoint(path: str | Path, task: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """``torch.load`` of a checkpoint (``weights_only=True`` by default) with a clear error when it is corrupt."""
+    import torch  # here, so that the file helpers above serve the torch-free exported predictor too
+
     check_checkpoint(path, task)
     kwargs.setdefault("weights_only", True)
     kwargs.setdefault("map_location", "cpu")

@@ -13,13 +13,15 @@ A run folder holds one model folder per category::
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from hiad_pl.config import RunConfig, import_class, instantiate
 from hiad_pl.data.discovery import CategorySplit, discover
-from hiad_pl.data.sample import IMAGE_SUFFIXES, HRSample
+from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, as_pair
+from hiad_pl.deploy.files import input_images
 from hiad_pl.engine import (
     evaluate_predictions,
     run_inference,
@@ -29,9 +31,9 @@ from hiad_pl.engine import (
     write_scores_csv,
     write_visualizations,
 )
+from hiad_pl.errors import InputError, PredictionError
 from hiad_pl.launchers import make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
-from hiad_pl.errors import InputError, PredictionError
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
 
 log = logging.getLogger("hiad_pl")
@@ -159,20 +161,44 @@ def saved_image_size(run_dir: Path) -> tuple[int, int]:
     return as_pair(data.get("image_size", 2048), "image_size")
 
 
-def input_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively) in named folders."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
-            if not found:
-                raise ValueError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return files
+@dataclass
+class LoadedRun:
+    """One category model of a fitted run, loaded and ready to score."""
+
+    orchestrator: TaskOrchestrator
+    category: str
+    image_size: tuple[int, int]
+    device: str
+
+
+def run_categories(run_dir: Path) -> list[str]:
+    """The fitted categories of a run folder (folders holding a tasks.json)."""
+    categories = sorted(p.parent.name for p in Path(run_dir).glob("*/tasks.json"))
+    if not categories:
+        raise FileNotFoundError(f"{run_dir}: no fitted category (no */tasks.json)")
+    return categories
+
+
+def choose_category(run_dir: Path, category: str | None) -> str:
+    """``category``, or the run's only category; an error lists the choices otherwise."""
+    categories = run_categories(run_dir)
+    if category is None:
+        if len(categories) > 1:
+            raise ValueError(f"{run_dir} holds several categories {categories}: choose one with --category")
+        return categories[0]
+    if category not in categories:
+        raise ValueError(f"category {category!r} is not in {run_dir}; available: {categories}")
+    return category
+
+
+def load_run(run_dir: Path, category: str | None = None, devices: Sequence[int | str] = ()) -> LoadedRun:
+    """Load a fitted category model once (tasks, every task's checkpoint) onto the first of ``devices``."""
+    category = choose_category(Path(run_dir), category)
+    image_size = saved_image_size(Path(run_dir))
+    orchestrator = TaskOrchestrator("hiad_pl.detectors.base.HRDetector", {}, [], Path(run_dir) / category)
+    device = resolve_devices(list(devices))[0]
+    orchestrator.load(device)
+    return LoadedRun(orchestrator, category, image_size, device)
 
 
 def predict(
@@ -190,20 +216,9 @@ def predict(
     :class:`~hiad_pl.errors.PredictionError` at the end counts the failures.
     With ``strict`` the first unreadable image stops the run.
     """
-    categories = sorted(p.parent.name for p in Path(run_dir).glob("*/tasks.json"))
-    if not categories:
-        raise FileNotFoundError(f"{run_dir}: no fitted category (no */tasks.json)")
-    if category is None:
-        if len(categories) > 1:
-            raise ValueError(f"{run_dir} holds several categories {categories}: choose one with --category")
-        category = categories[0]
-    if category not in categories:
-        raise ValueError(f"category {category!r} is not in {run_dir}; available: {categories}")
-    image_size = saved_image_size(Path(run_dir))
-    paths = input_images(inputs)
-    orchestrator = TaskOrchestrator("hiad_pl.detectors.base.HRDetector", {}, [], Path(run_dir) / category)
-    device = resolve_devices(list(devices))[0]
-    orchestrator.load(device)
+    paths = input_images(inputs)  # a bad input fails before the models load
+    run = load_run(Path(run_dir), category, devices)
+    orchestrator = run.orchestrator
     stems = unique_stems(paths)
     rows: dict[int, dict] = {}
     failures: list[InputError] = []
@@ -215,13 +230,13 @@ def predict(
     samples: list[tuple[int, HRSample]] = []
     for k, path in enumerate(paths):
         try:
-            samples.append((k, HRSample(path, image_size=image_size, clsname=category)))
+            samples.append((k, HRSample(path, image_size=run.image_size, clsname=run.category)))
         except InputError as error:
             if strict:
                 raise
             log.warning("skipped %s", error)
             skipped(k, error)
-    pipeline = orchestrator.pipeline(device)
+    pipeline = orchestrator.pipeline(run.device)
     try:
         for prediction in pipeline.predict([s for _, s in samples], skip_unreadable=not strict):
             k, sample = samples[prediction.sample_id]

@@ -41,7 +41,8 @@ from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.errors import ConfigError
-from hiad_pl.io import AtomicCheckpointIO, atomic_write, check_checkpoint, load_checkpoint, locks_root
+from hiad_pl.checkpoint_io import AtomicCheckpointIO
+from hiad_pl.io import atomic_write, check_checkpoint, load_checkpoint, locks_root
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items

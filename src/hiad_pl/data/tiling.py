@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used, so indexes and crops load without it
+    import torch
 
 from hiad_pl.errors import ConfigError
 
@@ -211,6 +213,8 @@ def stitch(
     Overlapping pixels are averaged. All patches share one size, so the whole
     gather is one ``index_add_`` over flat pixel positions.
     """
+    import torch
+
     values = torch.as_tensor(patches)
     if values.ndim != 3 or values.shape[0] != len(indexes):
         raise ValueError(f"expected [N, h, w] patches for {len(indexes)} indexes, got {tuple(values.shape)}")
@@ -234,5 +238,7 @@ def stitch(
 
 def split(image: torch.Tensor | np.ndarray, indexes: Sequence[HRImageIndex]) -> torch.Tensor:
     """Crop equal-size patches ``[N, h, w, ...]`` from an ``[H, W, ...]`` array."""
+    import torch
+
     tensor = torch.as_tensor(image)
     return torch.stack([crop(tensor, i) for i in indexes])

@@ -1,0 +1,277 @@
+"""``hiad-pl export``: one ONNX graph per task and a manifest, for scoring without torch.
+
+Each task's graph maps ImageNet-normalised patch pixels ``[B, 3, h, w]`` (plus
+the low-resolution crops ``[B, L, 3, h, w]`` and windows ``[B, L, 4]`` when the
+run fuses resolutions) to the task's normalised anomaly map ``[B, h, w]``:
+backbone, the detector's head (PatchCore's k-NN becomes a matrix product and a
+top-k against the bank, PaDiM's Mahalanobis distance and FastFlow's flow are
+traced as they are) and the validation statistics' normalisation. The thumbnail
+graph also resizes its map to the full image. Retrieval runs get a router graph
+(patch pixels to pooled embeddings) and their centres in the manifest.
+
+Everything else a prediction needs is in ``manifest.json``: the tasks and their
+indexes, the spliter settings, retrieval centres, normalisation statistics,
+threshold, blur and image-score settings, input statistics. Predictions from
+the export equal the run's (see :mod:`hiad_pl.deploy.predictor`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hiad_pl import __version__
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.deploy.files import atomic_write_bytes
+from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
+from hiad_pl.detectors.base import HRDetector
+from hiad_pl.detectors.patchcore import HRPatchCore
+from hiad_pl.postprocess import BLUR_SIGMA, NORMALIZED_THRESHOLD, SCORE_WINDOW, normalize_scores
+from hiad_pl.tasks.base import Task
+
+log = logging.getLogger("hiad_pl")
+
+EXPORT_FORMATS = ("onnx",)
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+OPSET = 17
+#: The overlay colours of ``visualize.heatmap`` (256 RGB entries), so the predictor needs no OpenCV.
+COLORMAP_FILE = "colormap.npy"
+
+
+def patchcore_map(detector: HRPatchCore, batch: PatchBatch) -> Tensor:
+    """PatchCore's anomaly map with the k-NN as ``|x|^2 - 2 x.b + |b|^2``, a top-k and a square root (traceable)."""
+    features = detector.patch_features(batch)
+    size, height, width, dim = features.shape
+    flat = features.reshape(-1, dim)
+    bank = detector.memory_bank.float()
+    squared = flat.square().sum(1, keepdim=True) - 2 * flat @ bank.T + bank.square().sum(1)[None]
+    k = max(1, min(int(detector.num_neighbors), bank.shape[0]))
+    nearest = squared.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
+    scores = nearest.mean(dim=1).reshape(size, 1, height, width)
+    return F.interpolate(scores, size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+#: Detectors whose ``anomaly_map`` does not trace as it is (a search index, data-dependent code).
+GRAPH_MAPS: dict[type, Callable[[Any, PatchBatch], Tensor]] = {HRPatchCore: patchcore_map}
+
+
+def graph_map(detector: HRDetector) -> Callable[[PatchBatch], Tensor]:
+    """The traceable anomaly-map function of ``detector`` (its own ``anomaly_map`` unless registered)."""
+    for cls in type(detector).__mro__:
+        if cls in GRAPH_MAPS:
+            function = GRAPH_MAPS[cls]
+            return lambda batch: function(detector, batch)
+    return detector.anomaly_map
+
+
+class TaskGraph(nn.Module):
+    """Normalised patch pixels to a task's normalised anomaly map (the graph of one task).
+
+    Args:
+        detector: the task's fitted detector.
+        normalization: validation statistics ``{low, high}`` or ``None`` (raw scores).
+        output_size: ``(width, height)`` to resize the map to (the thumbnail), or ``None``.
+    """
+
+    def __init__(
+        self, detector: HRDetector, normalization: dict | None, output_size: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__()
+        self.detector = detector
+        self.anomaly_map = graph_map(detector)
+        self.normalization = None if normalization is None else (float(normalization["low"]), float(normalization["high"]))
+        self.output_size = output_size
+
+    def forward(self, image: Tensor, low_images: Tensor | None = None, low_windows: Tensor | None = None) -> Tensor:
+        """``[B, h, w]`` (or ``[B, H, W]`` with ``output_size``) float32 maps."""
+        batch = PatchBatch(image=image, mask=None, label=None, index=None,
+                           low_resolution_images=low_images, low_resolution_windows=low_windows)
+        maps = self.anomaly_map(batch).float()
+        if self.normalization is not None:
+            maps = normalize_scores(maps, *self.normalization).float()
+        if self.output_size is not None and tuple(maps.shape[-2:]) != (self.output_size[1], self.output_size[0]):
+            size = (self.output_size[1], self.output_size[0])
+            maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return maps
+
+
+class RouterGraph(nn.Module):
+    """Normalised patch pixels to the pooled embeddings retrieval routes by ``[B, D]``."""
+
+    def __init__(self, detector: HRDetector, cells: tuple[int, int]) -> None:
+        super().__init__()
+        self.detector = detector
+        self.cells = cells
+
+    def forward(self, image: Tensor, low_images: Tensor | None = None, low_windows: Tensor | None = None) -> Tensor:
+        """Embeddings as :func:`~hiad_pl.tasks.embedding.pool_features` computes them."""
+        from hiad_pl.tasks.embedding import pool_features
+
+        batch = PatchBatch(image=image, mask=None, label=None, index=None,
+                           low_resolution_images=low_images, low_resolution_windows=low_windows)
+        return pool_features(self.detector.fused_embedding(batch), self.cells)
+
+
+def pool_channels_by_matmul(features: Tensor, dimension: int | None) -> Tensor:
+    """:func:`~hiad_pl.detectors.patchcore.pool_channels` as a product with its ``[C, dimension]`` averaging matrix.
+
+    ONNX export refuses ``adaptive_avg_pool1d`` to sizes that do not divide the
+    input (PatchCore pools 40 channels to 128); the pooling is linear, so one
+    constant matrix, built by pooling the identity, computes it.
+    """
+    channels = int(features.shape[-1])
+    if dimension is None or dimension == channels:
+        return features
+    matrix = F.adaptive_avg_pool1d(torch.eye(channels)[:, None, :], dimension)[:, 0, :]
+    return features @ matrix.to(features.dtype)
+
+
+@contextmanager
+def traceable_operations() -> Iterator[None]:
+    """Swap in the exportable forms of operations the detectors use, for the duration of an export."""
+    from unittest import mock
+
+    from hiad_pl.detectors import patchcore
+
+    with mock.patch.object(patchcore, "pool_channels", pool_channels_by_matmul):
+        yield
+
+
+def example_inputs(task: Task, detector: HRDetector) -> tuple[Tensor, ...]:
+    """Example graph inputs of a task (two patches): image, and the low-resolution views when it fuses them."""
+    width, height = detector.input_size
+    image = torch.zeros(2, 3, height, width)
+    lows = task.indexes[0].low_resolution_indexes if task.indexes else None
+    if not lows or detector.fusion_weights is None:
+        return (image,)
+    views = len(lows)
+    windows = torch.tensor([[0, 0, width, height]] * views).expand(2, views, 4).contiguous()
+    return image, torch.zeros(2, views, 3, height, width), windows
+
+
+def export_graph(module: nn.Module, inputs: tuple[Tensor, ...], path: Path, output: str) -> None:
+    """Trace ``module`` to an ONNX file (batch axis dynamic), written atomically."""
+    names = ["image", "low_images", "low_windows"][: len(inputs)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.inference_mode(False), torch.no_grad(), traceable_operations(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on shapes that are constant per task by design
+        torch.onnx.export(
+            module, inputs, str(tmp), input_names=names, output_names=[output],
+            dynamic_axes={name: {0: "batch"} for name in [*names, output]}, opset_version=OPSET, dynamo=False,
+        )
+    tmp.replace(path)
+
+
+def task_entry(task: Task, detector: HRDetector, normalization: dict | None, graph: str, fused: bool) -> dict[str, Any]:
+    """A task's manifest entry."""
+    return {
+        "name": task.name,
+        "graph": graph,
+        "detector": f"{type(detector).__module__}.{type(detector).__qualname__}",
+        "input_size": list(detector.input_size),
+        "indexes": [i.todict() for i in task.indexes],
+        "thumbnail_size": None if task.thumbnail_size is None else list(task.thumbnail_size),
+        "normalization": None if normalization is None else {"low": normalization["low"], "high": normalization["high"]},
+        "fused": fused,
+    }
+
+
+def export_run(run_dir: str | Path, output: str | Path, category: str | None = None, export_format: str = "onnx") -> Path:
+    """Export a fitted run's category model to ``output``: ``<task>.onnx`` graphs and ``manifest.json``."""
+    import yaml
+
+    from hiad_pl.jobs import load_run
+    from hiad_pl.tasks.retrieval import cells_for, retrieval_grid, stacked_centers
+    from hiad_pl.visualize import heatmap
+
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
+    run = load_run(Path(run_dir), category, ["cpu"])
+    orchestrator = run.orchestrator
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    normalized = orchestrator.normalized
+    width, height = run.image_size
+    entries = []
+    for task in orchestrator.tasks:
+        detector = orchestrator._detectors[task.name]
+        statistics = orchestrator._normalization.get(task.name) if normalized else None
+        inputs = example_inputs(task, detector)
+        module = TaskGraph(detector, statistics, (width, height) if task.is_thumbnail else None).eval()
+        export_graph(module, inputs, output / f"{task.name}.onnx", "anomaly_map")
+        entries.append(task_entry(task, detector, statistics, f"{task.name}.onnx", len(inputs) > 1))
+        log.info("exported %s (%s)", task.name, type(detector).__name__)
+    patch_tasks = [t for t in orchestrator.tasks if not t.is_thumbnail]
+    router = None
+    if any(t.centers is not None for t in patch_tasks):
+        centers, owners = stacked_centers(patch_tasks)
+        detector = orchestrator._detectors[patch_tasks[0].name]
+        inputs = example_inputs(patch_tasks[0], detector)
+        channels = sum(f.shape[1] for f in detector.fused_embedding(
+            PatchBatch(image=inputs[0], mask=None, label=None, index=None,
+                       low_resolution_images=inputs[1] if len(inputs) > 1 else None,
+                       low_resolution_windows=inputs[2] if len(inputs) > 1 else None)))
+        export_graph(RouterGraph(detector, cells_for(centers.shape[1], channels)).eval(), inputs, output / "router.onnx", "embedding")
+        router = {
+            "graph": "router.onnx",
+            "grid": [i.todict() for i in retrieval_grid(patch_tasks)],
+            "centers": centers.tolist(),
+            "owners": owners.tolist(),
+        }
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    data = config.get("data", {})
+    manifest = {
+        "format": "hiad-pl export",
+        "version": MANIFEST_VERSION,
+        "hiad_pl_version": __version__,
+        "category": run.category,
+        "image_size": [width, height],
+        "spliter": {k: data.get(k) for k in ("image_size", "patch_size", "stride", "ds_factors")},
+        "batch_size": orchestrator.batch_size,
+        "input": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 255.0,
+                  "layout": "NCHW float32 RGB", "resize": "Pillow bilinear to image_size"},
+        "normalized": normalized,
+        "threshold": NORMALIZED_THRESHOLD if normalized else None,
+        "postprocess": {"merge": "mean over overlaps, then maximum with the thumbnail",
+                        "blur_sigma": BLUR_SIGMA, "blur_padding": "reflect",
+                        "image_score": "maximum mean over a window", "score_window": SCORE_WINDOW},
+        "routing": "retrieval" if router else "position",
+        "router": router,
+        "tasks": entries,
+        "colormap": COLORMAP_FILE,
+    }
+    # entry i is the colour of level i: the half step keeps float rounding off the level below
+    colours = heatmap(np.arange(256, dtype=np.float32)[None] + 0.5, 0.0, 255.0)[0]
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(colours))
+    atomic_write_bytes(output / COLORMAP_FILE, buffer.getvalue())
+    atomic_write_bytes(output / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+    return output
+
+
+def export_parser() -> Any:
+    """The arguments of ``hiad-pl export``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(description="Export a fitted run to ONNX graphs and a manifest (scored without torch)")
+    parser.add_argument("--run_dir", type=str, required=True, help="A folder written by `hiad-pl fit`")
+    parser.add_argument("--category", type=str | None, default=None, help="Category model to export (when the run has several)")
+    parser.add_argument("--format", type=str, default="onnx", help=f"Export format: {', '.join(EXPORT_FORMATS)}")
+    parser.add_argument("--output", type=str, required=True, help="Folder for the graphs and manifest.json")
+    return parser
+
+
+def export_command(args: Any) -> Path:
+    """Run ``hiad-pl export`` with parsed arguments."""
+    return export_run(args.run_dir, args.output, args.category, args.format)

@@ -1,0 +1,244 @@
+"""Score images with an exported model: onnxruntime, numpy and Pillow only (no torch, no Lightning).
+
+``python -m hiad_pl.deploy.predictor --export E --input DIR --output O`` (or
+``hiad-pl predict --export E ...``) writes the files ``hiad-pl predict
+--run_dir`` writes: per image ``<stem>_map.png`` / ``_map.npy`` / ``_overlay.png``,
+and ``scores.csv``. Every step outside the graphs mirrors the run's inference:
+Pillow decoding and bilinear resizing, ImageNet normalisation, routing by
+position or by the nearest retrieval centre, stitching (mean over overlaps),
+the thumbnail merged by maximum, a separable Gaussian blur with reflect
+padding, and the image score as the largest window mean (integral image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hiad_pl.data.sample import read_image, resize_array
+from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, low_resolution_window
+from hiad_pl.deploy.files import input_images, unique_stems, write_prediction_files, write_scores_csv
+
+MANIFEST = "manifest.json"
+SUPPORTED_VERSION = 1
+
+
+def gaussian_blur(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an ``[H, W]`` map with reflect padding (as :func:`hiad_pl.postprocess.gaussian_blur`)."""
+    if sigma <= 0:
+        return anomaly_map
+    radius = int(4 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(-(x**2) / np.float32(2 * sigma**2)).astype(np.float32)
+    kernel /= kernel.sum()
+    out = anomaly_map.astype(np.float32)
+    for axis in (1, 0):
+        length = out.shape[axis]
+        pad = min(radius, length - 1)
+        widths = [(0, 0), (0, 0)]
+        widths[axis] = (pad, pad)
+        padded = np.pad(out, widths, mode="reflect" if pad else "edge")
+        taps = kernel[radius - pad : radius + pad + 1]
+        result = np.zeros_like(out)
+        for t, weight in enumerate(taps):
+            result += weight * (padded[:, t : t + length] if axis == 1 else padded[t : t + length])
+        out = result
+    return out
+
+
+def image_score(anomaly_map: np.ndarray, window: int) -> float:
+    """The largest mean over ``window x window`` windows of the map (as :func:`hiad_pl.postprocess.image_score`)."""
+    k_h, k_w = min(window, anomaly_map.shape[0]), min(window, anomaly_map.shape[1])
+    integral = np.pad(anomaly_map.astype(np.float32).astype(np.float64).cumsum(1).cumsum(0), ((1, 0), (1, 0)))
+    sums = integral[k_h:, k_w:] - integral[:-k_h, k_w:] - integral[k_h:, :-k_w] + integral[:-k_h, :-k_w]
+    return float(np.float32((sums / (k_h * k_w)).max()))
+
+
+def stitch(maps: Sequence[np.ndarray], indexes: Sequence[HRImageIndex], size: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` map of patch maps placed at ``indexes``, overlaps averaged (as :func:`hiad_pl.data.tiling.stitch`)."""
+    width, height = size
+    total = np.zeros((height, width), dtype=np.float64)
+    count = np.zeros((height, width), dtype=np.float64)
+    for patch_map, index in zip(maps, indexes):
+        rows, cols = index.slices
+        total[rows, cols] += patch_map
+        count[rows, cols] += 1
+    if (count == 0).any():
+        raise ValueError("the exported indexes do not cover the whole image")
+    return (total / count).astype(np.float32)
+
+
+@dataclass
+class GraphTask:
+    """One exported task: its ONNX session and what it scores."""
+
+    name: str
+    session: Any
+    indexes: list[MultiResolutionIndex]
+    thumbnail_size: tuple[int, int] | None
+    fused: bool
+
+
+class ExportedModel:
+    """An exported category model, loaded once; :meth:`predict` scores one decoded image."""
+
+    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not an export (no {MANIFEST}); write one with `hiad-pl export`")
+        manifest = json.loads(path.read_text())
+        if manifest.get("version") != SUPPORTED_VERSION:
+            raise ValueError(f"{path}: export version {manifest.get('version')!r}, this predictor reads {SUPPORTED_VERSION}")
+        self.manifest = manifest
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        providers = list(providers or ort.get_available_providers())
+
+        def session(graph: str) -> Any:
+            file = self.folder / graph
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: graph named in {path} is missing")
+            return ort.InferenceSession(str(file), options, providers=providers)
+
+        self.tasks = [
+            GraphTask(
+                entry["name"],
+                session(entry["graph"]),
+                [MultiResolutionIndex.from_dict(i) for i in entry["indexes"]],
+                None if entry["thumbnail_size"] is None else tuple(entry["thumbnail_size"]),
+                bool(entry["fused"]),
+            )
+            for entry in manifest["tasks"]
+        ]
+        self.image_size: tuple[int, int] = tuple(manifest["image_size"])
+        self.normalized = bool(manifest["normalized"])
+        self.batch_size = int(manifest["batch_size"])
+        stats = manifest["input"]
+        self.mean = np.asarray(stats["mean"], dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(stats["std"], dtype=np.float32).reshape(3, 1, 1)
+        self.scale = np.float32(stats["scale"])
+        post = manifest["postprocess"]
+        self.blur_sigma, self.score_window = float(post["blur_sigma"]), int(post["score_window"])
+        router = manifest.get("router")
+        self.router = None
+        if router:
+            centers = np.asarray(router["centers"], dtype=np.float32)
+            self.router = (
+                session(router["graph"]),
+                [MultiResolutionIndex.from_dict(i) for i in router["grid"]],
+                centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12),
+                np.asarray(router["owners"], dtype=np.int64),
+            )
+        self.colormap = np.load(self.folder / manifest["colormap"])
+
+    def pixels(self, image: np.ndarray) -> np.ndarray:
+        """``[H, W, 3]`` uint8 -> ``[3, H, W]`` normalised float32 (as the data module's ``image_to_tensor``)."""
+        tensor = np.ascontiguousarray(image).transpose(2, 0, 1).astype(np.float32) / self.scale
+        return (tensor - self.mean) / self.std
+
+    def patch_inputs(self, image: np.ndarray, indexes: Sequence[MultiResolutionIndex], fused: bool) -> list[np.ndarray]:
+        """Graph inputs of the patches at ``indexes``: pixels, and the low-resolution views when fused."""
+        pixels = np.stack([self.pixels(image[i.main_index.slices]) for i in indexes])
+        if not fused:
+            return [pixels]
+        lows, windows = [], []
+        for index in indexes:
+            main = index.main_index
+            size = (main.width, main.height)
+            lows.append(np.stack([self.pixels(resize_array(image[low.slices], size)) for low in index.low_resolution_indexes]))
+            windows.append([list(low_resolution_window(main, low, size).todict().values()) for low in index.low_resolution_indexes])
+        return [pixels, np.stack(lows), np.asarray(windows, dtype=np.int64)]
+
+    def run(self, session: Any, inputs: list[np.ndarray]) -> np.ndarray:
+        """A graph over its inputs in chunks of ``batch_size`` patches."""
+        names = [i.name for i in session.get_inputs()]
+        outputs = []
+        for start in range(0, len(inputs[0]), self.batch_size):
+            feed = {name: value[start : start + self.batch_size] for name, value in zip(names, inputs)}
+            outputs.append(session.run(None, feed)[0])
+        return np.concatenate(outputs)
+
+    def route(self, image: np.ndarray, patch_tasks: list[GraphTask]) -> list[list[MultiResolutionIndex]]:
+        """The indexes each patch task scores: its own, or the patches nearest its retrieval centres."""
+        if self.router is None:
+            return [task.indexes for task in patch_tasks]
+        session, grid, centers, owners = self.router
+        embeddings = self.run(session, self.patch_inputs(image, grid, patch_tasks[0].fused))
+        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        similarity = embeddings @ centers.T
+        per_task = np.full((len(grid), len(patch_tasks)), -np.inf, dtype=np.float32)
+        for k in range(len(patch_tasks)):
+            per_task[:, k] = similarity[:, owners == k].max(axis=1)
+        chosen = per_task.argmax(axis=1)
+        return [[i for i, owner in zip(grid, chosen) if owner == k] for k in range(len(patch_tasks))]
+
+    def predict(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Blurred anomaly map ``[H, W]`` and image score of an image already at :attr:`image_size`."""
+        width, height = self.image_size
+        patch_tasks = [t for t in self.tasks if t.thumbnail_size is None]
+        maps: list[np.ndarray] = []
+        mains: list[HRImageIndex] = []
+        for task, indexes in zip(patch_tasks, self.route(image, patch_tasks)):
+            if indexes:
+                maps.extend(self.run(task.session, self.patch_inputs(image, indexes, task.fused)))
+                mains.extend(i.main_index for i in indexes)
+        full = stitch(maps, mains, (width, height)) if maps else None
+        for task in (t for t in self.tasks if t.thumbnail_size is not None):
+            thumbnail = self.run(task.session, [self.pixels(resize_array(image, task.thumbnail_size))[None]])[0]
+            full = thumbnail if full is None else np.maximum(full, thumbnail)
+        full = gaussian_blur(np.zeros((height, width), np.float32) if full is None else full, self.blur_sigma)
+        return full, image_score(full, self.score_window)
+
+    def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
+        """The heat map blended over the image (as :func:`hiad_pl.visualize.overlay`)."""
+        scaled = np.clip((anomaly_map.astype(np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+        heat = self.colormap[(scaled * 255).astype(np.uint8)].astype(np.float32)
+        return (image.astype(np.float32) * (1 - alpha) + heat * alpha).astype(np.uint8)
+
+
+def predict_export(export: str | Path, inputs: Sequence[str | Path], output: str | Path) -> Path:
+    """Score images with an exported model; writes the files of ``hiad-pl predict --run_dir``."""
+    from hiad_pl.deploy.files import map_range
+
+    files = input_images(inputs)
+    model = ExportedModel(export)
+    output = Path(output)
+    stems = unique_stems(files)
+    rows = []
+    for path, stem in zip(files, stems):
+        image = resize_array(read_image(path), model.image_size)
+        anomaly_map, score = model.predict(image)
+        vmin, vmax = map_range(anomaly_map, model.normalized)
+        overlay = model.overlay(image, anomaly_map, vmin, vmax)
+        rows.append(write_prediction_files(output, stem, str(path), anomaly_map, score, overlay, model.normalized))
+    write_scores_csv(rows, output / "scores.csv", model.normalized)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hiad_pl.deploy.predictor --export E --input DIR --output O``."""
+    parser = argparse.ArgumentParser(description="Score images with a model written by `hiad-pl export` (no torch needed)")
+    parser.add_argument("--export", required=True, help="A folder written by `hiad-pl export`")
+    parser.add_argument("--input", nargs="+", required=True, help="Image files or folders")
+    parser.add_argument("--output", required=True, help="Folder for maps, overlays and scores.csv")
+    args = parser.parse_args(argv)
+    try:
+        out = predict_export(args.export, args.input, args.output)
+    except (ValueError, OSError) as error:
+        print(f"hiad_pl.deploy.predictor: error: {error}", file=sys.stderr)
+        return 2
+    print(f"predictions written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
