@@ -32,13 +32,12 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -46,12 +45,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from hiad_pl.data.datamodule import patch_to_batch
 from hiad_pl.data.sample import HRSample, ImageReadError, read_size
-from hiad_pl.data.tiling import stitch
 from hiad_pl.deploy.files import map_png16, map_range, png_bytes
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator
-from hiad_pl.postprocess import NORMALIZED_THRESHOLD, gaussian_blur, image_score, upsample
+from hiad_pl.postprocess import NORMALIZED_THRESHOLD
 
 log = logging.getLogger("hiad_pl.serve")
 
@@ -86,48 +83,6 @@ class ServeConfig:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_wait_ms < 0 or self.max_upload_mb <= 0 or self.max_pixels <= 0:
             raise ValueError("max_wait_ms must be >= 0, max_upload_mb and max_pixels positive")
-
-
-def predict_batch(orchestrator: TaskOrchestrator, samples: Sequence[HRSample], device: str) -> list[Prediction]:
-    """Score several images together: each task scores the patches of all images in shared batches.
-
-    The same maps as :meth:`TaskOrchestrator.predict_sample` per image (patches
-    routed by position or retrieval, stitched, thumbnail merged by maximum,
-    blurred, scored); only the batching across images differs.
-    """
-    patch_tasks = [t for t in orchestrator.tasks if not t.is_thumbnail]
-    thumbnail_tasks = [t for t in orchestrator.tasks if t.is_thumbnail]
-    routed: dict[str, tuple[Any, list, list[tuple[int, Any]]]] = {}
-    with ExitStack() as stack:
-        for sample in samples:
-            stack.enter_context(sample)
-        for k, sample in enumerate(samples):
-            for task, indexes in orchestrator.route(sample, patch_tasks):
-                _, batches, owners = routed.setdefault(task.name, (task, [], []))
-                batches.extend(patch_to_batch(sample[i], k) for i in indexes)
-                owners.extend((k, i.main_index) for i in indexes)
-        thumbnails = [
-            (task, [patch_to_batch(s.down_sampling_to_LR(task.thumbnail_size), k) for k, s in enumerate(samples)])
-            for task in thumbnail_tasks
-        ]
-    patch_maps: list[list[torch.Tensor]] = [[] for _ in samples]
-    mains: list[list[Any]] = [[] for _ in samples]
-    for task, batches, owners in routed.values():
-        if batches:
-            for patch_map, (k, main) in zip(orchestrator._score_batches(task, batches, device), owners):
-                patch_maps[k].append(patch_map)
-                mains[k].append(main)
-    thumbnail_maps = [orchestrator._score_batches(task, batches, device) for task, batches in thumbnails]
-    predictions = []
-    for k, sample in enumerate(samples):
-        width, height = sample.image_size
-        full = stitch(torch.stack(patch_maps[k]), mains[k], (width, height)).float() if patch_maps[k] else None
-        for maps in thumbnail_maps:
-            merged = upsample(maps[k], (width, height))
-            full = merged if full is None else torch.maximum(full, merged)
-        full = gaussian_blur(torch.zeros(height, width) if full is None else full)
-        predictions.append(Prediction(k, full, float(image_score(full))))
-    return predictions
 
 
 class RunScorer:
@@ -177,8 +132,9 @@ class RunScorer:
         return sample
 
     def score(self, samples: Sequence[HRSample]) -> list[Prediction]:
-        """Anomaly maps and image scores of decoded samples, scored together."""
-        return predict_batch(self.orchestrator, samples, self.device)
+        """Anomaly maps and image scores of decoded samples, their patches batched together."""
+        pipeline = self.orchestrator.pipeline(self.device, prefetch=0, images_per_step=max(1, len(samples)))
+        return list(pipeline.predict(samples))
 
 
 class BatchingQueue(Generic[Item, Result]):

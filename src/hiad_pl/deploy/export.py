@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from hiad_pl import __version__
 from hiad_pl.data.batch import PatchBatch
-from hiad_pl.deploy.files import atomic_write_bytes
+from hiad_pl.io import atomic_write
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.patchcore import HRPatchCore
@@ -255,8 +255,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     colours = heatmap(np.arange(256, dtype=np.float32)[None] + 0.5, 0.0, 255.0)[0]
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(colours))
-    atomic_write_bytes(output / COLORMAP_FILE, buffer.getvalue())
-    atomic_write_bytes(output / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+    atomic_write(output / COLORMAP_FILE, buffer.getvalue())
+    atomic_write(output / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
     return output
 
 
