@@ -114,7 +114,7 @@ def test_hrtrainer_takes_vis_root_none(small_demo: Path, tmp_path: Path, monkeyp
     labels = np.array([s.label for s in split.test], dtype=float)
     maps = [np.full((512, 512), label, dtype=np.float32) for label in labels]
     monkeypatch.setattr(type(trainer.orchestrator()), "load", lambda self, device="cpu": None)
-    monkeypatch.setattr(trainer_module, "run_inference", lambda orchestrator, samples, device: (labels, maps))
+    monkeypatch.setattr(trainer_module, "run_inference", lambda orchestrator, samples, device, launcher=None: (labels, maps))
     results = trainer.inference(split.test, evaluators=[metrics.compute_imagewise_metrics])
     assert results["texture"]["image_auroc"] == 1.0
     assert not any(p.suffix == ".png" for p in tmp_path.rglob("*"))  # no visualisation written
