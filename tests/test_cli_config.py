@@ -152,7 +152,7 @@ def test_mlflow_file_store_and_user_callbacks_from_yaml_get_one_run_per_task(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.7+ asks for it to use a local mlruns/ folder
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # recent MLflow asks for it to use a local mlruns/ folder
     store = f"file:{tmp_path / 'mlruns'}"
     config = {
         "run_dir": str(tmp_path / "run"),
