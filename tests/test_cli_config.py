@@ -152,7 +152,7 @@ def test_mlflow_file_store_and_user_callbacks_from_yaml_get_one_run_per_task(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.7+ asks for it to use a local mlruns/ folder
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # recent MLflow asks for it to use a local mlruns/ folder
     store = f"file:{tmp_path / 'mlruns'}"
     config = {
         "run_dir": str(tmp_path / "run"),
@@ -182,3 +182,19 @@ def test_mlflow_file_store_and_user_callbacks_from_yaml_get_one_run_per_task(
     assert not (tmp_path / "run" / "texture" / "tensorboard").exists()  # the configured loggers replace the default
     counts = sorted(p.read_text().split()[0] for p in (tmp_path / "fits").iterdir())
     assert counts == ["1", "1"]  # a fresh callback for every task, appended to hiad-pl's own
+
+
+def test_loggers_are_fresh_per_task_with_the_task_as_their_run(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from hiad_pl.config import task_loggers
+
+    (default,) = task_loggers(None, "task_3", tmp_path, tmp_path / "tensorboard")
+    assert isinstance(default, TensorBoardLogger) and Path(default.log_dir) == tmp_path / "tensorboard" / "task_3"
+    spec = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}}
+    first, second = (task_loggers(spec, name, tmp_path, tmp_path / "tb")[0] for name in ("task_0", "task_1"))
+    assert isinstance(first, CSVLogger) and first is not second
+    assert [Path(lg.log_dir) for lg in (first, second)] == [tmp_path / "csv" / "task_0", tmp_path / "csv" / "task_1"]
+    assert task_loggers(False, "task_0", tmp_path, tmp_path / "tb") is False
+    with pytest.raises(ValueError, match="one is built for every task"):
+        task_loggers(CSVLogger(str(tmp_path)), "task_0", tmp_path, tmp_path / "tb")

@@ -107,3 +107,14 @@ def test_a_misspelt_argument_is_named_with_its_section() -> None:
 def test_a_misspelt_tutorial_option_names_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"config\['patch'\]: HRPatchCore has no option 'percentag' \(did you mean 'percentage'\?\); valid options: .*merge_size"):
         HRTrainer(detector_class=HRPatchCore, config={"patch": {"percentag": 0.1, "patch_size": 256}}).orchestrator()
+
+
+def test_makefile_readme_and_benchmarks_name_configs_that_exist() -> None:
+    import re
+
+    project = CONFIGS[0].parents[1]
+    named = set()
+    for doc in ("Makefile", "README.md", "benchmarks/demo_results.py", "docs/adding_a_detector.md"):
+        named |= set(re.findall(r"configs/([\w.]+\.yaml)", (project / doc).read_text()))
+    assert "patchcore_quickstart.yaml" in named
+    assert named <= {p.name for p in CONFIGS}

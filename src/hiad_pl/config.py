@@ -348,12 +348,12 @@ def task_loggers(spec: Any, task: str, model_folder: Path, tensorboard_folder: P
         short = cls.__name__.lower().removesuffix("logger")
         folder = tensorboard_folder if issubclass(cls, TensorBoardLogger) else model_folder / LOGGER_FOLDERS.get(short, short)
         per_task: dict[str, Any] = {"save_dir": str(folder)}
-        if "version" in parameters:
-            per_task.update(name="", version=task)
-        elif "run_name" in parameters:
+        if "run_name" in parameters:  # MLflow
             per_task["run_name"] = task
-        elif "name" in parameters:
+        elif "project" in parameters:  # W&B: its version is a run id, unique per project, so name the run only
             per_task["name"] = task
+        elif "version" in parameters:  # folder loggers: <save_dir>/<task>/
+            per_task.update(name="", version=task)
         given = {k: v for k, v in dict(item.get("init_args") or {}).items()
                  if k not in per_task or k not in parameters or v != parameters[k].default}
         kwargs = {**{k: v for k, v in per_task.items() if k in parameters}, **given}
