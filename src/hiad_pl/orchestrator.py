@@ -42,7 +42,7 @@ from hiad_pl.data.datamodule import (
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair, stitch
 from hiad_pl.errors import ConfigError
-from hiad_pl.io import AtomicCheckpointIO, atomic_write, check_checkpoint, load_checkpoint, locks_root
+from hiad_pl.io import AtomicCheckpointIO, atomic_write, check_checkpoint, load_checkpoint, locks_root, remove_stale_temporaries
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 
@@ -315,6 +315,7 @@ class TaskOrchestrator:
         if not resume and any((self.root / "checkpoints").glob("**/*.ckpt")):
             raise ValueError(f"{self.root} already holds checkpoints: resume, or choose another run folder")
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.root)
         if self.tasks_path.is_file():
             saved = [t.todict() for t in load_tasks(self.tasks_path)]
             if saved != [t.todict() for t in self.tasks]:
