@@ -248,6 +248,7 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_and_the_rerun_con
     assert "resuming from" in rerun.stderr
     final = torch.load(epochs.parent / "task_0.ckpt", weights_only=True)
     assert final["epoch"] == 3 and final["global_step"] == 3 * previous["global_step"]
+    assert not list(epochs.glob(".*.tmp"))  # the rerun removed what the killed write left
 
 
 def test_disk_full_while_writing_a_checkpoint_then_corrupt_checkpoint_is_named(small_demo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -270,11 +271,13 @@ def test_disk_full_while_writing_a_checkpoint_then_corrupt_checkpoint_is_named(s
     assert "Traceback" not in err and "cannot write (No space left on device); the previous file is unchanged" in err
     assert torch.load(epochs / "last.ckpt", weights_only=True)["epoch"] == 0  # epoch 1's, complete
     assert not list(epochs.parent.rglob("*.tmp"))
+    (epochs / ".last.ckpt.x1y2.tmp").write_bytes(b"half")  # as a kill -9 in mid-write leaves it
 
     monkeypatch.setattr(torch, "save", original)
     assert main(["fit", "--config", str(config)]) == 0  # space freed: the rerun resumes and finishes
     final = epochs.parent / "task_0.ckpt"
     assert torch.load(final, weights_only=True)["epoch"] == 2
+    assert not list(epochs.parent.rglob("*.tmp"))  # the rerun removed the killed write's temporary file
     capsys.readouterr()
 
     final.write_bytes(final.read_bytes()[:1000])  # a truncated copy, a broken disk ...

@@ -35,6 +35,12 @@ _HELD_LOCKS: set[Path] = set()  # folders this process has locked (a nested lock
 
 def file_mode() -> int:
     """``0o666`` less the process umask: the mode ``open()`` gives a new file."""
+    try:  # Linux shows the umask without changing it (os.umask would, for a moment, in every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -68,6 +74,19 @@ def atomic_write(path: str | Path, content: Content) -> Path:
         raise
     _sync_folder(path.parent)
     return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed in flight left under ``folder``; returns them.
+
+    Call it only while holding the folder's lock: a live writer's temporary file looks the same.
+    """
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("%s: removed %d temporary file(s) of interrupted writes", folder, len(stale))
+    return stale
 
 
 def _sync_folder(folder: Path) -> None:

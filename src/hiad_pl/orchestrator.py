@@ -39,10 +39,10 @@ from hiad_pl.config import (
 from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResDataModule, split_validation
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
-from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
-from hiad_pl.errors import ConfigError
 from hiad_pl.checkpoint_io import AtomicCheckpointIO
-from hiad_pl.io import atomic_write, check_checkpoint, load_checkpoint, locks_root
+from hiad_pl.errors import ConfigError
+from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
+from hiad_pl.io import atomic_write, check_checkpoint, load_checkpoint, locks_root, remove_stale_temporaries
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
@@ -299,6 +299,7 @@ class TaskOrchestrator:
         if not resume and any((self.root / "checkpoints").glob("**/*.ckpt")):
             raise ValueError(f"{self.root} already holds checkpoints: resume, or choose another run folder")
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.root)
         if self.tasks_path.is_file():
             saved = [t.todict() for t in load_tasks(self.tasks_path)]
             if saved != [t.todict() for t in self.tasks]:
