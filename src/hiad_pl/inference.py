@@ -56,7 +56,10 @@ class StageTimes:
     """Seconds spent in each stage, summed over the images scored (see :meth:`per_image`).
 
     ``decode`` runs in the background worker, overlapped with the rest;
-    ``wait`` is the time the pipeline waited for it.
+    ``wait`` is the time the pipeline waited for it. ``backbone`` is the shared
+    pass over the patches (with fusion), ``heads`` routing plus every task's
+    head (PatchCore: the k-NN search) and normalisation, ``post`` the thumbnail
+    branch, the merge, the blur and the image score.
     """
 
     decode: float = 0.0
