@@ -288,8 +288,18 @@ def detector_setups(setting: str) -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
-def run_one(category_root: Path, detector: str, setting: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Fit and test one detector on one category folder; metrics as the peer runner computes them."""
+def run_one(
+    category_root: Path,
+    detector: str,
+    setting: str,
+    overrides: dict[str, Any],
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+) -> dict[str, Any]:
+    """Fit and test one detector on one category folder; metrics as the peer runner computes them.
+
+    ``image_size`` / ``patch_size`` below 2048 / 512 make cheap probes on the same images.
+    """
     import torch
 
     from hiad_pl import detectors
@@ -300,15 +310,15 @@ def run_one(category_root: Path, detector: str, setting: str, overrides: dict[st
     from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
 
     torch.manual_seed(SEED)
-    (split,) = discover(str(category_root.parent), categories=[category_root.name], image_size=IMAGE_SIZE)
+    (split,) = discover(str(category_root.parent), categories=[category_root.name], image_size=image_size)
     class_name, config = detector_setups(setting)[detector]
-    config = {**config, **overrides, "patch_size": PATCH_SIZE}
-    indexes = MultiResolutionHRImageSpliter(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    config = {**config, **overrides, "patch_size": patch_size}
+    indexes = MultiResolutionHRImageSpliter(image_size=image_size, patch_size=patch_size)
     tasks = A2OTaskGenerator().create_tasks(split.train, indexes)
     work = Path(tempfile.mkdtemp(prefix="hiad_pl_real_"))
     trainer = HRTrainer(batch_size=4, tasks=tasks, detector_class=getattr(detectors, class_name),
                         config={"patch": config}, checkpoint_root=str(work / "ckpt"), log_root=str(work / "logs"),
-                        vis_root=None)
+                        vis_root=str(work / "vis"))
     start = time.perf_counter()
     trainer.train(train_samples=split.train, gpu_ids=[])
     fit_s = time.perf_counter() - start
@@ -317,7 +327,7 @@ def run_one(category_root: Path, detector: str, setting: str, overrides: dict[st
     per_image_s = (time.perf_counter() - start) / len(split.test)
     labels = [s.label for s in split.test]
     masks = [s.full_mask() if s.mask is not None else None for s in split.test]
-    result = {"detector": f"hiad-pl {class_name}", "setting": setting, "data": category_root.name,
+    result = {"detector": f"hiad-pl {class_name}", "setting": setting, "data": category_root.name, "image_size": image_size,
               "overrides": overrides, "train_images": len(split.train), "test_images": len(split.test),
               "fit_s": fit_s, "inference_s_per_image": per_image_s}
     result.update(metrics.compute_imagewise_metrics(scores, labels))
@@ -341,6 +351,20 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['data']} | {r['setting']} | {label} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | "
                      f"{r['aupro']:.4f} | {r['fit_s']:.0f} | {r['inference_s_per_image']:.1f} | {r['peak_rss_gb']:.1f} |")
     return "\n".join(lines)
+
+
+#: Heading of the section this script owns in docs/results.md (demo_results.py keeps it when it rebuilds the file).
+SECTION = "## Real data"
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) the ``## Real data`` section of ``path`` with ``body``, atomically."""
+    text = path.read_text() if path.exists() else ""
+    head = text.split(SECTION)[0].rstrip()
+    new = (head + "\n\n" if head else "") + f"{SECTION}\n\n{body.strip()}\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -392,7 +416,8 @@ def main() -> None:
     r.add_argument("--override", nargs="*", default=[], help="KEY=JSON: detector config overrides")
     r.add_argument("--results", type=Path, default=Path("docs/real_data.json"))
     r.add_argument("--peer", nargs="*", default=[], help="SETTING/SET=FILE: a run_hiad.py result to add")
-    r.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
+    r.add_argument("--table", type=Path, default=None,
+                   help="also write the table as the '## Real data' section of this Markdown file (docs/results.md)")
     args = parser.parse_args()
     if args.command == "build":
         settings = {k: int(v) for k, v in _pairs(args.train).items()}
@@ -415,7 +440,7 @@ def main() -> None:
     text = table(list(results.values()))
     print(text)
     if args.table is not None:
-        args.table.write_text(text + "\n")
+        write_section(args.table, f"Built and measured by `benchmarks/real_data.py` (sources and settings in its docstring).\n\n{text}")
 
 
 if __name__ == "__main__":
