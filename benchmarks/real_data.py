@@ -337,6 +337,42 @@ def run_one(
     return result
 
 
+def feature_offsets(architecture: str, size: int = 256) -> dict[str, tuple[float, float]]:
+    """Mean ``(x, y)`` offset in px of each layer's response to a 4 x 4-px bright square from its centre.
+
+    The offline weights run in ``architecture``; the square visits 56 positions of a flat
+    ``size``-px image, and the response is the centroid of the feature change (fourth
+    power, so the peak dominates) after bilinear upsampling to the image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from hiad_pl.detectors import backbones
+
+    default = backbones.OFFLINE_ARCHITECTURE
+    backbones.OFFLINE_ARCHITECTURE = architecture
+    try:
+        extractor = backbones.create_feature_extractor("efficientnet_lite0", BACKBONE["layers_to_extract_from"], "offline")
+    finally:
+        backbones.OFFLINE_ARCHITECTURE = default
+    centres = torch.arange(size, dtype=torch.float32) + 0.5
+    flat = torch.zeros(1, 3, size, size)
+    offsets: dict[str, list[tuple[float, float]]] = {layer: [] for layer in extractor.layers}
+    with torch.no_grad():
+        base = extractor(flat)
+        for cy in range(size * 3 // 8, size * 5 // 8, 9):
+            for cx in range(size * 3 // 8, size * 5 // 8, 11):
+                spot = flat.clone()
+                spot[..., cy - 2 : cy + 2, cx - 2 : cx + 2] = 2.0
+                for layer, before, after in zip(extractor.layers, base, extractor(spot)):
+                    change = (after - before).norm(dim=1, keepdim=True)
+                    weight = F.interpolate(change, size=(size, size), mode="bilinear", align_corners=False)[0, 0] ** 4
+                    x = float((weight.sum(0) * centres).sum() / weight.sum()) - cx
+                    y = float((weight.sum(1) * centres).sum() / weight.sum()) - cy
+                    offsets[layer].append((x, y))
+    return {layer: tuple(float(v) for v in np.mean(values, axis=0)) for layer, values in offsets.items()}
+
+
 def _row_key(result: dict[str, Any]) -> str:
     overrides = ",".join(f"{k}={v}" for k, v in sorted(result.get("overrides", {}).items()))
     return f"{result['data']}|{result['setting']}|{result['detector']}|{overrides}"
@@ -399,7 +435,7 @@ def _pairs(values: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
-    """Command line: ``build`` the data sets, ``run`` detectors on them, ``table`` from the results."""
+    """Command line: ``build`` the data sets, ``run`` detectors on them, ``alignment`` of the backbone variants."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write the data sets at 2048 px in the MVTec layout")
@@ -408,6 +444,7 @@ def main() -> None:
     b.add_argument("--sets", nargs="*", default=list(BUILDERS))
     b.add_argument("--train", nargs="*", default=[f"{k}={v}" for k, v in TRAIN_SETTINGS.items()],
                    help="SETTING=N: settings and their number of training images")
+    sub.add_parser("alignment", help="where the offline Lite0's features sit in tf_ and symmetric-padding timm models")
     r = sub.add_parser("run", help="fit and test hiad-pl detectors, update the results and the table")
     r.add_argument("--data", type=Path, default=CACHE / "built")
     r.add_argument("--sets", nargs="*", default=list(BUILDERS))
@@ -422,6 +459,11 @@ def main() -> None:
     if args.command == "build":
         settings = {k: int(v) for k, v in _pairs(args.train).items()}
         build(args.out.expanduser(), {k: Path(v).expanduser() for k, v in _pairs(args.source).items()}, args.sets, settings)
+        return
+    if args.command == "alignment":
+        for architecture in ("tf_efficientnet_lite0", "efficientnet_lite0"):
+            for layer, (x, y) in feature_offsets(architecture).items():
+                print(f"{architecture} {layer}: offset x {x:+.1f} px, y {y:+.1f} px")
         return
     results = load_results(args.results)
     for key, file in _pairs(args.peer).items():

@@ -112,3 +112,12 @@ def test_section_replaces_only_its_own_part(real_data, tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("### resolution") and "| second |" in text and "| first |" not in text
     assert text.count(real_data.SECTION) == 1
+
+
+def test_offline_weights_are_aligned_only_with_tf_padding(real_data) -> None:
+    """The shipped Lite0 weights were trained with TF padding: symmetric padding moves stride-s maps by ~s - 1 px."""
+    aligned = real_data.feature_offsets("tf_efficientnet_lite0", size=128)
+    shifted = real_data.feature_offsets("efficientnet_lite0", size=128)
+    assert all(abs(v) < 3 for offset in aligned.values() for v in offset)
+    assert all(5 < v < 9 for v in shifted["blocks.2"])
+    assert all(10 < v < 17 for v in shifted["blocks.4"])
