@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from hiad_pl.cli import main as cli
 from hiad_pl.data.demo import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Sections of docs/results.md that other benchmarks write (real_data.py, bench_inference.py, load_test.py): kept.
+KEPT_SECTIONS = ("## Real data", "## Inference and PatchCore at scale", "## Serving")
 SMALL = 1024  # comparisons of options run at 1024 px (defects keep their pixel size) to stay affordable on a CPU
 
 PATCHCORE = "configs/patchcore_quickstart.yaml"
@@ -205,8 +208,15 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
     print(table(results))
     markdown = args.out.with_suffix(".md")
-    serving = markdown.read_text().partition("\n## Serving")[1:] if markdown.is_file() else ()
-    markdown.write_text(table(results) + "".join(serving))  # the Serving section is load_test.py's
+    markdown.write_text(table(results) + "".join(kept_sections(markdown)))
+
+
+def kept_sections(markdown: Path) -> list[str]:
+    """The sections of ``markdown`` that other benchmarks own, each with its leading blank line."""
+    if not markdown.is_file():
+        return []
+    parts = re.split(r"(?m)^(?=## )", markdown.read_text())
+    return ["\n" + part.rstrip("\n") + "\n" for part in parts if part.startswith(KEPT_SECTIONS)]
 
 
 if __name__ == "__main__":
