@@ -23,7 +23,7 @@ from hiad_pl.detectors.destseg import (
 )
 
 TEACHER_CHANNELS = [8, 16]
-GRIDS = [(8, 8), (4, 4)]
+GRIDS = [(4, 4), (2, 2)]
 
 
 def teacher_maps(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
@@ -37,10 +37,10 @@ def tiny_model() -> DeSTSegModel:
 
 def test_student_returns_one_map_per_teacher_layer_on_its_grid() -> None:
     student = DenoisingStudent(TEACHER_CHANNELS, encoder_name="resnet10t", decoder_blocks=1)
-    maps = student(torch.randn(2, 3, 64, 64), GRIDS)
-    assert [tuple(m.shape) for m in maps] == [(2, 8, 8, 8), (2, 16, 4, 4)]
+    maps = student(torch.randn(2, 3, 32, 32), GRIDS)
+    assert [tuple(m.shape) for m in maps] == [(2, 8, 4, 4), (2, 16, 2, 2)]
     with pytest.raises(ValueError, match="2 layers"):
-        student(torch.randn(1, 3, 64, 64), GRIDS[:1])
+        student(torch.randn(1, 3, 32, 32), GRIDS[:1])
 
 
 def test_segmentation_net_outputs_probabilities_on_the_input_grid() -> None:
@@ -71,7 +71,7 @@ def test_cosine_maps_loss_and_student_map_match_hand_computed_values() -> None:
 def test_segmentation_input_is_minus_normalised_products_on_the_first_grid() -> None:
     teacher, student = teacher_maps(), teacher_maps(seed=1)
     x = segmentation_input(teacher, student)
-    assert x.shape == (2, 24, 8, 8)
+    assert x.shape == (2, 24, 4, 4)
     first = -torch.nn.functional.normalize(teacher[0], dim=1) * torch.nn.functional.normalize(student[0], dim=1)
     assert torch.allclose(x[:, :8], first, atol=1e-6)
     # channel sums of the first layer's block are minus the cosine similarity
@@ -103,10 +103,10 @@ def test_phase_switches_exactly_at_de_st_steps() -> None:
 def test_each_phase_changes_only_its_own_parameters() -> None:
     torch.manual_seed(0)
     model = tiny_model()
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 32, 32)
     teacher, clean_teacher = teacher_maps(), teacher_maps(seed=2)
-    mask = torch.zeros(2, 64, 64)
-    mask[:, 8:24, 8:24] = 1
+    mask = torch.zeros(2, 32, 32)
+    mask[:, 8:20, 8:20] = 1
     for phase, trained, fixed in ((STUDENT_PHASE, "student", "segmentation"), (SEGMENTATION_PHASE, "segmentation", "student")):
         model.set_phase(phase)
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -127,6 +127,6 @@ def test_each_phase_changes_only_its_own_parameters() -> None:
 
 def test_forward_gives_segmentation_and_student_maps() -> None:
     model = tiny_model().eval()
-    segmentation, student = model(torch.randn(2, 3, 64, 64), teacher_maps())
-    assert segmentation.shape == (2, 1, 8, 8)
-    assert [tuple(s.shape) for s in student] == [(2, 8, 8, 8), (2, 16, 4, 4)]
+    segmentation, student = model(torch.randn(2, 3, 32, 32), teacher_maps())
+    assert segmentation.shape == (2, 1, 4, 4)
+    assert [tuple(s.shape) for s in student] == [(2, 8, 4, 4), (2, 16, 2, 2)]

@@ -1,0 +1,149 @@
+"""RealNet: AFS selection, RRS top-k, reconstruction UNet shapes, losses against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hiad_pl.detectors.realnet import (
+    AttentionBlock,
+    FeatureSelection,
+    RealNetModel,
+    ReconstructionUNet,
+    ResBlock,
+    ResidualDiscriminator,
+    afs_channel_scores,
+    feature_mse,
+    segmentation_cross_entropy,
+    select_residual_channels,
+    top_channels,
+)
+
+
+def planted_batch(seed: int, signal_channels: tuple[int, ...], channels: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean features, corrupted features whose ``signal_channels`` change inside the mask, and the mask."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randn(4, channels, 8, 8, generator=generator)
+    mask = torch.zeros(4, 16, 16)
+    mask[:, 4:10, 2:12] = 1
+    inside = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="nearest")
+    corrupted = clean + 0.3 * torch.randn(clean.shape, generator=generator)  # change everywhere in every channel
+    for c in signal_channels:
+        corrupted[:, c : c + 1] += 3.0 * inside  # and a strong change inside the anomaly
+    return corrupted, clean, mask
+
+
+def test_afs_scores_match_a_hand_computed_case() -> None:
+    clean = torch.zeros(1, 2, 1, 2)
+    corrupted = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # channel 0 changes where the mask is, channel 1 elsewhere
+    mask = torch.tensor([[[1.0, 0.0]]])
+    scores = afs_channel_scores(corrupted, clean, mask)
+    # min-max over positions: channel 0 -> [4 / (4 + eps), 0], channel 1 -> [0, 1 / (1 + eps)]
+    first, second = 4.0 / (4.0 + 1e-4), 1.0 / (1.0 + 1e-4)
+    assert scores.tolist() == pytest.approx([(first - 1) ** 2 / 2, (1 + second**2) / 2])
+
+
+def test_afs_picks_the_channels_that_carry_the_planted_signal() -> None:
+    afs = FeatureSelection([8, 6], kept=[2, 1], init_batches=3)
+    assert not afs.decided and [i.tolist() for i in afs.indices()] == [[0, 1], [0]]
+    for seed in range(3):
+        corrupted, clean, mask = planted_batch(seed, (5, 2))
+        corrupted6, clean6, _ = planted_batch(seed + 10, (4,), channels=6)
+        afs.accumulate([corrupted, corrupted6], [clean, clean6], mask)
+    assert afs.decided and int(afs.batches_seen) == 3
+    assert [i.tolist() for i in afs.indices()] == [[2, 5], [4]]
+    # decided means frozen: later batches change nothing
+    corrupted, clean, mask = planted_batch(7, (0, 1))
+    afs.accumulate([corrupted, corrupted[:, :6]], [clean, clean[:, :6]], mask)
+    assert [i.tolist() for i in afs.indices()] == [[2, 5], [4]]
+    selected = afs([corrupted, corrupted[:, :6]])
+    assert torch.equal(selected[0], corrupted[:, [2, 5]]) and selected[1].shape == (4, 1, 8, 8)
+
+
+def test_afs_skips_patches_without_anomaly_and_state_travels_in_the_state_dict() -> None:
+    afs = FeatureSelection([8], kept=[2], init_batches=2)
+    corrupted, clean, mask = planted_batch(0, (3, 6))
+    afs.accumulate([corrupted], [clean], torch.zeros_like(mask))
+    assert int(afs.batches_seen) == 0
+    afs.accumulate([corrupted], [clean], mask)
+    restored = FeatureSelection([8], kept=[2], init_batches=2)
+    restored.load_state_dict(afs.state_dict())
+    restored.accumulate([corrupted], [clean], mask)
+    assert restored.decided and restored.indices()[0].tolist() == [3, 6]
+    with pytest.raises(ValueError, match="cannot keep 9 of 8"):
+        FeatureSelection([8], kept=[9], init_batches=1)
+
+
+def test_rrs_keeps_the_requested_channel_counts_by_max_and_by_mean() -> None:
+    residual = torch.zeros(2, 5, 3, 3)
+    residual[0, 1, 0, 0] = 9.0  # a single peak: best by max, small mean
+    residual[0, 3] = 2.0  # uniform: best by mean
+    residual[1, 4] = 1.0
+    residual[1, 0, 1, 1] = 5.0
+    assert top_channels(residual, 1, "max").tolist() == [[1], [0]]
+    assert top_channels(residual, 1, "mean").tolist() == [[3], [4]]
+    chosen = select_residual_channels(residual, residual, ["max", "mean"], [2, 1])
+    assert chosen.shape == (2, 3, 3, 3)
+    assert torch.equal(chosen[0, 0], residual[0, 1]) and torch.equal(chosen[0, 2], residual[0, 3])
+    with pytest.raises(ValueError, match="mode"):
+        top_channels(residual, 1, "median")
+
+
+def test_discriminator_outputs_two_class_logits_at_the_patch_size() -> None:
+    discriminator = ResidualDiscriminator(12, counts=(4, 3), residual_layers=1)
+    logits = discriminator([torch.rand(2, 4, 8, 8), torch.rand(2, 8, 4, 4)], size=(32, 32))
+    assert logits.shape == (2, 2, 32, 32)
+    assert discriminator.decoder[0].body[1].in_channels == 7  # 4 by max + 3 by mean
+    with pytest.raises(ValueError, match="cannot keep 13 of 12"):
+        ResidualDiscriminator(12, counts=(13, 1))
+
+
+def test_resblocks_resample_and_attention_starts_as_identity() -> None:
+    x = torch.randn(2, 8, 4, 4)
+    assert ResBlock(8, 16)(x).shape == (2, 16, 4, 4)
+    assert ResBlock(8, resample="down")(x).shape == (2, 8, 2, 2)
+    assert ResBlock(8, resample="up")(x).shape == (2, 8, 8, 8)
+    attention = AttentionBlock(128)
+    assert attention.heads == 2 and AttentionBlock(48).heads == 1
+    y = torch.randn(1, 128, 3, 3)
+    assert torch.equal(attention(y), y)
+
+
+def test_reconstruction_unet_keeps_the_feature_shape_and_starts_at_zero() -> None:
+    unet = ReconstructionUNet(16, width_ratio=0.5, channel_mult=(1, 2, 4), res_blocks=1, attention_at=(2, 4))
+    attentions = [m for m in unet.modules() if isinstance(m, AttentionBlock)]
+    assert len(attentions) == 1 + 2 + 2 + 2  # middle, down at x2 and x4, up (res_blocks + 1) at x2 and x4
+    for grid in ((8, 8), (6, 10)):  # 6 and 10 are not multiples of 4: resized onto the skips
+        x = torch.randn(2, 16, *grid)
+        with torch.no_grad():
+            out = unet(x)
+        assert out.shape == x.shape and float(out.abs().max()) == 0.0
+
+
+def test_losses_match_hand_computed_values() -> None:
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[0, 1, 0, 0] = math.log(3.0)  # p(anomalous) = 3/4 at the anomalous pixel
+    mask = torch.tensor([[[1.0, 0.0]]])
+    expected = (-math.log(0.75) + math.log(2.0)) / 2
+    assert float(segmentation_cross_entropy(logits, mask)) == pytest.approx(expected, rel=1e-6)
+    assert float(feature_mse([torch.ones(1, 2, 1, 1), torch.zeros(1, 1, 2, 2)], [torch.zeros(1, 2, 1, 1), torch.full((1, 1, 2, 2), 2.0)])) == pytest.approx(1.0 + 4.0)
+
+
+def test_model_trains_end_to_end_on_tiny_features() -> None:
+    torch.manual_seed(0)
+    model = RealNetModel([8, 16], afs_channels=[4, 8], init_bsn=1, width_ratio=1.0, channel_mult=(1, 2), res_blocks=1, attention_at=(2,), rrs_counts=(4, 4), rrs_residual_layers=1)
+    clean = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    corrupted = [c + 0.5 for c in clean]
+    mask = torch.zeros(2, 32, 32)
+    mask[:, :8, :8] = 1
+    model.afs.accumulate(corrupted, clean, mask)
+    losses = model.losses(corrupted, clean, mask)
+    assert set(losses) == {"loss", "segmentation_loss", "feature_loss"}
+    assert float(losses["loss"]) == pytest.approx(float(losses["segmentation_loss"] + losses["feature_loss"]))
+    losses["loss"].backward()
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"reconstruction", "discriminator"}  # AFS holds no parameters
+    probability = model.anomaly_probability(model(corrupted, (32, 32))["logits"])
+    assert probability.shape == (2, 32, 32) and bool(((probability >= 0) & (probability <= 1)).all())
