@@ -110,7 +110,8 @@ def test_each_phase_changes_only_its_own_parameters() -> None:
     for phase, trained, fixed in ((STUDENT_PHASE, "student", "segmentation"), (SEGMENTATION_PHASE, "segmentation", "student")):
         model.set_phase(phase)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        losses = model.losses(images, teacher, clean_teacher, mask, phase)
+        student = model.student(images, [t.shape[-2:] for t in teacher])
+        losses = model.losses(student, teacher, clean_teacher, mask, phase)
         assert set(losses) == ({"loss", "cosine_loss"} if phase == STUDENT_PHASE else {"loss", "focal_loss", "l1_loss"})
         model.zero_grad()
         losses["loss"].backward()
@@ -122,7 +123,7 @@ def test_each_phase_changes_only_its_own_parameters() -> None:
         assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(fixed))
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained))
     with pytest.raises(ValueError, match="unknown phase"):
-        model.losses(images, teacher, clean_teacher, mask, "both")
+        model.losses(student, teacher, clean_teacher, mask, "both")
 
 
 def test_forward_gives_segmentation_and_student_maps() -> None:

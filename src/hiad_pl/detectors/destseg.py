@@ -28,12 +28,17 @@ segmentation input is their products resized to the first layer's grid
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
+from hiad_pl.detectors.base import HRDetector
 
 #: Phases of training, in order.
 STUDENT_PHASE = "student"
@@ -260,26 +265,177 @@ class DeSTSegModel(nn.Module):
         student = self.student(images, [t.shape[-2:] for t in teacher])
         return self.segmentation(segmentation_input(teacher, student)), student
 
-    def losses(self, images: Tensor, teacher: Sequence[Tensor], clean_teacher: Sequence[Tensor], mask: Tensor, phase: str) -> dict[str, Tensor]:
-        """Loss terms of one batch of corrupted ``images`` in ``phase``; ``loss`` is the phase's objective.
+    def losses(
+        self, student: Sequence[Tensor], teacher: Sequence[Tensor], clean_teacher: Sequence[Tensor], mask: Tensor, phase: str
+    ) -> dict[str, Tensor]:
+        """Loss terms of one batch of corrupted patches in ``phase``; ``loss`` is the phase's objective.
 
         Args:
-            images: the corrupted patches (the student's input).
+            student: student maps of the corrupted patches (with gradients in the student phase).
             teacher: teacher maps of the corrupted patches (the segmentation network's input).
             clean_teacher: teacher maps of the clean patches (the student's target).
             mask: ``[B, H, W]`` synthetic anomaly masks.
             phase: :data:`STUDENT_PHASE` or :data:`SEGMENTATION_PHASE`.
         """
         if phase == STUDENT_PHASE:
-            student = self.student(images, [t.shape[-2:] for t in teacher])
             cosine = cosine_distance_loss(cosine_distance_maps(clean_teacher, student))
             return {"loss": cosine, "cosine_loss": cosine}
         if phase != SEGMENTATION_PHASE:
             raise ValueError(f"unknown phase {phase!r}: use {STUDENT_PHASE!r} or {SEGMENTATION_PHASE!r}")
-        with torch.no_grad():  # the student is fixed in this phase
-            student = self.student(images, [t.shape[-2:] for t in teacher])
-        segmentation = self.segmentation(segmentation_input(teacher, student))
+        segmentation = self.segmentation(segmentation_input(teacher, [s.detach() for s in student]))
         target = binary_mask(mask, segmentation.shape[-2:])
         focal = focal_loss(segmentation, target, self.gamma)
         l1 = F.l1_loss(segmentation, target)
         return {"loss": focal + l1, "focal_loss": focal, "l1_loss": l1}
+
+
+# ---------------------------------------------------------------- the detector
+
+#: What the anomaly map is made of.
+MAP_SOURCES: tuple[str, ...] = ("segmentation", "student")
+
+
+def default_destseg_synthesizer() -> AnomalySynthesizer:
+    """The original project's training corruption: image blending on every patch, opacity 0.5-1."""
+    return ImageBlendingSynthesizer(p=1.0, blend_factor=(0.5, 1.0))
+
+
+class HRDesTSeg(HRDetector):
+    """DeSTSeg on high-resolution patches: frozen teacher, denoising student, segmentation network.
+
+    Args:
+        backbone_name: the frozen teacher (timm CNN or alias; ``resnet18`` in the paper).
+        layers_to_extract_from: teacher layers, shallow to deep (``[layer2, layer3]`` as in the original project).
+        weights: teacher weights: ``hub``, ``offline``, ``none`` or a file path.
+        input_size: ``(width, height)`` or one int: patch size the detector sees.
+        fusion_weights: multi-resolution fusion weights (teacher and student alike, see :class:`HRDetector`).
+        feature_kind: must resolve to ``cnn``.
+        backbone_kwargs: extra ``timm.create_model`` options of the teacher.
+        steps: optimiser steps in all (the Trainer's default ``max_steps``).
+        de_st_steps: steps of the student phase; the segmentation phase follows.
+        lr_de_st: SGD learning rate of the student.
+        lr_res: SGD learning rate of the segmentation network's residual blocks.
+        lr_seghead: SGD learning rate of its ASPP head.
+        gamma: focal-loss focusing parameter.
+        student_encoder: timm model of the student's encoder (random init).
+        decoder_blocks: basic blocks per student decoder stage.
+        segmentation_width: channels inside the segmentation network.
+        map_source: ``segmentation`` (the paper's map) or ``student`` (product of the student's cosine distances).
+        synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``); default
+            image blending with Perlin masks on every patch, opacity 0.5-1.
+    """
+
+    def __init__(
+        self,
+        backbone_name: str = "resnet18",
+        layers_to_extract_from: Sequence[str] = ("layer2", "layer3"),
+        weights: str = "hub",
+        input_size: int | tuple[int, int] = 512,
+        fusion_weights: Sequence[float] | None = None,
+        feature_kind: str = "cnn",
+        backbone_kwargs: dict[str, Any] | None = None,
+        steps: int = 3000,
+        de_st_steps: int = 1000,
+        lr_de_st: float = 0.4,
+        lr_res: float = 0.1,
+        lr_seghead: float = 0.01,
+        gamma: float = 4.0,
+        student_encoder: str = "resnet18",
+        decoder_blocks: int = 2,
+        segmentation_width: int = 256,
+        map_source: str = "segmentation",
+        synthesizer: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs
+        )
+        for name, value in (("steps", steps), ("decoder_blocks", decoder_blocks), ("segmentation_width", segmentation_width)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(de_st_steps, int) or not 0 <= de_st_steps <= steps:
+            raise ValueError(f"de_st_steps must be an integer in [0, steps={steps}], got {de_st_steps!r}")
+        for name, value in (("lr_de_st", lr_de_st), ("lr_res", lr_res), ("lr_seghead", lr_seghead)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if map_source not in MAP_SOURCES:
+            raise ValueError(f"map_source must be one of {MAP_SOURCES}, got {map_source!r}")
+        self.steps, self.de_st_steps = steps, de_st_steps
+        self.lr_de_st, self.lr_res, self.lr_seghead = float(lr_de_st), float(lr_res), float(lr_seghead)
+        self.map_source = map_source
+        self.synthesizer_spec = synthesizer
+        build_synthesizer(synthesizer)  # a bad spec fails here, before any training
+        self.destseg = DeSTSegModel(self.backbone.channels, student_encoder, decoder_blocks, segmentation_width, gamma)
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """``False``: each step updates only the current phase's optimiser."""
+        return False
+
+    def trainer_defaults(self) -> dict[str, Any]:
+        """``max_steps`` from ``steps`` (epochs unbounded); a user's trainer options override it."""
+        return {"max_steps": self.steps, "max_epochs": -1}
+
+    def training_synthesizer(self) -> AnomalySynthesizer:
+        """The configured corruption of training patches, or image blending on every patch."""
+        return build_synthesizer(self.synthesizer_spec) or default_destseg_synthesizer()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """SGD on the student; SGD on the segmentation network (residual blocks and head at their own rates)."""
+        student = torch.optim.SGD(
+            self.destseg.student.parameters(), lr=self.lr_de_st, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
+        )
+        segmentation = torch.optim.SGD(
+            [
+                {"params": self.destseg.segmentation.res.parameters(), "lr": self.lr_res},
+                {"params": self.destseg.segmentation.head.parameters(), "lr": self.lr_seghead},
+            ],
+            lr=self.lr_res,
+            momentum=SGD_MOMENTUM,
+            weight_decay=SGD_WEIGHT_DECAY,
+        )
+        return [student, segmentation]
+
+    @property
+    def phase(self) -> str:
+        """The phase of the next optimiser step."""
+        return training_phase(self.global_step, self.de_st_steps)
+
+    def student_embedding(self, batch: PatchBatch, grids: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """Student maps of the batch's patches on the teacher's ``grids``, fused with the low-resolution views like the teacher's."""
+        maps = self.destseg.student(batch.image, grids)
+        low = batch.low_resolution_images
+        if low is None or self.fusion_weights is None or batch.low_resolution_windows is None:
+            return maps
+        crop_size = (int(low.shape[-2]), int(low.shape[-1]))
+        crop_grids = [(math.ceil(crop_size[0] / r), math.ceil(crop_size[1] / r)) for r in self.backbone.reductions]
+        crop_maps = self.destseg.student(low.flatten(0, 1), crop_grids)
+        return [self._fuse_layer(m, c, batch.low_resolution_windows, crop_size) for m, c in zip(maps, crop_maps)]
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> Tensor:
+        """One step of the current phase: the student's cosine loss, or the segmentation's focal + L1 loss."""
+        phase = self.phase
+        self.destseg.set_phase(phase)
+        teacher = [t.float() for t in self.fused_embedding(batch)]
+        grids = [tuple(t.shape[-2:]) for t in teacher]
+        if phase == STUDENT_PHASE:
+            clean_teacher = [t.float() for t in self.fused_embedding(batch.clean())]
+            student = self.student_embedding(batch, grids)
+        else:
+            clean_teacher = teacher  # unused by the segmentation loss
+            with torch.no_grad():
+                student = self.student_embedding(batch, grids)
+        losses = self.destseg.losses(student, teacher, clean_teacher, batch.mask, phase)
+        self.step_optimizers(losses["loss"], batch_idx, optimizers=[0 if phase == STUDENT_PHASE else 1])
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=len(batch))
+        return losses["loss"].detach()
+
+    def anomaly_map(self, batch: PatchBatch) -> Tensor:
+        """The segmentation output (or the student's cosine-distance product), upsampled to the patch size."""
+        teacher = [t.float() for t in self.fused_embedding(batch)]
+        student = self.student_embedding(batch, [tuple(t.shape[-2:]) for t in teacher])
+        if self.map_source == "student":
+            maps = student_anomaly_map(cosine_distance_maps(teacher, student))
+        else:
+            maps = self.destseg.segmentation(segmentation_input(teacher, student))
+        return F.interpolate(maps, size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

@@ -35,11 +35,15 @@ moments triple that).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
+from hiad_pl.detectors.base import HRDetector
 
 #: Groups of the group norms (fewer when the width is not a multiple).
 NORM_GROUPS = 32
@@ -428,3 +432,123 @@ class RealNetModel(nn.Module):
     def anomaly_probability(logits: Tensor) -> Tensor:
         """Anomaly probability ``[B, H, W]`` from two-class logits."""
         return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
+# ---------------------------------------------------------------- the detector
+
+
+def default_realnet_synthesizer() -> AnomalySynthesizer:
+    """The original project's training corruption: image blending on half the patches, opacity 0.2-1, Perlin scale 6."""
+    return ImageBlendingSynthesizer(p=0.5, blend_factor=(0.2, 1.0), perlin_scale=6, min_perlin_scale=0)
+
+
+class HRRealNet(HRDetector):
+    """RealNet on high-resolution patches: AFS, per-block reconstruction UNets and RRS on a frozen CNN.
+
+    Args:
+        backbone_name: the frozen CNN (timm name or alias; ``wideresnet50`` in the original project).
+        layers_to_extract_from: backbone layers, one block each (``[layer2, layer3]``).
+        weights: backbone weights: ``hub``, ``offline``, ``none`` or a file path.
+        input_size: ``(width, height)`` or one int: patch size the detector sees.
+        fusion_weights: multi-resolution fusion weights (see :class:`HRDetector`).
+        feature_kind: must resolve to ``cnn``.
+        backbone_kwargs: extra ``timm.create_model`` options.
+        epochs: training epochs (the Trainer's default ``max_epochs``).
+        lr: Adam learning rate.
+        afs_channels: channels AFS keeps per block (default: half of each layer's).
+        init_bsn: synthetic batches that decide AFS before training starts.
+        width_ratio: reconstruction UNet base width as a fraction of the block's kept channels.
+        channel_mult: UNet width multipliers per level.
+        res_blocks: UNet residual blocks per level.
+        attention_at: UNet downsampling factors with attention.
+        rrs_modes: RRS ranking modes (``max``, ``mean``).
+        rrs_counts: residual channels RRS keeps per mode.
+        rrs_residual_layers: residual layers of the discriminator.
+        synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``); default
+            image blending with Perlin masks on half the patches, opacity 0.2-1.
+    """
+
+    def __init__(
+        self,
+        backbone_name: str = "wideresnet50",
+        layers_to_extract_from: Sequence[str] = ("layer2", "layer3"),
+        weights: str = "hub",
+        input_size: int | tuple[int, int] = 512,
+        fusion_weights: Sequence[float] | None = None,
+        feature_kind: str = "cnn",
+        backbone_kwargs: dict[str, Any] | None = None,
+        epochs: int = 150,
+        lr: float = 1e-4,
+        afs_channels: Sequence[int] | None = None,
+        init_bsn: int = 64,
+        width_ratio: float = 0.5,
+        channel_mult: Sequence[int] = (1, 2, 4),
+        res_blocks: int = 2,
+        attention_at: Sequence[int] = (2, 4),
+        rrs_modes: Sequence[str] = RRS_MODES,
+        rrs_counts: Sequence[int] = (256, 256),
+        rrs_residual_layers: int = 2,
+        synthesizer: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs
+        )
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if not lr > 0 or not width_ratio > 0:
+            raise ValueError(f"lr and width_ratio must be positive, got {lr!r} and {width_ratio!r}")
+        self.epochs = epochs
+        self.lr = float(lr)
+        self.synthesizer_spec = synthesizer
+        build_synthesizer(synthesizer)  # a bad spec fails here, before any training
+        channels = list(self.backbone.channels)
+        kept = [c // 2 for c in channels] if afs_channels is None else [int(k) for k in afs_channels]
+        self.realnet = RealNetModel(
+            channels, kept, init_bsn, width_ratio, channel_mult, res_blocks, attention_at,
+            rrs_modes, rrs_counts, rrs_residual_layers,
+        )
+
+    def trainer_defaults(self) -> dict[str, Any]:
+        """``max_epochs`` from ``epochs``; a user's trainer options override it."""
+        return {"max_epochs": self.epochs}
+
+    def training_synthesizer(self) -> AnomalySynthesizer:
+        """The configured corruption of training patches, or image blending on half of them."""
+        return build_synthesizer(self.synthesizer_spec) or default_realnet_synthesizer()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the reconstruction networks and the discriminator (AFS holds no parameters)."""
+        return torch.optim.Adam(self.realnet.parameters(), lr=self.lr, betas=(0.9, 0.999))
+
+    def on_train_start(self) -> None:
+        """Decide AFS from the first ``init_bsn`` training batches (cycling the loader) unless a resumed fit already did."""
+        super().on_train_start()
+        afs = self.realnet.afs
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        if afs.decided or loader is None:
+            return
+        while not afs.decided:
+            seen = int(afs.batches_seen)
+            for batch in loader:
+                self.select_features(self.transfer_batch_to_device(batch, self.device, 0))
+                if afs.decided:
+                    break
+            if int(afs.batches_seen) == seen:
+                raise RuntimeError("AFS saw no synthetic anomaly in a whole pass over the training patches: check the synthesizer's p")
+
+    @torch.no_grad()
+    def select_features(self, batch: PatchBatch) -> None:
+        """Add one synthetic batch to the AFS scores."""
+        self.realnet.afs.accumulate(self.fused_embedding(batch), self.fused_embedding(batch.clean()), batch.mask)
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> Tensor:
+        """Segmentation cross-entropy + feature MSE of one synthetic batch."""
+        losses = self.realnet.losses(self.fused_embedding(batch), self.fused_embedding(batch.clean()), batch.mask)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=len(batch))
+        return losses["loss"]
+
+    def anomaly_map(self, batch: PatchBatch) -> Tensor:
+        """The discriminator's anomaly probability ``[B, H, W]`` at the patch size."""
+        logits = self.realnet(self.fused_embedding(batch), batch.image.shape[-2:])["logits"]
+        return self.realnet.anomaly_probability(logits)  # type: ignore[arg-type]
