@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import lightning
+import numpy as np
 import pytest
 import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from conftest import batch_of, fit_and_score, tensorboard_scalars, texture_split
+from hiad_pl.data.datamodule import HighResDataModule
+from hiad_pl.detectors import DETECTORS, HRDesTSeg
+from hiad_pl.orchestrator import TaskOrchestrator
 
 from hiad_pl.detectors.destseg import (
     SEGMENTATION_PHASE,
@@ -131,3 +141,103 @@ def test_forward_gives_segmentation_and_student_maps() -> None:
     segmentation, student = model(torch.randn(2, 3, 32, 32), teacher_maps())
     assert segmentation.shape == (2, 1, 4, 4)
     assert [tuple(s.shape) for s in student] == [(2, 8, 4, 4), (2, 16, 2, 2)]
+
+
+# ---------------------------------------------------------------- the detector
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: A teacher and student small enough for fits of a few steps.
+TINY = {
+    "backbone_name": "resnet18",
+    "weights": "none",
+    "layers_to_extract_from": ["layer1", "layer2"],
+    "student_encoder": "mobilenetv3_small_050",
+    "decoder_blocks": 1,
+    "segmentation_width": 16,
+}
+
+
+def quickstart_options() -> dict:
+    """The detector options of configs/destseg_quickstart.yaml."""
+    return dict(yaml.safe_load((CONFIGS / "destseg_quickstart.yaml").read_text())["detector"]["init_args"])
+
+
+class PhaseRecorder(Callback):
+    """Records, per optimiser step, which of the two networks' weights changed."""
+
+    def __init__(self) -> None:
+        self.changed: list[set[str]] = []
+        self._before: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._before = {k: v.clone() for k, v in pl_module.destseg.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        after = pl_module.destseg.state_dict()
+        self.changed.append({k.split(".")[0] for k, v in after.items() if not torch.equal(v, self._before[k])})
+
+
+def test_fit_switches_phase_exactly_at_de_st_steps(small_demo: Path, tmp_path: Path) -> None:
+    split, tasks = texture_split(small_demo)
+    recorder = PhaseRecorder()
+    detector = HRDesTSeg(**TINY, input_size=256, steps=4, de_st_steps=2)
+    data = HighResDataModule(
+        split.train[:2], indexes=tasks[0].indexes, batch_size=8, train_synthesizer=detector.training_synthesizer(),
+    )
+    trainer = lightning.Trainer(
+        **detector.trainer_defaults(), callbacks=[recorder], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(detector, datamodule=data)
+    assert trainer.global_step == 4
+    assert recorder.changed == [{"student"}, {"student"}, {"segmentation"}, {"segmentation"}]
+
+
+def test_interrupted_fit_resumes_in_its_phase_with_both_optimizer_states(small_demo: Path, tmp_path: Path) -> None:
+    split, tasks = texture_split(small_demo)
+    config = {**TINY, "steps": 3, "de_st_steps": 1}
+
+    def fit(steps: int) -> TaskOrchestrator:
+        orchestrator = TaskOrchestrator(HRDesTSeg, config, tasks, tmp_path, batch_size=8, trainer_kwargs={"max_steps": steps})
+        orchestrator.fit(split.train[:2], [])
+        return orchestrator
+
+    final = fit(2).checkpoint_path(tasks[0])
+    first = torch.load(final, weights_only=True)
+    assert first["global_step"] == 2
+    final.unlink()  # as if the run had stopped before the task finished: only the epoch checkpoint is left
+    fit(3)
+    resumed = torch.load(final, weights_only=True)
+    assert resumed["global_step"] == 3  # one more step, not three from scratch
+    student_state, segmentation_state = resumed["optimizer_states"]
+    assert student_state["state"] and segmentation_state["state"]  # SGD momenta of both phases kept
+    assert not any(key.startswith("backbone.") for key in resumed["state_dict"])
+    assert DETECTORS["destseg"] is HRDesTSeg
+
+
+def test_bad_options_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="de_st_steps"):
+        HRDesTSeg(**TINY, input_size=64, steps=10, de_st_steps=11)
+    with pytest.raises(ValueError, match="map_source"):
+        HRDesTSeg(**TINY, input_size=64, map_source="teacher")
+
+
+def test_both_maps_have_the_patch_size(small_demo: Path) -> None:
+    detector = HRDesTSeg(**TINY, input_size=64).eval()
+    batch = batch_of(torch.randn(2, 3, 64, 64))
+    assert detector.predict_step(batch, 0).shape == (2, 64, 64)
+    detector.map_source = "student"
+    student_map = detector.predict_step(batch, 0)
+    assert student_map.shape == (2, 64, 64) and bool((student_map >= 0).all())
+
+
+def test_destseg_quickstart_learns_the_demo_texture(small_demo: Path, tmp_path: Path) -> None:
+    options = quickstart_options()
+    image_auroc = fit_and_score(small_demo, tmp_path, HRDesTSeg, options, batch_size=8)
+    losses = tensorboard_scalars(tmp_path / "logs", "train/loss")
+    cosine = tensorboard_scalars(tmp_path / "logs", "train/cosine_loss")
+    focal = tensorboard_scalars(tmp_path / "logs", "train/focal_loss")
+    assert len(losses) == options["steps"] and len(cosine) == options["de_st_steps"]
+    assert np.mean(cosine[-3:]) < 0.8 * np.mean(cosine[:3])
+    assert np.mean(focal[-3:]) < np.mean(focal[:3])
+    assert image_auroc >= 0.8

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
+
+from conftest import batch_of, fit_and_score, tensorboard_scalars, texture_split
+from hiad_pl.detectors import DETECTORS, HRRealNet
+from hiad_pl.orchestrator import TaskOrchestrator
 
 from hiad_pl.detectors.realnet import (
     AttentionBlock,
@@ -147,3 +154,70 @@ def test_model_trains_end_to_end_on_tiny_features() -> None:
     assert trained == {"reconstruction", "discriminator"}  # AFS holds no parameters
     probability = model.anomaly_probability(model(corrupted, (32, 32))["logits"])
     assert probability.shape == (2, 32, 32) and bool(((probability >= 0) & (probability <= 1)).all())
+
+
+# ---------------------------------------------------------------- the detector
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: A backbone and networks small enough for fits of a few steps.
+TINY = {
+    "backbone_name": "resnet18",
+    "weights": "none",
+    "layers_to_extract_from": ["layer1", "layer2"],
+    "afs_channels": [16, 32],
+    "init_bsn": 2,
+    "res_blocks": 1,
+    "channel_mult": [1, 2],
+    "attention_at": [2],
+    "rrs_counts": [8, 8],
+    "rrs_residual_layers": 1,
+}
+
+
+def quickstart_options() -> dict:
+    """The detector options of configs/realnet_quickstart.yaml."""
+    return dict(yaml.safe_load((CONFIGS / "realnet_quickstart.yaml").read_text())["detector"]["init_args"])
+
+
+def test_afs_is_decided_before_training_and_a_resumed_fit_keeps_it(small_demo: Path, tmp_path: Path) -> None:
+    split, tasks = texture_split(small_demo)
+
+    def fit(epochs: int) -> TaskOrchestrator:
+        orchestrator = TaskOrchestrator(HRRealNet, TINY, tasks, tmp_path, batch_size=8, trainer_kwargs={"max_epochs": epochs})
+        orchestrator.fit(split.train[:2], [])
+        return orchestrator
+
+    final = fit(1).checkpoint_path(tasks[0])
+    first = torch.load(final, weights_only=True)
+    state = first["state_dict"]
+    assert int(state["realnet.afs.batches_seen"]) == 2
+    assert [len(state[f"realnet.afs.indices_{i}"]) for i in range(2)] == [16, 32]
+    assert state["realnet.afs.indices_0"].tolist() != list(range(16))  # chosen by the scores, not the default
+    final.unlink()  # as if the run had stopped before the task finished: only the epoch checkpoint is left
+    fit(2)
+    resumed = torch.load(final, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 2 * first["global_step"]
+    assert torch.equal(resumed["state_dict"]["realnet.afs.indices_1"], state["realnet.afs.indices_1"])
+    assert int(resumed["state_dict"]["realnet.afs.batches_seen"]) == 2  # not decided again
+    assert resumed["optimizer_states"][0]["state"]
+    assert not any(key.startswith("backbone.") for key in resumed["state_dict"])
+    assert DETECTORS["realnet"] is HRRealNet
+
+
+def test_default_afs_keeps_half_of_each_layer_and_maps_have_the_patch_size() -> None:
+    options = {k: v for k, v in TINY.items() if k not in ("afs_channels", "rrs_counts")}
+    detector = HRRealNet(**options, rrs_counts=[16, 16], input_size=64).eval()
+    assert detector.realnet.afs.kept == [32, 64]  # resnet18 layer1 / layer2: 64 / 128 channels
+    maps = detector.predict_step(batch_of(torch.randn(2, 3, 64, 64)), 0)
+    assert maps.shape == (2, 64, 64) and bool(((maps >= 0) & (maps <= 1)).all())
+    with pytest.raises(ValueError, match="afs_channels"):
+        HRRealNet(**{**TINY, "afs_channels": [16]}, input_size=64)
+
+
+def test_realnet_quickstart_learns_the_demo_texture(small_demo: Path, tmp_path: Path) -> None:
+    options = quickstart_options()
+    image_auroc = fit_and_score(small_demo, tmp_path, HRRealNet, options, batch_size=8)
+    losses = tensorboard_scalars(tmp_path / "logs", "train/loss")
+    assert len(losses) == 2 * options["epochs"]  # 16 patches, batches of 8
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    assert image_auroc >= 0.8
