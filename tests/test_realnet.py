@@ -107,6 +107,17 @@ def test_discriminator_outputs_two_class_logits_at_the_patch_size() -> None:
         ResidualDiscriminator(12, counts=(13, 1))
 
 
+def test_normalised_input_makes_the_discriminator_blind_to_the_residuals_scale() -> None:
+    torch.manual_seed(0)
+    residuals = [torch.rand(2, 4, 8, 8), torch.rand(2, 8, 4, 4)]
+    for normalised, same in ((True, True), (False, False)):
+        discriminator = ResidualDiscriminator(12, counts=(4, 3), residual_layers=1, normalised_input=normalised).train()
+        with torch.no_grad():
+            small = discriminator(residuals, size=(16, 16))
+            large = discriminator([100 * r for r in residuals], size=(16, 16))
+        assert torch.allclose(small, large, atol=1e-4) is same
+
+
 def test_resblocks_resample_and_attention_starts_as_identity() -> None:
     x = torch.randn(2, 8, 4, 4)
     assert ResBlock(8, 16)(x).shape == (2, 16, 4, 4)

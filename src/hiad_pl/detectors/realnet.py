@@ -328,9 +328,21 @@ class ResidualDiscriminator(nn.Module):
         modes: ranking modes (``max``, ``mean``).
         counts: channels kept per mode.
         residual_layers: residual layers before the convolutional decoder.
+        normalised_input: feed the selected channels after the ranking's normalisation
+            instead of the raw residuals (the paper feeds raw ones). For backbones whose
+            features are not post-ReLU (EfficientNet blocks) the squared residuals reach
+            the hundreds and silence the decoder's narrow ReLU layers; normalised, they
+            stay in range.
     """
 
-    def __init__(self, channels: int, modes: Sequence[str] = RRS_MODES, counts: Sequence[int] = (256, 256), residual_layers: int = 2) -> None:
+    def __init__(
+        self,
+        channels: int,
+        modes: Sequence[str] = RRS_MODES,
+        counts: Sequence[int] = (256, 256),
+        residual_layers: int = 2,
+        normalised_input: bool = False,
+    ) -> None:
         super().__init__()
         if len(modes) != len(counts) or not modes:
             raise ValueError(f"rrs_modes and rrs_counts must pair up, got {list(modes)} and {list(counts)}")
@@ -341,6 +353,7 @@ class ResidualDiscriminator(nn.Module):
                 raise ValueError(f"RRS cannot keep {count} of {channels} residual channels ({mode})")
         self.modes = list(modes)
         self.counts = [int(c) for c in counts]
+        self.normalised_input = bool(normalised_input)
         selected = sum(self.counts)
         self.norm = nn.BatchNorm2d(channels, momentum=RRS_NORM_MOMENTUM, affine=False)
         self.decoder = nn.Sequential(
@@ -363,9 +376,9 @@ class ResidualDiscriminator(nn.Module):
             [r if r.shape[-2:] == grid else F.interpolate(r, size=grid, mode="bilinear", align_corners=True) for r in residuals],
             dim=1,
         )
-        with torch.no_grad():  # the ranking only picks channels; its statistics still follow the batches
-            normalised = self.norm(residual)
-        decoded = self.decoder(select_residual_channels(residual, normalised, self.modes, self.counts))
+        normalised = self.norm(residual)
+        source = normalised if self.normalised_input else residual
+        decoded = self.decoder(select_residual_channels(source, normalised.detach(), self.modes, self.counts))
         decoded = F.interpolate(decoded, scale_factor=2, mode="bilinear", align_corners=True)
         return F.interpolate(self.head(decoded), size=tuple(size), mode="bilinear", align_corners=True)
 
@@ -391,7 +404,8 @@ class RealNetModel(nn.Module):
         afs_channels: channels AFS keeps per block.
         init_bsn: synthetic batches that decide AFS.
         width_ratio, channel_mult, res_blocks, attention_at: reconstruction UNet shape.
-        rrs_modes, rrs_counts, rrs_residual_layers: RRS and discriminator shape.
+        rrs_modes, rrs_counts, rrs_residual_layers, rrs_normalised_input: RRS and discriminator
+            (see :class:`ResidualDiscriminator`).
     """
 
     def __init__(
@@ -406,13 +420,16 @@ class RealNetModel(nn.Module):
         rrs_modes: Sequence[str] = RRS_MODES,
         rrs_counts: Sequence[int] = (256, 256),
         rrs_residual_layers: int = 2,
+        rrs_normalised_input: bool = False,
     ) -> None:
         super().__init__()
         self.afs = FeatureSelection(channels, afs_channels, init_bsn)
         self.reconstruction = nn.ModuleList(
             ReconstructionUNet(k, width_ratio, channel_mult, res_blocks, attention_at) for k in afs_channels
         )
-        self.discriminator = ResidualDiscriminator(sum(afs_channels), rrs_modes, rrs_counts, rrs_residual_layers)
+        self.discriminator = ResidualDiscriminator(
+            sum(afs_channels), rrs_modes, rrs_counts, rrs_residual_layers, rrs_normalised_input
+        )
 
     def forward(self, features: Sequence[Tensor], size: Sequence[int]) -> dict[str, Tensor | list[Tensor]]:
         """``selected`` and ``reconstructed`` features per block and ``logits`` ``[B, 2, H, W]`` at ``size``."""
@@ -464,6 +481,8 @@ class HRRealNet(HRDetector):
         rrs_modes: RRS ranking modes (``max``, ``mean``).
         rrs_counts: residual channels RRS keeps per mode.
         rrs_residual_layers: residual layers of the discriminator.
+        rrs_normalised_input: feed the discriminator normalised residuals (for backbones
+            without a final ReLU, such as EfficientNet blocks; off in the paper).
         synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``); default
             image blending with Perlin masks on half the patches, opacity 0.2-1.
     """
@@ -488,6 +507,7 @@ class HRRealNet(HRDetector):
         rrs_modes: Sequence[str] = RRS_MODES,
         rrs_counts: Sequence[int] = (256, 256),
         rrs_residual_layers: int = 2,
+        rrs_normalised_input: bool = False,
         synthesizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
@@ -505,7 +525,7 @@ class HRRealNet(HRDetector):
         kept = [c // 2 for c in channels] if afs_channels is None else [int(k) for k in afs_channels]
         self.realnet = RealNetModel(
             channels, kept, init_bsn, width_ratio, channel_mult, res_blocks, attention_at,
-            rrs_modes, rrs_counts, rrs_residual_layers,
+            rrs_modes, rrs_counts, rrs_residual_layers, rrs_normalised_input,
         )
 
     def trainer_defaults(self) -> dict[str, Any]:
