@@ -231,6 +231,7 @@ def test_both_maps_have_the_patch_size(small_demo: Path) -> None:
     assert student_map.shape == (2, 64, 64) and bool((student_map >= 0).all())
 
 
+@pytest.mark.slow  # minutes on 2 cores; the fit, phase and resume tests above cover the training code
 def test_destseg_quickstart_learns_the_demo_texture(small_demo: Path, tmp_path: Path) -> None:
     options = quickstart_options()
     image_auroc = fit_and_score(small_demo, tmp_path, HRDesTSeg, options, batch_size=8)
