@@ -113,3 +113,16 @@ def batch_of(images: Tensor) -> PatchBatch:
 def loader(images: Tensor, batch_size: int = 4) -> DataLoader:
     """A loader of single-image PatchBatches collated into batches."""
     return DataLoader([batch_of(image[None]) for image in images], batch_size=batch_size, collate_fn=PatchBatch.collate)
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[float]:
+    """Every value logged under ``tag`` in the TensorBoard runs below ``folder``, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: list[tuple[int, float]] = []
+    for events in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values += [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    return [v for _, v in sorted(values)]

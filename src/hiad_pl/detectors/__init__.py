@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib
 
 from hiad_pl.detectors.base import DETECTOR_REGISTRY, HRDetector, OnePassDetector, register_detector
+from hiad_pl.detectors.destseg import HRDesTSeg
 from hiad_pl.detectors.fastflow import HRFastFlow
 from hiad_pl.detectors.padim import HRPaDiM
 from hiad_pl.detectors.patchcore import HRPatchCore
 from hiad_pl.detectors.rdpp import HRRDPP
+from hiad_pl.detectors.realnet import HRRealNet
 
 #: Short names of the detectors and their classes: the live registry.
 DETECTORS: dict[str, type[HRDetector]] = DETECTOR_REGISTRY
@@ -65,11 +67,13 @@ def describe_detectors() -> list[str]:
 
 __all__ = [
     "DETECTORS",
+    "HRDesTSeg",
     "HRDetector",
     "HRFastFlow",
     "HRPaDiM",
     "HRPatchCore",
     "HRRDPP",
+    "HRRealNet",
     "OnePassDetector",
     "describe_detectors",
     "get_detector",

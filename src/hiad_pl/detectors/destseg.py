@@ -1,0 +1,441 @@
+"""DeSTSeg: a denoising student and a segmentation network on a frozen teacher (Zhang et al., CVPR 2023).
+
+"DeSTSeg: Segmentation Guided Denoising Student-Teacher for Anomaly Detection".
+Three networks share each patch:
+
+* the **teacher**, a frozen ImageNet CNN (ResNet-18 layers 2 and 3 in the
+  original high-resolution project; layers 1-3 in the paper), the detector's
+  backbone;
+* the **denoising student**, a randomly initialised encoder (ResNet-18) and
+  decoder that sees the *corrupted* patch and learns to produce the teacher's
+  features of the *clean* patch, layer by layer (cosine distance loss);
+* the **segmentation network** (two residual blocks, ASPP, a small head,
+  sigmoid) that reads the channel-wise products of the L2-normalised teacher
+  and student features of the corrupted patch and predicts the synthetic
+  anomaly mask (focal loss with ``gamma`` 4 + L1).
+
+Training has two phases: for the first ``de_st_steps`` optimiser steps only
+the student trains (SGD lr 0.4), then only the segmentation network (SGD, lr
+0.1 on the residual blocks, 0.01 on the ASPP head), all with momentum 0.9 and
+weight decay 1e-4. The anomaly map is the segmentation output; with
+``map_source: student`` it is the product over layers of the student's cosine
+distances (the paper's "DeST" map).
+
+Shapes: teacher and student maps ``[B, C_l, h_l, w_l]`` per layer; the
+segmentation input is their products resized to the first layer's grid
+(``[B, sum C_l, h_0, w_0]``) and its output ``[B, 1, h_0, w_0]`` in ``(0, 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
+from hiad_pl.detectors.base import HRDetector
+
+#: Phases of training, in order.
+STUDENT_PHASE = "student"
+SEGMENTATION_PHASE = "segmentation"
+#: SGD settings shared by both phases (the paper's).
+SGD_MOMENTUM = 0.9
+SGD_WEIGHT_DECAY = 1e-4
+#: Dilations of the ASPP branches.
+ASPP_RATES: tuple[int, ...] = (6, 12, 18)
+
+
+def training_phase(step: int, de_st_steps: int) -> str:
+    """The phase of optimiser step ``step`` (0-based): the student before ``de_st_steps``, then segmentation."""
+    return STUDENT_PHASE if step < de_st_steps else SEGMENTATION_PHASE
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv + BN, ReLU, with a 1x1 conv + BN shortcut when channels change."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``relu(body(x) + shortcut(x))``, same grid."""
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+def residual_layer(in_channels: int, out_channels: int, blocks: int = 2) -> nn.Sequential:
+    """``blocks`` basic blocks from ``in_channels`` to ``out_channels`` (He-initialised, BN weight 1, bias 0)."""
+    layer = nn.Sequential(*(BasicBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(blocks)))
+    for module in layer.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return layer
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> nn.Sequential:
+    """Convolution ('same' padding), batch norm, ReLU."""
+    padding = dilation * (kernel_size // 2)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: image pooling, a 1x1 branch and one dilated 3x3 branch per rate, fused by a 3x3 conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int] = ASPP_RATES) -> None:
+        super().__init__()
+        self.pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, out_channels, 1))
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_channels, out_channels, 1)]
+            + [conv_bn_relu(in_channels, out_channels, 3, dilation=rate) for rate in rates]
+        )
+        self.fusion = conv_bn_relu((2 + len(rates)) * out_channels, out_channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, out_channels, h, w]`` on the input's grid."""
+        pooled = self.pooled(x).expand(-1, -1, *x.shape[-2:])
+        return self.fusion(torch.cat([pooled] + [branch(x) for branch in self.branches], dim=1))
+
+
+# ---------------------------------------------------------------- networks
+
+
+class DenoisingStudent(nn.Module):
+    """Randomly initialised encoder-decoder producing one map per teacher layer.
+
+    The encoder is a timm CNN without pretrained weights (``resnet18`` as in the
+    paper). Its deepest map passes ``decoder_blocks`` basic blocks, then, deepest
+    teacher layer first, the decoder resizes the running map to each teacher
+    layer's grid and turns it into that layer's channels with ``decoder_blocks``
+    basic blocks. With ResNet-18 and teacher layers 2-3 this is the paper's
+    decoder (512 -> 512 -> 256 -> 128 channels).
+
+    Args:
+        teacher_channels: channels of each teacher layer, shallow to deep.
+        encoder_name: timm model of the encoder (random init).
+        decoder_blocks: basic blocks per decoder stage.
+    """
+
+    def __init__(self, teacher_channels: Sequence[int], encoder_name: str = "resnet18", decoder_blocks: int = 2) -> None:
+        super().__init__()
+        if not teacher_channels:
+            raise ValueError("the student needs at least one teacher layer")
+        self.encoder = timm.create_model(encoder_name, pretrained=False, features_only=True)
+        self.teacher_channels = [int(c) for c in teacher_channels]
+        deepest = int(self.encoder.feature_info.channels()[-1])
+        self.bottom = residual_layer(deepest, deepest, decoder_blocks)
+        widths = [deepest] + self.teacher_channels[::-1]
+        self.stages = nn.ModuleList(residual_layer(a, b, decoder_blocks) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, images: Tensor, grids: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """Student maps ``[B, C_l, h_l, w_l]`` on the teacher's ``grids`` (shallow to deep order)."""
+        if len(grids) != len(self.teacher_channels):
+            raise ValueError(f"the student was built for {len(self.teacher_channels)} layers, got {len(grids)} grids")
+        x = self.bottom(self.encoder(images)[-1])
+        outputs = []
+        for stage, grid in zip(self.stages, list(grids)[::-1]):
+            x = stage(F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False))
+            outputs.append(x)
+        return outputs[::-1]
+
+
+class SegmentationNet(nn.Module):
+    """Residual blocks (``res``), then ASPP and a 3x3 + 1x1 head (``head``); a sigmoid gives the mask.
+
+    Args:
+        in_channels: channels of the teacher x student products.
+        width: channels inside the network (256 in the paper).
+        res_blocks: basic blocks of :attr:`res`.
+        atrous_rates: dilations of the ASPP branches.
+    """
+
+    def __init__(self, in_channels: int, width: int = 256, res_blocks: int = 2, atrous_rates: Sequence[int] = ASPP_RATES) -> None:
+        super().__init__()
+        self.res = residual_layer(in_channels, width, res_blocks)
+        self.head = nn.Sequential(ASPP(width, width, atrous_rates), conv_bn_relu(width, width, 3), nn.Conv2d(width, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Anomaly probabilities ``[B, 1, h, w]``."""
+        return torch.sigmoid(self.head(self.res(x)))
+
+
+# ---------------------------------------------------------------- maps and losses
+
+
+def cosine_distance_maps(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
+    """``1 - cos(teacher, student)`` over channels, ``[B, 1, h_l, w_l]`` per layer."""
+    return [1 - F.cosine_similarity(t, s, dim=1, eps=1e-12)[:, None] for t, s in zip(teacher, student)]
+
+
+def student_anomaly_map(distances: Sequence[Tensor]) -> Tensor:
+    """Product over layers of the cosine distances, on the first layer's grid: ``[B, 1, h_0, w_0]``."""
+    size = distances[0].shape[-2:]
+    resized = [F.interpolate(d, size=size, mode="bilinear", align_corners=False) for d in distances]
+    return torch.stack(resized).prod(0)
+
+
+def segmentation_input(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
+    """``-t_hat * s_hat`` per layer (L2-normalised over channels), resized to the first layer's grid and concatenated."""
+    size = student[0].shape[-2:]
+    products = [
+        F.interpolate(-F.normalize(t, dim=1) * F.normalize(s, dim=1), size=size, mode="bilinear", align_corners=False)
+        for t, s in zip(teacher, student)
+    ]
+    return torch.cat(products, dim=1)
+
+
+def cosine_distance_loss(distances: Sequence[Tensor]) -> Tensor:
+    """Sum over layers of each layer's cosine distances summed over the batch and averaged over positions.
+
+    The batch is summed, not averaged, as in the paper's code: the student's
+    learning rate (0.4) was tuned with this scale.
+    """
+    return sum(d.sum() / (d.shape[-2] * d.shape[-1]) for d in distances)  # type: ignore[return-value]
+
+
+def focal_loss(probabilities: Tensor, target: Tensor, gamma: float = 4.0) -> Tensor:
+    """Mean binary focal loss ``-(1 - p_t)^gamma log p_t`` of probabilities against a 0/1 target."""
+    probabilities, target = probabilities.float(), target.float()
+    cross_entropy = F.binary_cross_entropy(probabilities, target, reduction="none")
+    p_t = probabilities * target + (1 - probabilities) * (1 - target)
+    return (cross_entropy * (1 - p_t) ** gamma).mean()
+
+
+def binary_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """Pixel masks ``[B, H, W]`` resized (bilinear) to ``size`` and thresholded at 0.5: ``[B, 1, h, w]``."""
+    resized = F.interpolate(mask[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return (resized >= 0.5).float()
+
+
+class DeSTSegModel(nn.Module):
+    """The trainable parts of DeSTSeg (student and segmentation network) and its losses; the teacher stays outside.
+
+    Args:
+        teacher_channels: channels of the teacher's layers, shallow to deep.
+        student_encoder: timm model of the student's encoder (random init).
+        decoder_blocks: basic blocks per student decoder stage.
+        segmentation_width: channels inside the segmentation network.
+        gamma: focusing parameter of the focal loss.
+    """
+
+    def __init__(
+        self,
+        teacher_channels: Sequence[int],
+        student_encoder: str = "resnet18",
+        decoder_blocks: int = 2,
+        segmentation_width: int = 256,
+        gamma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.student = DenoisingStudent(teacher_channels, student_encoder, decoder_blocks)
+        self.segmentation = SegmentationNet(sum(teacher_channels), segmentation_width)
+        self.gamma = float(gamma)
+
+    def set_phase(self, phase: str) -> None:
+        """Train mode for the phase's network, eval mode (fixed BatchNorm statistics) for the other."""
+        if phase not in (STUDENT_PHASE, SEGMENTATION_PHASE):
+            raise ValueError(f"unknown phase {phase!r}: use {STUDENT_PHASE!r} or {SEGMENTATION_PHASE!r}")
+        self.student.train(phase == STUDENT_PHASE)
+        self.segmentation.train(phase == SEGMENTATION_PHASE)
+
+    def forward(self, images: Tensor, teacher: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """``(segmentation [B, 1, h_0, w_0], student maps)`` of ``images`` whose teacher maps are ``teacher``."""
+        student = self.student(images, [t.shape[-2:] for t in teacher])
+        return self.segmentation(segmentation_input(teacher, student)), student
+
+    def losses(
+        self, student: Sequence[Tensor], teacher: Sequence[Tensor], clean_teacher: Sequence[Tensor], mask: Tensor, phase: str
+    ) -> dict[str, Tensor]:
+        """Loss terms of one batch of corrupted patches in ``phase``; ``loss`` is the phase's objective.
+
+        Args:
+            student: student maps of the corrupted patches (with gradients in the student phase).
+            teacher: teacher maps of the corrupted patches (the segmentation network's input).
+            clean_teacher: teacher maps of the clean patches (the student's target).
+            mask: ``[B, H, W]`` synthetic anomaly masks.
+            phase: :data:`STUDENT_PHASE` or :data:`SEGMENTATION_PHASE`.
+        """
+        if phase == STUDENT_PHASE:
+            cosine = cosine_distance_loss(cosine_distance_maps(clean_teacher, student))
+            return {"loss": cosine, "cosine_loss": cosine}
+        if phase != SEGMENTATION_PHASE:
+            raise ValueError(f"unknown phase {phase!r}: use {STUDENT_PHASE!r} or {SEGMENTATION_PHASE!r}")
+        segmentation = self.segmentation(segmentation_input(teacher, [s.detach() for s in student]))
+        target = binary_mask(mask, segmentation.shape[-2:])
+        focal = focal_loss(segmentation, target, self.gamma)
+        l1 = F.l1_loss(segmentation, target)
+        return {"loss": focal + l1, "focal_loss": focal, "l1_loss": l1}
+
+
+# ---------------------------------------------------------------- the detector
+
+#: What the anomaly map is made of.
+MAP_SOURCES: tuple[str, ...] = ("segmentation", "student")
+
+
+def default_destseg_synthesizer() -> AnomalySynthesizer:
+    """The original project's training corruption: image blending on every patch, opacity 0.5-1."""
+    return ImageBlendingSynthesizer(p=1.0, blend_factor=(0.5, 1.0))
+
+
+class HRDesTSeg(HRDetector):
+    """DeSTSeg on high-resolution patches: frozen teacher, denoising student, segmentation network.
+
+    Args:
+        backbone_name: the frozen teacher (timm CNN or alias; ``resnet18`` in the paper).
+        layers_to_extract_from: teacher layers, shallow to deep (``[layer2, layer3]`` as in the original project).
+        weights: teacher weights: ``hub``, ``offline``, ``none`` or a file path.
+        input_size: ``(width, height)`` or one int: patch size the detector sees.
+        fusion_weights: multi-resolution fusion weights (teacher and student alike, see :class:`HRDetector`).
+        feature_kind: must resolve to ``cnn``.
+        backbone_kwargs: extra ``timm.create_model`` options of the teacher.
+        steps: optimiser steps in all (the Trainer's default ``max_steps``).
+        de_st_steps: steps of the student phase; the segmentation phase follows.
+        lr_de_st: SGD learning rate of the student.
+        lr_res: SGD learning rate of the segmentation network's residual blocks.
+        lr_seghead: SGD learning rate of its ASPP head.
+        gamma: focal-loss focusing parameter.
+        student_encoder: timm model of the student's encoder (random init).
+        decoder_blocks: basic blocks per student decoder stage.
+        segmentation_width: channels inside the segmentation network.
+        map_source: ``segmentation`` (the paper's map) or ``student`` (product of the student's cosine distances).
+        synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``); default
+            image blending with Perlin masks on every patch, opacity 0.5-1.
+    """
+
+    def __init__(
+        self,
+        backbone_name: str = "resnet18",
+        layers_to_extract_from: Sequence[str] = ("layer2", "layer3"),
+        weights: str = "hub",
+        input_size: int | tuple[int, int] = 512,
+        fusion_weights: Sequence[float] | None = None,
+        feature_kind: str = "cnn",
+        backbone_kwargs: dict[str, Any] | None = None,
+        steps: int = 3000,
+        de_st_steps: int = 1000,
+        lr_de_st: float = 0.4,
+        lr_res: float = 0.1,
+        lr_seghead: float = 0.01,
+        gamma: float = 4.0,
+        student_encoder: str = "resnet18",
+        decoder_blocks: int = 2,
+        segmentation_width: int = 256,
+        map_source: str = "segmentation",
+        synthesizer: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs
+        )
+        for name, value in (("steps", steps), ("decoder_blocks", decoder_blocks), ("segmentation_width", segmentation_width)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(de_st_steps, int) or not 0 <= de_st_steps <= steps:
+            raise ValueError(f"de_st_steps must be an integer in [0, steps={steps}], got {de_st_steps!r}")
+        for name, value in (("lr_de_st", lr_de_st), ("lr_res", lr_res), ("lr_seghead", lr_seghead)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if map_source not in MAP_SOURCES:
+            raise ValueError(f"map_source must be one of {MAP_SOURCES}, got {map_source!r}")
+        self.steps, self.de_st_steps = steps, de_st_steps
+        self.lr_de_st, self.lr_res, self.lr_seghead = float(lr_de_st), float(lr_res), float(lr_seghead)
+        self.map_source = map_source
+        self.synthesizer_spec = synthesizer
+        build_synthesizer(synthesizer)  # a bad spec fails here, before any training
+        self.destseg = DeSTSegModel(self.backbone.channels, student_encoder, decoder_blocks, segmentation_width, gamma)
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """``False``: each step updates only the current phase's optimiser."""
+        return False
+
+    def trainer_defaults(self) -> dict[str, Any]:
+        """``max_steps`` from ``steps`` (epochs unbounded); a user's trainer options override it."""
+        return {"max_steps": self.steps, "max_epochs": -1}
+
+    def training_synthesizer(self) -> AnomalySynthesizer:
+        """The configured corruption of training patches, or image blending on every patch."""
+        return build_synthesizer(self.synthesizer_spec) or default_destseg_synthesizer()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """SGD on the student; SGD on the segmentation network (residual blocks and head at their own rates)."""
+        student = torch.optim.SGD(
+            self.destseg.student.parameters(), lr=self.lr_de_st, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
+        )
+        segmentation = torch.optim.SGD(
+            [
+                {"params": self.destseg.segmentation.res.parameters(), "lr": self.lr_res},
+                {"params": self.destseg.segmentation.head.parameters(), "lr": self.lr_seghead},
+            ],
+            lr=self.lr_res,
+            momentum=SGD_MOMENTUM,
+            weight_decay=SGD_WEIGHT_DECAY,
+        )
+        return [student, segmentation]
+
+    @property
+    def phase(self) -> str:
+        """The phase of the next optimiser step."""
+        return training_phase(self.global_step, self.de_st_steps)
+
+    def student_embedding(self, batch: PatchBatch, grids: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """Student maps of the batch's patches on the teacher's ``grids``, fused with the low-resolution views like the teacher's."""
+        maps = self.destseg.student(batch.image, grids)
+        low = batch.low_resolution_images
+        if low is None or self.fusion_weights is None or batch.low_resolution_windows is None:
+            return maps
+        crop_size = (int(low.shape[-2]), int(low.shape[-1]))
+        crop_grids = [(math.ceil(crop_size[0] / r), math.ceil(crop_size[1] / r)) for r in self.backbone.reductions]
+        crop_maps = self.destseg.student(low.flatten(0, 1), crop_grids)
+        return [self._fuse_layer(m, c, batch.low_resolution_windows, crop_size) for m, c in zip(maps, crop_maps)]
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> Tensor:
+        """One step of the current phase: the student's cosine loss, or the segmentation's focal + L1 loss."""
+        phase = self.phase
+        self.destseg.set_phase(phase)
+        teacher = [t.float() for t in self.fused_embedding(batch)]
+        grids = [tuple(t.shape[-2:]) for t in teacher]
+        if phase == STUDENT_PHASE:
+            clean_teacher = [t.float() for t in self.fused_embedding(batch.clean())]
+            student = self.student_embedding(batch, grids)
+        else:
+            clean_teacher = teacher  # unused by the segmentation loss
+            with torch.no_grad():
+                student = self.student_embedding(batch, grids)
+        losses = self.destseg.losses(student, teacher, clean_teacher, batch.mask, phase)
+        self.step_optimizers(losses["loss"], batch_idx, optimizers=[0 if phase == STUDENT_PHASE else 1])
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=len(batch))
+        return losses["loss"].detach()
+
+    def anomaly_map(self, batch: PatchBatch) -> Tensor:
+        """The segmentation output (or the student's cosine-distance product), upsampled to the patch size."""
+        teacher = [t.float() for t in self.fused_embedding(batch)]
+        student = self.student_embedding(batch, [tuple(t.shape[-2:]) for t in teacher])
+        if self.map_source == "student":
+            maps = student_anomaly_map(cosine_distance_maps(teacher, student))
+        else:
+            maps = self.destseg.segmentation(segmentation_input(teacher, student))
+        return F.interpolate(maps, size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
