@@ -1,0 +1,124 @@
+"""Dinomaly: a noisy bottleneck and a linear-attention decoder that loosely rebuild DINOv2 features.
+
+Guo et al., "Dinomaly: The Less Is More Philosophy in Multi-Class Unsupervised
+Anomaly Detection" (CVPR 2025). A frozen DINOv2-with-registers ViT gives the
+tokens of its middle blocks (2-9 of a ViT-B, 0-based). Their mean passes an MLP
+bottleneck with dropout 0.2 (the noise) and 8 decoder blocks with linear
+attention (which cannot focus on a single token, so the decoder does not learn
+an identity). The reconstruction is *loose*: the encoder taps and the decoder
+outputs (reversed, the last decoder block first) are averaged in two groups of
+four, and each group is compared as a whole image vector (global cosine).
+Hard mining scales the gradient of the easiest share ``p`` of points by 0.1,
+``p`` ramping linearly from 0 to 0.9 over the first 1000 steps. The anomaly map
+is the mean over the groups of the per-point ``1 - cos``.
+
+Training: StableAdamW (lr 2e-3, weight decay 1e-4, AMSGrad, eps 1e-10), 100
+linear warm-up steps then cosine decay to 2e-4 at the last step, gradient
+norm clipped to 0.1, 5000 steps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor, nn
+
+from hiad_pl.detectors.vit_parts import (
+    LinearAttentionBlock,
+    NoisyBottleneck,
+    check_grids,
+    cosine_distance_map,
+    global_cosine_loss,
+    grid_to_tokens,
+    hard_mining_rule,
+    hard_mining_share,
+    init_small_weights,
+    mean_of,
+    tokens_to_grid,
+)
+
+#: Encoder blocks (0-based) of a 12-block ViT and the groups of taps / decoder outputs compared together.
+ENCODER_BLOCKS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9)
+GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (4, 5, 6, 7))
+DECODER_DEPTH = 8
+BOTTLENECK_DROPOUT = 0.2
+#: Hard mining: final share of easy points, the steps it ramps over and their gradient factor.
+HARD_MINING_SHARE = 0.9
+HARD_MINING_RAMP_STEPS = 1000
+HARD_MINING_FACTOR = 0.1
+#: Optimiser and schedule of the paper and HiAD.
+LR = 2e-3
+FINAL_LR = 2e-4
+WARMUP_STEPS = 100
+WEIGHT_DECAY = 1e-4
+GRADIENT_CLIP_NORM = 0.1
+TOTAL_STEPS = 5000
+
+
+def check_groups(groups: Sequence[Sequence[int]], count: int) -> tuple[tuple[int, ...], ...]:
+    """``groups`` as tuples of indices into ``count`` taps.
+
+    Raises:
+        ValueError: an empty group or an index outside ``0 .. count - 1``.
+    """
+    checked = tuple(tuple(int(i) for i in group) for group in groups)
+    if not checked or any(not group or min(group) < 0 or max(group) >= count for group in checked):
+        raise ValueError(f"groups must be non-empty lists of indices in 0..{count - 1}, got {[list(g) for g in checked]}")
+    return checked
+
+
+def grouped(tokens: Sequence[Tensor], groups: Sequence[Sequence[int]], grid_size: tuple[int, int]) -> list[Tensor]:
+    """The mean token sequence of each group, as grids ``[B, C, h, w]``."""
+    return [tokens_to_grid(mean_of([tokens[i] for i in group]), grid_size) for group in groups]
+
+
+class DinomalyReconstructor(nn.Module):
+    """Noisy bottleneck + linear-attention decoder over the mean of the encoder taps.
+
+    Args:
+        dim: token width of the encoder.
+        num_heads: attention heads of the decoder blocks.
+        num_taps: encoder grids given to :meth:`forward`.
+        depth: decoder blocks (their outputs, reversed, are grouped like the taps).
+        groups: indices of the taps (and reversed decoder outputs) averaged together.
+        dropout: dropout of the bottleneck.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_taps: int = len(ENCODER_BLOCKS),
+        depth: int = DECODER_DEPTH,
+        groups: Sequence[Sequence[int]] = GROUPS,
+        dropout: float = BOTTLENECK_DROPOUT,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_taps = num_taps
+        self.groups = check_groups(groups, min(num_taps, depth))
+        self.bottleneck = NoisyBottleneck(dim, dropout=dropout)
+        self.decoder = nn.ModuleList(LinearAttentionBlock(dim, num_heads) for _ in range(depth))
+        init_small_weights([self.bottleneck, self.decoder])
+
+    def forward(self, encoder_grids: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``(targets, reconstructions)``: one ``[B, C, h, w]`` grid per group for each side."""
+        grid_size = check_grids(encoder_grids, self.num_taps, self.dim, "Dinomaly encoder")
+        tokens = [grid_to_tokens(g) for g in encoder_grids]
+        x = self.bottleneck(mean_of(tokens))
+        decoded = []
+        for block in self.decoder:
+            x = block(x)
+            decoded.append(x)
+        return grouped(tokens, self.groups, grid_size), grouped(decoded[::-1], self.groups, grid_size)
+
+
+def dinomaly_loss(targets: Sequence[Tensor], reconstructions: Sequence[Tensor], step: int, ramp_steps: int = HARD_MINING_RAMP_STEPS) -> Tensor:
+    """Global cosine loss with hard mining at the share of optimiser ``step`` (see :func:`hard_mining_share`)."""
+    share = hard_mining_share(step, HARD_MINING_SHARE, ramp_steps)
+    return global_cosine_loss(targets, reconstructions, hard_mining_rule(share, HARD_MINING_FACTOR))
+
+
+def dinomaly_anomaly_map(targets: Sequence[Tensor], reconstructions: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    """``[B, H, W]``: per-point ``1 - cos`` of each group, upsampled to ``size``, averaged over groups."""
+    return cosine_distance_map(targets, reconstructions, size, reduce="mean")
