@@ -20,6 +20,7 @@ from hiad_pl.syn import (
     ImageBlendingSynthesizer,
     RandomBoxSynthesizer,
     RandomeBoxSynthesizer,
+    SimplexNoiseSynthesizer,
 )
 
 SIZE = 64
@@ -42,13 +43,15 @@ Factory = Callable[..., AnomalySynthesizer]
 
 
 @pytest.fixture(
-    params=["blend", "blend_self", "box", "cutpaste", "scar", "color_perlin", "color_ellipse"],
+    params=["blend", "blend_self", "blend_procedural", "box", "cutpaste", "scar", "color_perlin", "color_ellipse", "simplex"],
 )
 def factory(request: pytest.FixtureRequest, texture_folder: Path) -> Factory:
     """Builds one kind of synthesiser from ``p`` and ``seed``."""
     builders: dict[str, Factory] = {
         "blend": lambda **kw: ImageBlendingSynthesizer(anomaly_source=texture_folder, **kw),
-        "blend_self": lambda **kw: ImageBlendingSynthesizer(**kw),
+        "blend_self": lambda **kw: ImageBlendingSynthesizer(anomaly_source="self", **kw),
+        "blend_procedural": lambda **kw: ImageBlendingSynthesizer(**kw),
+        "simplex": lambda **kw: SimplexNoiseSynthesizer(box_size=(0.2, 0.5), **kw),
         "box": lambda **kw: RandomeBoxSynthesizer(**kw),
         "cutpaste": lambda **kw: CutPasteAnomalySynthesizer(**kw),
         "scar": lambda **kw: CutPasteAnomalySynthesizer(variant="scar", **kw),

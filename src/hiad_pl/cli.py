@@ -1,4 +1,4 @@
-"""``hiad-pl``: fit, test, predict, tasks, demo-data.
+"""``hiad-pl``: fit, test, predict, tasks, demo-data, detectors.
 
 Configs are YAML files with ``class_path``/``init_args`` for the detector and the
 task generator; every option can also be given on the command line
@@ -75,6 +75,10 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="Random seed")
     demo.add_argument("--overwrite", type=bool, default=False, help="Rewrite categories that exist")
     commands.add_subcommand("demo-data", demo, help="Write the procedural demo data set")
+
+    listing = ArgumentParser(description="List the registered detectors, one line each")
+    listing.add_argument("--modules", type=str, nargs="*", default=[], help="Modules to import first (your own detectors)")
+    commands.add_subcommand("detectors", listing, help="List the registered detectors")
     return parser
 
 
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                 state = "already present" if info["skipped"] else "written"
                 defects = sum(info["test_defect"].values())
                 print(f"{sub.root}/{name}: {info['train']} train, {info['test_good']} good + {defects} defective test images ({state})")
+        elif command == "detectors":
+            from hiad_pl import jobs
+
+            print("\n".join(jobs.list_detectors(sub.modules)))
         elif command == "predict":
             from hiad_pl import jobs
 

@@ -30,7 +30,7 @@ from hiad_pl.engine import (
     write_scores_csv,
     write_visualizations,
 )
-from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, import_class, resolve_devices
+from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, detector_class_of, import_class, resolve_devices
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
 
 log = logging.getLogger("hiad_pl")
@@ -135,7 +135,7 @@ def make_indexes(config: RunConfig) -> list:
 
 def detector_parts(config: RunConfig) -> tuple[type, dict[str, Any], dict[str, Any] | None]:
     """Detector class, patch config and thumbnail config."""
-    cls = import_class(config.detector["class_path"])
+    cls = detector_class_of(config.detector["class_path"])
     init = dict(config.detector.get("init_args") or {})
     patch = {**init, "patch_size": config.data.patch_size}
     thumbnail = None
@@ -291,6 +291,20 @@ def predict(
     ]
     write_scores_csv(rows, Path(output) / "scores.csv", orchestrator.normalized)
     return Path(output)
+
+
+def list_detectors(modules: Sequence[str] = ()) -> list[str]:
+    """One line per registered detector, after importing ``modules`` (where user detectors live)."""
+    import importlib
+
+    from hiad_pl.detectors import describe_detectors
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"detectors --modules: cannot import {module!r}: {error}") from error
+    return describe_detectors()
 
 
 def print_tasks(config: RunConfig) -> None:

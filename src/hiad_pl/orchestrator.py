@@ -73,6 +73,18 @@ def import_class(path: str) -> type:
         raise ValueError(f"cannot import {path!r}: {error}") from error
 
 
+def detector_class_of(detector_class: type | str) -> type:
+    """A detector class from itself, its registered short name, class name or import path."""
+    from hiad_pl.detectors import get_detector  # the registry imports every built-in detector
+
+    if isinstance(detector_class, type):
+        return detector_class
+    try:
+        return get_detector(detector_class)
+    except ValueError:
+        return import_class(detector_class)  # a base class such as HRDetector itself (inference only)
+
+
 def resolve_devices(devices: Sequence[int | str] | int | str | None) -> list[str]:
     """Normalise ``gpu_ids``/``devices`` to torch device strings.
 
@@ -203,7 +215,7 @@ class TaskOrchestrator:
         early_stop_epochs: int = -1,
         log_root: str | Path | None = None,
     ) -> None:
-        self.detector_class = import_class(detector_class) if isinstance(detector_class, str) else detector_class
+        self.detector_class = detector_class_of(detector_class)
         self.patch_config = dict(patch_config)
         self.thumbnail_config = None if thumbnail_config is None else dict(thumbnail_config)
         self.root = Path(root)
@@ -372,6 +384,7 @@ class TaskOrchestrator:
             val_synthesizer=None if val_config is None else val_config.anomaly_syn_fn,
             max_val_patches=None if val_config is None else val_config.max_patch_number,
             seed=self.seed,
+            train_synthesizer=detector.training_synthesizer() if hasattr(detector, "training_synthesizer") else None,
         )
         if data.has_validation and not task.is_thumbnail and data.num_val_patches < MIN_RELIABLE_VALIDATION_PATCHES:
             log.warning(

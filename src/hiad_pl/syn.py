@@ -11,6 +11,8 @@ from hiad_pl.data.synthesis import (
     ImageBlendingSynthesizer,
     RandomBoxSynthesizer,
     RandomeBoxSynthesizer,
+    SimplexNoiseSynthesizer,
+    build_synthesizer,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "RandomBoxSynthesizer",
     "CutPasteAnomalySynthesizer",
     "ColorShiftSynthesizer",
+    "SimplexNoiseSynthesizer",
+    "build_synthesizer",
 ]

@@ -22,6 +22,10 @@ class PatchBatch:
             inside each resized crop, or ``None``.
         clsname: class name of each patch's image.
         image_id: position of each patch's image in its sample list.
+        clean_image: with training-time anomaly synthesis, ``[B, 3, h, w]`` the
+            patches before synthesis (``image`` is then the corrupted patch and
+            ``mask`` its changed pixels); ``None`` otherwise.
+        clean_low_resolution_images: the low-resolution crops before synthesis, or ``None``.
     """
 
     image: torch.Tensor
@@ -32,6 +36,34 @@ class PatchBatch:
     low_resolution_windows: torch.Tensor | None = None
     clsname: list[str] = field(default_factory=list)
     image_id: torch.Tensor | None = None
+    clean_image: torch.Tensor | None = None
+    clean_low_resolution_images: torch.Tensor | None = None
+
+    @property
+    def is_synthetic(self) -> bool:
+        """Whether the batch carries clean patches beside corrupted ones (training-time synthesis)."""
+        return self.clean_image is not None
+
+    def clean(self) -> "PatchBatch":
+        """The clean patches of a synthetic batch as a batch of their own (zero masks, label 0).
+
+        Raises:
+            ValueError: when the batch has no clean patches (no training-time synthesis).
+        """
+        if self.clean_image is None:
+            raise ValueError(
+                "this batch has no clean patches: the detector needs training-time anomaly synthesis "
+                "(its training_synthesizer() returned None)"
+            )
+        return replace(
+            self,
+            image=self.clean_image,
+            mask=torch.zeros_like(self.mask),
+            label=torch.zeros_like(self.label),
+            low_resolution_images=self.clean_low_resolution_images,
+            clean_image=None,
+            clean_low_resolution_images=None,
+        )
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -48,7 +80,6 @@ class PatchBatch:
     @staticmethod
     def collate(items: list["PatchBatch"]) -> "PatchBatch":
         """Concatenate per-item batches (each of size 1 or more) into one."""
-        first = items[0]
         merged = {}
         for f in fields(PatchBatch):
             values = [getattr(item, f.name) for item in items]
@@ -58,5 +89,4 @@ class PatchBatch:
                 merged[f.name] = None
             else:
                 merged[f.name] = torch.cat(values)
-        del first
         return PatchBatch(**merged)

@@ -59,6 +59,42 @@ def patch_to_batch(patch: LRPatch, image_id: int = 0, default_label: int = -1) -
     )
 
 
+def synthesised_batch(
+    patch: LRPatch,
+    synthesizer: Synthesizer | None,
+    rng: np.random.Generator,
+    image_id: int,
+    default_label: int,
+    keep_clean: bool,
+) -> PatchBatch:
+    """The batch of one patch after ``synthesizer`` (if any); with ``keep_clean`` the clean patch rides along.
+
+    With ``keep_clean`` the batch is a training triple: ``image`` / ``mask`` are
+    the corrupted patch and its changed pixels, ``clean_image`` (and
+    ``clean_low_resolution_images``) the patch before synthesis.
+    """
+    if synthesizer is None:
+        return patch_to_batch(patch, image_id, default_label)
+    batch = patch_to_batch(synthesizer(patch, rng=rng), image_id, default_label)
+    if keep_clean:
+        clean = patch_to_batch(patch, image_id, default_label)
+        batch.clean_image = clean.image
+        batch.clean_low_resolution_images = clean.low_resolution_images
+    return batch
+
+
+def item_and_epoch(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """A dataset key as ``(position, epoch)``: samplers of synthetic training data pass the epoch along."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), None
+
+
+def item_rng(seed: int, item: int, epoch: int | None) -> np.random.Generator:
+    """The generator of one item's synthesis: fixed per item, and per epoch when one is given."""
+    return np.random.default_rng([seed, item] if epoch is None else [seed, item, epoch])
+
+
 class _OpenSampleCache:
     """Keeps the most recently used sample decoded (one per worker process)."""
 
@@ -80,6 +116,8 @@ class PatchDataset(Dataset):
     high-resolution image once per batch instead of once per patch. With a
     ``synthesizer``, each item gets a synthetic anomaly drawn from a generator
     seeded by ``(seed, item)``: the same item is always the same validation patch.
+    Training synthesis (``keep_clean``) keys items by ``(position, epoch)`` (see
+    :class:`ImageGroupedSampler`), so each epoch draws new anomalies, reproducibly.
     """
 
     def __init__(
@@ -89,6 +127,7 @@ class PatchDataset(Dataset):
         synthesizer: Synthesizer | None = None,
         seed: int = 0,
         items: Sequence[int] | None = None,
+        keep_clean: bool = False,
     ) -> None:
         if not samples:
             raise ValueError("PatchDataset needs at least one sample")
@@ -99,19 +138,21 @@ class PatchDataset(Dataset):
         self.synthesizer = synthesizer
         self.seed = seed
         self.items = list(range(len(self.samples) * len(self.indexes))) if items is None else list(items)
+        self.keep_clean = keep_clean
         self._cache = _OpenSampleCache()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, position: int) -> PatchBatch:
+    def __getitem__(self, key: int | tuple[int, int]) -> PatchBatch:
+        position, epoch = item_and_epoch(key)
         item = self.items[position]
         image_id, index_id = divmod(item, len(self.indexes))
         sample = self._cache.get(self.samples[image_id])
         patch = sample[self.indexes[index_id]]
-        if self.synthesizer is not None:
-            patch = self.synthesizer(patch, rng=np.random.default_rng([self.seed, item]))
-        return patch_to_batch(patch, image_id, default_label=sample.label if sample.label is not None else 0)
+        label = sample.label if sample.label is not None else 0
+        rng = item_rng(self.seed, item, epoch)
+        return synthesised_batch(patch, self.synthesizer, rng, image_id, label, self.keep_clean)
 
 
 class ThumbnailDataset(Dataset):
@@ -119,7 +160,8 @@ class ThumbnailDataset(Dataset):
 
     ``repeats`` > 1 visits every image several times, each time with its own
     synthetic anomaly: a validation set of a few held-out images still gets
-    enough normal and anomalous thumbnails.
+    enough normal and anomalous thumbnails. ``keep_clean`` makes training
+    triples, as in :class:`PatchDataset`.
     """
 
     def __init__(
@@ -129,6 +171,7 @@ class ThumbnailDataset(Dataset):
         synthesizer: Synthesizer | None = None,
         seed: int = 0,
         repeats: int = 1,
+        keep_clean: bool = False,
     ) -> None:
         if not samples:
             raise ValueError("ThumbnailDataset needs at least one sample")
@@ -137,56 +180,77 @@ class ThumbnailDataset(Dataset):
         self.synthesizer = synthesizer
         self.seed = seed
         self.repeats = max(1, int(repeats))
+        self.keep_clean = keep_clean
 
     def __len__(self) -> int:
         return len(self.samples) * self.repeats
 
-    def __getitem__(self, item: int) -> PatchBatch:
+    def __getitem__(self, key: int | tuple[int, int]) -> PatchBatch:
+        item, epoch = item_and_epoch(key)
         sample = self.samples[item % len(self.samples)]
         with sample:
             patch = sample.down_sampling_to_LR(self.thumbnail_size)
-        if self.synthesizer is not None:
-            patch = self.synthesizer(patch, rng=np.random.default_rng([self.seed, item]))
-        return patch_to_batch(patch, item, default_label=0)
+        rng = item_rng(self.seed, item, epoch)
+        return synthesised_batch(patch, self.synthesizer, rng, item, 0, self.keep_clean)
 
 
-class ImageGroupedSampler(Sampler[int]):
+class ImageGroupedSampler(Sampler):
     """Image-major order; with ``shuffle``, images and the patches within each image are shuffled.
 
     Keeps consecutive items on the same image (one decode per batch) while still
-    changing the order every epoch for gradient-trained detectors.
+    changing the order every epoch for gradient-trained detectors. Lightning
+    calls :meth:`set_epoch` before each epoch, so a resumed fit sees the same
+    order as an uninterrupted one. With ``tag_epoch`` the sampler yields
+    ``(position, epoch)`` keys: a dataset with training synthesis then draws new
+    anomalies every epoch, also inside worker processes. Thumbnail datasets
+    (one item per image) are shuffled item by item.
     """
 
-    def __init__(self, dataset: PatchDataset, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, shuffle: bool, seed: int = 0, tag_epoch: bool = False) -> None:
         self.dataset = dataset
         self.shuffle = shuffle
         self.seed = seed
+        self.tag_epoch = tag_epoch
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __iter__(self) -> Iterator[int]:
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order (and synthesis) comes next."""
+        self.epoch = int(epoch)
+
+    def _groups(self) -> dict[int, list[int]]:
+        if not isinstance(self.dataset, PatchDataset):
+            return {position: [position] for position in range(len(self.dataset))}
         n = len(self.dataset.indexes)
         groups: dict[int, list[int]] = {}
         for position, item in enumerate(self.dataset.items):
             groups.setdefault(item // n, []).append(position)
+        return groups
+
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        groups = self._groups()
         order = list(groups)
+        epoch = self.epoch
         if self.shuffle:
-            rng = random.Random(self.seed + self.epoch)
+            rng = random.Random(self.seed + epoch)
             self.epoch += 1
             rng.shuffle(order)
             for image_id in order:
                 rng.shuffle(groups[image_id])
         for image_id in order:
-            yield from groups[image_id]
+            for position in groups[image_id]:
+                yield (position, epoch) if self.tag_epoch else position
 
 
 def patch_loader(
     dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = False, seed: int = 0
 ) -> DataLoader:
     """A loader of :class:`PatchBatch` for a patch or thumbnail dataset."""
-    sampler = ImageGroupedSampler(dataset, shuffle, seed) if isinstance(dataset, PatchDataset) else None
+    tag_epoch = bool(getattr(dataset, "keep_clean", False))
+    grouped = isinstance(dataset, PatchDataset) or tag_epoch
+    sampler = ImageGroupedSampler(dataset, shuffle, seed, tag_epoch) if grouped else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -237,6 +301,9 @@ class HighResDataModule(L.LightningDataModule):
     whole downscaled images instead of patches. ``train_items`` and
     ``val_items`` restrict training and validation to chosen (image, index)
     items (retrieval tasks train and validate on the patches routed to them).
+    ``train_synthesizer`` corrupts every training patch (methods that learn from
+    synthetic anomalies): training batches then carry ``(clean_image, image,
+    mask)`` with fresh, seeded anomalies every epoch.
     """
 
     def __init__(
@@ -253,6 +320,7 @@ class HighResDataModule(L.LightningDataModule):
         seed: int = 0,
         train_items: Sequence[int] | None = None,
         val_items: Sequence[int] | None = None,
+        train_synthesizer: Synthesizer | None = None,
     ) -> None:
         super().__init__()
         self.train_samples = list(train_samples)
@@ -269,6 +337,7 @@ class HighResDataModule(L.LightningDataModule):
         if self.train_items is not None and not self.train_items:
             raise ValueError("this task was assigned no training patches")
         self.val_items = None if val_items is None else list(val_items)
+        self.train_synthesizer = train_synthesizer
 
     def _dataset(
         self,
@@ -276,20 +345,25 @@ class HighResDataModule(L.LightningDataModule):
         synthesizer: Synthesizer | None,
         cap: int | None,
         items: Sequence[int] | None = None,
+        keep_clean: bool = False,
     ) -> Dataset:
         if self.thumbnail_size is not None:
-            repeats = 1 if synthesizer is None else math.ceil(MIN_VALIDATION_THUMBNAILS / len(samples))
-            return ThumbnailDataset(samples, self.thumbnail_size, synthesizer, self.seed, repeats)
+            validation = synthesizer is not None and not keep_clean
+            repeats = math.ceil(MIN_VALIDATION_THUMBNAILS / len(samples)) if validation else 1
+            return ThumbnailDataset(samples, self.thumbnail_size, synthesizer, self.seed, repeats, keep_clean)
         chosen = capped_items(len(samples), len(self.indexes), cap, self.seed, items)
-        return PatchDataset(samples, self.indexes, synthesizer, self.seed, chosen)
+        return PatchDataset(samples, self.indexes, synthesizer, self.seed, chosen, keep_clean)
+
+    def train_dataset(self) -> Dataset:
+        """Training patches (normal images only), corrupted by ``train_synthesizer`` when one is set."""
+        synthesizer, keep_clean = self.train_synthesizer, self.train_synthesizer is not None
+        if self.train_items is not None:
+            return PatchDataset(self.train_samples, self.indexes, synthesizer, self.seed, self.train_items, keep_clean)
+        return self._dataset(self.train_samples, synthesizer, None, keep_clean=keep_clean)
 
     def train_dataloader(self) -> DataLoader:
-        """Training patches (normal images only)."""
-        if self.train_items is not None:
-            dataset: Dataset = PatchDataset(self.train_samples, self.indexes, None, self.seed, self.train_items)
-        else:
-            dataset = self._dataset(self.train_samples, None, None)
-        return patch_loader(dataset, self.batch_size, self.num_workers, self.shuffle, self.seed)
+        """Loader of :meth:`train_dataset`."""
+        return patch_loader(self.train_dataset(), self.batch_size, self.num_workers, self.shuffle, self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation patches with synthetic anomalies, or nothing without a validation set."""

@@ -15,16 +15,20 @@ and identical from run to run.
 
 Sizes given as a ``(min, max)`` range follow one rule: when both values are at
 most 1 they are fractions of the patch side, otherwise pixels.
+
+:func:`build_synthesizer` builds one from a config entry (``{class_path,
+init_args}`` or the original project's ``{name, kwargs}``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import random
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import albumentations as A
 import cv2
@@ -43,6 +47,11 @@ __all__ = [
     "RandomBoxSynthesizer",
     "CutPasteAnomalySynthesizer",
     "ColorShiftSynthesizer",
+    "SimplexNoiseSynthesizer",
+    "build_synthesizer",
+    "procedural_texture",
+    "simplex_noise",
+    "fractal_simplex_noise",
     "perlin_noise",
     "perlin_mask",
     "ellipse_mask",
@@ -179,6 +188,77 @@ def ellipse_mask(shape: tuple[int, int], rng: np.random.Generator, axes: Range =
     return (along / a) ** 2 + (across / b) ** 2 <= 1.0
 
 
+# ---------------------------------------------------------------- noise and textures
+
+#: Skew and unskew factors of 2-D simplex noise.
+_SIMPLEX_F2 = 0.5 * (math.sqrt(3.0) - 1.0)
+_SIMPLEX_G2 = (3.0 - math.sqrt(3.0)) / 6.0
+#: The 12 gradient directions of simplex noise (the 3-D edge midpoints, projected on the plane).
+_SIMPLEX_GRADIENTS = np.array(
+    [[1, 1], [-1, 1], [1, -1], [-1, -1], [1, 0], [-1, 0], [1, 0], [-1, 0], [0, 1], [0, -1], [0, 1], [0, -1]],
+    dtype=np.float64,
+)
+
+
+def simplex_noise(xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """2-D simplex noise (Perlin 2001) at the points ``(xs, ys)``, values in about ``[-1, 1]``.
+
+    The gradient table is a permutation drawn from ``rng``; the whole field is
+    computed with array operations.
+    """
+    perm = np.tile(rng.permutation(256), 2)
+    skew = (xs + ys) * _SIMPLEX_F2
+    i, j = np.floor(xs + skew).astype(np.int64), np.floor(ys + skew).astype(np.int64)
+    unskew = (i + j) * _SIMPLEX_G2
+    x0, y0 = xs - (i - unskew), ys - (j - unskew)
+    upper = (x0 > y0).astype(np.int64)  # which triangle of the skewed cell holds the point
+    offsets = ((0, 0), (upper, 1 - upper), (1, 1))
+    total = np.zeros_like(xs, dtype=np.float64)
+    ii, jj = i & 255, j & 255
+    for corner, (di, dj) in enumerate(offsets):
+        dx = x0 - di + corner * _SIMPLEX_G2
+        dy = y0 - dj + corner * _SIMPLEX_G2
+        gradient = _SIMPLEX_GRADIENTS[perm[ii + di + perm[jj + dj]] % 12]
+        falloff = np.maximum(0.5 - dx * dx - dy * dy, 0.0)
+        total += falloff**4 * (gradient[..., 0] * dx + gradient[..., 1] * dy)
+    return 70.0 * total
+
+
+def fractal_simplex_noise(
+    shape: tuple[int, int], rng: np.random.Generator, octaves: int = 6, persistence: float = 0.6, period: float = 32.0
+) -> np.ndarray:
+    """Sum of ``octaves`` simplex layers: period ``period / 2**k`` pixels, amplitude ``persistence**k``."""
+    ys, xs = np.meshgrid(np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64), indexing="ij")
+    noise = np.zeros(shape, dtype=np.float64)
+    for octave in range(octaves):
+        scale = 2.0**octave / period
+        noise += persistence**octave * simplex_noise(xs * scale, ys * scale, rng)
+    return noise
+
+
+def procedural_texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A random uint8 ``[h, w, 3]`` texture: coloured fractal noise, optionally crossed with a grating.
+
+    The built-in stand-in for a texture data set (DTD), so that image blending
+    runs without any download: each call mixes two random colours by
+    multi-scale Perlin noise and, half of the time, adds a rotated sine
+    grating (stripes, weaves).
+    """
+    height, width = shape
+    field = np.zeros(shape)
+    for octave in range(int(rng.integers(2, 5))):
+        cells = 2.0 ** (octave + rng.integers(0, 3))
+        field += 0.6**octave * perlin_noise(shape, (cells, cells), rng, rng.uniform(-math.pi, math.pi))
+    if rng.random() < 0.5:
+        angle = rng.uniform(0.0, math.pi)
+        ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+        period = rng.uniform(4.0, max(5.0, min(height, width) / 4))
+        field += np.sin(2 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period)
+    weight = (field - field.min()) / max(1e-9, float(np.ptp(field)))
+    low, high = rng.uniform(0, 255, size=3), rng.uniform(0, 255, size=3)
+    return np.rint(low + weight[..., None] * (high - low)).astype(np.uint8)
+
+
 # ---------------------------------------------------------------- low resolution
 
 
@@ -284,7 +364,7 @@ class AnomalySynthesizer(ABC):
         )
 
     def __repr__(self) -> str:
-        hidden = ("rng", "anomaly_files")
+        hidden = ("rng", "anomaly_files", "texture_source")
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in hidden)
         return f"{type(self).__name__}({args})"
 
@@ -311,13 +391,21 @@ def _source_augmentations() -> list[A.BasicTransform]:
 class ImageBlendingSynthesizer(AnomalySynthesizer):
     """Blend a texture into Perlin-noise blobs of the patch (DRAEM-style).
 
-    The texture is a random image from ``anomaly_source`` (any folder of
-    images, searched recursively, e.g. the DTD data set), resized to the patch
-    and changed by ``num_augmentations`` random albumentations transforms. The
-    blob mixes ``factor * texture + (1 - factor) * patch`` with ``factor``
-    drawn from ``blend_factor``. Without ``anomaly_source`` the texture is an
-    augmented copy of the patch itself, which needs no extra data but gives
-    subtler defects.
+    The texture source (``anomaly_source``) is one of:
+
+    a folder
+        a random image from it (searched recursively; the papers use the DTD
+        data set), resized to the patch;
+    ``None`` or ``"procedural"`` (the default)
+        a built-in procedural texture (:func:`procedural_texture`), so that
+        synthesis runs offline;
+    ``"self"``
+        the patch itself (subtler defects, no extra data).
+
+    The texture is changed by ``num_augmentations`` random albumentations
+    transforms, and the blob mixes ``factor * texture + (1 - factor) * patch``
+    with ``factor`` drawn from ``blend_factor`` (the original project calls it
+    ``transparency_range``). :attr:`texture_source` says which source is used.
     """
 
     def __init__(
@@ -331,12 +419,19 @@ class ImageBlendingSynthesizer(AnomalySynthesizer):
         num_augmentations: int = 3,
         seed: int | None = None,
         min_change: int = 10,
+        transparency_range: tuple[float, float] | None = None,
     ):
         """``perlin_scale``/``min_perlin_scale``: the lattice has ``2**k`` cells per axis,
-        ``min_perlin_scale <= k < perlin_scale``; ``perlin_threshold``: noise level inside blobs."""
+        ``min_perlin_scale <= k < perlin_scale``; ``perlin_threshold``: noise level inside blobs;
+        ``transparency_range``: the original project's name of ``blend_factor`` (wins when given)."""
         super().__init__(p, seed, min_change)
-        self.anomaly_source = None if anomaly_source is None else str(anomaly_source)
-        self.anomaly_files = [] if anomaly_source is None else _list_images(anomaly_source)
+        source = None if anomaly_source is None else str(anomaly_source)
+        self.anomaly_source = source
+        in_built = source in (None, "procedural", "self")
+        self.anomaly_files = [] if in_built else _list_images(source)  # type: ignore[arg-type]
+        #: ``"folder"``, ``"procedural"`` or ``"self"``: where blended textures come from.
+        self.texture_source = "folder" if not in_built else ("self" if source == "self" else "procedural")
+        blend_factor = blend_factor if transparency_range is None else transparency_range
         self.blend_factor = _check_range(blend_factor, "blend_factor")
         if self.blend_factor[1] > 1.0:
             raise ValueError(f"blend_factor must lie in [0, 1], got {blend_factor!r}")
@@ -352,8 +447,10 @@ class ImageBlendingSynthesizer(AnomalySynthesizer):
         self._augment = A.SomeOf(augmentations, n=self.num_augmentations, replace=False, p=1.0)
 
     def _texture(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if not self.anomaly_files:
+        if self.texture_source == "self":
             return image
+        if self.texture_source == "procedural":
+            return procedural_texture(image.shape[:2], rng)
         source = read_image(self.anomaly_files[rng.integers(len(self.anomaly_files))])
         return cv2.resize(source, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
 
@@ -545,3 +642,100 @@ class ColorShiftSynthesizer(AnomalySynthesizer):
             mask = ellipse_mask(image.shape[:2], rng, self.ellipse_axes)
         shifted = _seeded(self._shift, rng)(image=image)["image"]
         return np.where(mask[..., None], shifted, image), mask
+
+
+class SimplexNoiseSynthesizer(AnomalySynthesizer):
+    """Add fractal simplex noise inside a random box (RD++'s training corruption).
+
+    A box with sides drawn from ``box_size`` (fractions of the patch side when
+    both values are at most 1, else pixels) receives ``amplitude * 255 *
+    noise`` per channel, where ``noise`` is :func:`fractal_simplex_noise` with
+    ``octaves`` and ``persistence``, drawn independently per channel. The
+    paper's values: boxes of 10 px to 1/8 of a 256-px patch, amplitude 0.2,
+    6 octaves, persistence 0.6.
+    """
+
+    def __init__(
+        self,
+        p: float = 1.0,
+        box_size: tuple[float, float] = (0.04, 0.125),
+        amplitude: float = 0.2,
+        octaves: int = 6,
+        persistence: float = 0.6,
+        seed: int | None = None,
+        min_change: int = 10,
+    ):
+        """``box_size``: (min, max) box side; ``amplitude``: noise scale in units of the full grey range."""
+        super().__init__(p, seed, min_change)
+        self.box_size = _check_range(box_size, "box_size", low=1e-6)
+        if not amplitude > 0:
+            raise ValueError(f"amplitude must be positive, got {amplitude!r}")
+        if int(octaves) < 1 or not 0 < persistence <= 1:
+            raise ValueError(f"need octaves >= 1 and 0 < persistence <= 1, got {octaves}, {persistence}")
+        self.amplitude = float(amplitude)
+        self.octaves = int(octaves)
+        self.persistence = float(persistence)
+
+    def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> Synthesis:
+        """Noise added in one box, and the box as mask."""
+        height, width = image.shape[:2]
+        fraction = _is_fraction(self.box_size)
+        box_h = _pixels(rng.uniform(*self.box_size), height, fraction)
+        box_w = _pixels(rng.uniform(*self.box_size), width, fraction)
+        top, left = int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1))
+        noise = np.stack(
+            [fractal_simplex_noise((box_h, box_w), rng, self.octaves, self.persistence) for _ in range(3)], axis=-1
+        )
+        out = image.astype(np.float64)
+        out[top : top + box_h, left : left + box_w] += self.amplitude * 255.0 * noise
+        mask = np.zeros((height, width), np.uint8)
+        mask[top : top + box_h, left : left + box_w] = 1
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8), mask
+
+
+#: Names the original project's configs use for the synthesisers (``name:`` entries).
+SYNTHESIZERS: dict[str, type[AnomalySynthesizer]] = {
+    cls.__name__: cls
+    for cls in (
+        ImageBlendingSynthesizer,
+        RandomeBoxSynthesizer,
+        CutPasteAnomalySynthesizer,
+        ColorShiftSynthesizer,
+        SimplexNoiseSynthesizer,
+    )
+}
+SYNTHESIZERS["RandomBoxSynthesizer"] = RandomeBoxSynthesizer
+
+
+def build_synthesizer(spec: Mapping[str, Any] | AnomalySynthesizer | None) -> AnomalySynthesizer | None:
+    """A synthesiser from a config entry: ``{class_path, init_args}``, ``{name, kwargs}`` or an instance.
+
+    ``class_path`` / ``name`` is a class of this module (``ImageBlendingSynthesizer``)
+    or an import path of any callable class mapping an :class:`LRPatch` to one.
+
+    Raises:
+        ValueError: an unknown class or arguments it does not take.
+    """
+    if spec is None or isinstance(spec, AnomalySynthesizer):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"synthesizer must be {{class_path, init_args}} or {{name, kwargs}}, got {spec!r}")
+    unknown = set(spec) - {"class_path", "init_args", "name", "kwargs"}
+    if unknown:
+        raise ValueError(f"synthesizer has unknown keys {sorted(unknown)}: use class_path + init_args")
+    path = str(spec.get("class_path") or spec.get("name") or "")
+    kwargs = dict(spec.get("init_args") or spec.get("kwargs") or {})
+    short = path.rpartition(".")[2]
+    cls: Any = SYNTHESIZERS.get(path) or (SYNTHESIZERS.get(short) if path.startswith("hiad_pl.") else None)
+    if cls is None:
+        module, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name) if module else None
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"synthesizer {path!r} could not be imported: {err}") from err
+        if cls is None:
+            raise ValueError(f"unknown synthesizer {path!r}; known: {', '.join(sorted(SYNTHESIZERS))}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"synthesizer {path}: bad arguments {sorted(kwargs)}: {err}") from err

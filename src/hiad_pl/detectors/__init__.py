@@ -1,24 +1,23 @@
 """Anomaly detectors: the shared :class:`HRDetector` interface and the methods built on it.
 
-``DETECTORS`` maps each short name used in configs to its class;
-:func:`get_detector` resolves a short name, a class name or an import path.
+Detectors register themselves when their class is defined: ``DETECTORS`` (the
+registry) maps each short name used in configs to its class, and
+:func:`get_detector` resolves a short name, a class name or an import path
+(importing a user's module registers its detectors too).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from hiad_pl.detectors.base import HRDetector, OnePassDetector
+from hiad_pl.detectors.base import DETECTOR_REGISTRY, HRDetector, OnePassDetector, register_detector
 from hiad_pl.detectors.fastflow import HRFastFlow
 from hiad_pl.detectors.padim import HRPaDiM
 from hiad_pl.detectors.patchcore import HRPatchCore
+from hiad_pl.detectors.rdpp import HRRDPP
 
-#: Short names of the detectors and their classes.
-DETECTORS: dict[str, type[HRDetector]] = {
-    "patchcore": HRPatchCore,
-    "padim": HRPaDiM,
-    "fastflow": HRFastFlow,
-}
+#: Short names of the detectors and their classes: the live registry.
+DETECTORS: dict[str, type[HRDetector]] = DETECTOR_REGISTRY
 
 
 def get_detector(name_or_class_path: str | type[HRDetector]) -> type[HRDetector]:
@@ -54,4 +53,25 @@ def _checked(candidate: object, name: str) -> type[HRDetector]:
     return candidate
 
 
-__all__ = ["DETECTORS", "HRDetector", "HRFastFlow", "HRPaDiM", "HRPatchCore", "OnePassDetector", "get_detector"]
+def describe_detectors() -> list[str]:
+    """One line per registered detector: short name, import path, first docstring line."""
+    lines = []
+    for name, cls in sorted(DETECTORS.items()):
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        lines.append(f"{name:<12} {path:<42} {summary}")
+    return lines
+
+
+__all__ = [
+    "DETECTORS",
+    "HRDetector",
+    "HRFastFlow",
+    "HRPaDiM",
+    "HRPatchCore",
+    "HRRDPP",
+    "OnePassDetector",
+    "describe_detectors",
+    "get_detector",
+    "register_detector",
+]

@@ -67,6 +67,8 @@ OFFLINE_TENSOR_COUNT = 296
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 #: Prefixes that training wrappers add to state-dict keys (DataParallel, Lightning, EMA ...).
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+#: State-dict keys that timm resamples to the model's size on loading (ViT position embeddings).
+RESAMPLED_KEYS = ("pos_embed",)
 #: Seed of the random initialisation used by ``weights: none``.
 _RANDOM_INIT_SEED = 0
 
@@ -91,6 +93,19 @@ def resolve_backbone_name(backbone_name: str) -> str:
     )
 
 
+def renormalisation(model: nn.Module) -> tuple[bool, Tensor, Tensor]:
+    """Whether ImageNet-normalised inputs need converting to ``model``'s own normalisation, and how.
+
+    Returns ``(needed, scale, shift)`` with ``[1, 3, 1, 1]`` tensors such that the
+    model's input is ``image * scale + shift``.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+    shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+    return (mean, std) != (IMAGENET_MEAN, IMAGENET_STD), scale.reshape(1, 3, 1, 1), shift.reshape(1, 3, 1, 1)
+
+
 class TimmFeatureExtractor(nn.Module):
     """A timm ``features_only`` model returning the chosen layers' maps in the order asked for."""
 
@@ -108,15 +123,10 @@ class TimmFeatureExtractor(nn.Module):
         self.channels: list[int] = [by_name[layer][0] for layer in self.layers]
         #: Stride of each returned map relative to the input.
         self.reductions: list[int] = [by_name[layer][1] for layer in self.layers]
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
         #: Whether inputs are converted from ImageNet normalisation to the model's own.
-        self.renormalises = (mean, std) != (IMAGENET_MEAN, IMAGENET_STD)
-        # model input = image * scale + shift, with image ImageNet-normalised.
-        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
-        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
-        self.register_buffer("_scale", scale.reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_shift", shift.reshape(1, 3, 1, 1), persistent=False)
+        self.renormalises, scale, shift = renormalisation(model)
+        self.register_buffer("_scale", scale, persistent=False)
+        self.register_buffer("_shift", shift, persistent=False)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``[B, C_l, h_l, w_l]`` feature maps of ImageNet-normalised ``images`` for each chosen layer."""
@@ -233,7 +243,9 @@ def _check_state_dict(
     bad_shapes = [
         f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
         for key in expected
-        if key not in head_keys and tuple(state[key].shape) != tuple(expected[key].shape)
+        if key not in head_keys
+        and not key.endswith(RESAMPLED_KEYS)
+        and tuple(state[key].shape) != tuple(expected[key].shape)
     ]
     if bad_shapes:
         raise ValueError(f"weights {source} do not fit backbone {timm_name!r}: shape mismatch in {bad_shapes[:3]}")
@@ -313,6 +325,51 @@ def _quiet_timm_loader() -> Iterator[None]:
         loader_log.setLevel(level)
 
 
+def weights_architecture(backbone_name: str, timm_name: str, weights: str) -> str:
+    """The timm model that ``weights`` run in: the offline weights' own architecture for ``offline``.
+
+    Raises:
+        ValueError: ``weights: offline`` for a backbone other than EfficientNet-Lite0.
+    """
+    if weights != "offline":
+        return timm_name
+    if timm_name not in (OFFLINE_BACKBONE, OFFLINE_ARCHITECTURE):
+        raise ValueError(
+            f"weights: offline is only available for backbone_name {OFFLINE_BACKBONE!r} "
+            f"(got {backbone_name!r}); use weights: hub, weights: /path/to/file.pth or weights: none"
+        )
+    return OFFLINE_ARCHITECTURE
+
+
+def build_timm_model(timm_name: str, weights: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(timm_name, **kwargs)`` with ``weights`` (hub, offline, none or a file), in eval mode.
+
+    Raises:
+        ValueError: a weights option or file that does not fit the model.
+        RuntimeError: ``hub`` weights that cannot be downloaded.
+    """
+    if weights == "hub":
+        try:
+            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as err:  # network failures surface as many exception types
+            raise _hub_error(timm_name, err) from err
+    elif weights == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    else:
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices")}
+        state = _weights_state_dict(weights, timm_name, model_kwargs)
+        # timm maps the full model's state dict onto the model it builds (its own key
+        # report would list a dropped head, which _check_state_dict already allowed).
+        with _quiet_timm_loader():
+            model = timm.create_model(
+                timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs
+            )
+    # timm builds models in training mode; a frozen extractor starts in eval mode.
+    return model.eval()
+
+
 def create_feature_extractor(
     backbone_name: str,
     layers: Sequence[str],
@@ -325,38 +382,13 @@ def create_feature_extractor(
         backbone_name: a tutorial alias (``wideresnet50``) or any timm model name.
         layers: module names of the layers to return (``layer2``, ``blocks.4`` ...).
         weights: ``hub``, ``offline``, ``none`` or the path of a state-dict file.
-        model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size`` for ViTs).
+        model_kwargs: passed to ``timm.create_model``.
 
     Raises:
         ValueError: unknown backbone, layer or weights option, or a weights file that does not fit.
         RuntimeError: ``hub`` weights that cannot be downloaded.
     """
-    timm_name = resolve_backbone_name(backbone_name)
-    if weights == "offline":
-        if timm_name not in (OFFLINE_BACKBONE, OFFLINE_ARCHITECTURE):
-            raise ValueError(
-                f"weights: offline is only available for backbone_name {OFFLINE_BACKBONE!r} "
-                f"(got {backbone_name!r}); use weights: hub, weights: /path/to/file.pth or weights: none"
-            )
-        timm_name = OFFLINE_ARCHITECTURE
+    timm_name = weights_architecture(backbone_name, resolve_backbone_name(backbone_name), weights)
     out_indices = _out_indices(timm_name, layers, **model_kwargs)
-    kwargs = dict(features_only=True, out_indices=out_indices, **model_kwargs)
-    if weights == "hub":
-        try:
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as err:  # network failures surface as many exception types
-            raise _hub_error(timm_name, err) from err
-    elif weights == "none":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_RANDOM_INIT_SEED)
-            model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    else:
-        state = _weights_state_dict(weights, timm_name, model_kwargs)
-        # timm maps the full model's state dict onto the feature layers (its own key
-        # report would list the dropped head, which _check_state_dict already allowed).
-        with _quiet_timm_loader():
-            model = timm.create_model(
-                timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs
-            )
-    # timm builds models in training mode; a feature extractor starts frozen in eval mode.
+    model = build_timm_model(timm_name, weights, features_only=True, out_indices=out_indices, **model_kwargs)
     return TimmFeatureExtractor(model, layers).eval()

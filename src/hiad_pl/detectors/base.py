@@ -8,30 +8,85 @@ each patch (:meth:`HRDetector.fused_embedding`), the anomaly-map contract of
 :meth:`HRDetector.predict_step`, and the Trainer defaults of the method.
 
 Gradient-trained detectors subclass :class:`HRDetector` and write ordinary
-``training_step`` / ``configure_optimizers``. Detectors fitted from one pass over
-the training patches (PatchCore, PaDiM) subclass :class:`OnePassDetector`, which
-runs without optimiser and calls :meth:`OnePassDetector.accumulate` per batch and
-:meth:`OnePassDetector.finalize` once the pass is over.
+``training_step`` / ``configure_optimizers``. They name their frozen parts in
+:attr:`HRDetector.frozen_modules` (kept in eval mode, left out of checkpoints,
+rebuilt from hyperparameters) and may train with several optimisers, parameter
+groups, phases and schedulers; :meth:`HRDetector.step_optimizers` is the manual
+optimisation step (accumulation, clipping, schedulers) for detectors that need
+it. Detectors fitted from one pass over the training patches (PatchCore, PaDiM)
+subclass :class:`OnePassDetector`, which runs without optimiser and calls
+:meth:`OnePassDetector.accumulate` per batch and :meth:`OnePassDetector.finalize`
+once the pass is over.
+
+Every concrete subclass registers itself under :attr:`HRDetector.detector_name`
+(default: the class name without a leading ``HR``, lower case) in
+:data:`DETECTOR_REGISTRY`; nothing keeps a hand-written list.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import lightning
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.tiling import as_pair
-from hiad_pl.detectors.backbones import create_feature_extractor
+from hiad_pl.detectors.features import FeatureSettings, create_extractor, shared_feature_extractor
 
 #: Layers of the default backbone (EfficientNet-Lite0): strides 8 and 16.
 DEFAULT_LAYERS: tuple[str, ...] = ("blocks.2", "blocks.4")
 #: State-dict prefix of the backbone inside a detector.
 BACKBONE_PREFIX = "backbone."
+#: Every concrete detector class by its short name (filled as classes are defined).
+DETECTOR_REGISTRY: dict[str, type["HRDetector"]] = {}
+
+
+def register_detector(cls: type["HRDetector"], name: str | None = None) -> type["HRDetector"]:
+    """Add ``cls`` to :data:`DETECTOR_REGISTRY` under ``name`` (default :attr:`HRDetector.detector_name`).
+
+    Re-defining a class of the same module and name (a reloaded module, a
+    re-run notebook cell) replaces it.
+
+    Raises:
+        ValueError: when another detector already holds the name.
+    """
+    key = (name or cls.detector_name or default_detector_name(cls)).lower()
+    held = DETECTOR_REGISTRY.get(key)
+    if held is not None and held is not cls and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"detector name {key!r} of {cls.__module__}.{cls.__qualname__} is taken by "
+            f"{held.__module__}.{held.__qualname__}; set detector_name = '...' on the class"
+        )
+    DETECTOR_REGISTRY[key] = cls
+    return cls
+
+
+def default_detector_name(cls: type) -> str:
+    """``HRPatchCore`` -> ``patchcore``; ``MeanFeatureDistance`` -> ``meanfeaturedistance``."""
+    name = cls.__name__
+    return (name[2:] if name.startswith("HR") and len(name) > 2 else name).lower()
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, final_factor: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``final_factor`` x lr at ``total_steps``."""
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got {warmup_steps}, {total_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def normalise_fusion_weights(fusion_weights: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -92,17 +147,35 @@ class HRDetector(lightning.LightningModule, ABC):
     that checkpoints load with ``torch.load(weights_only=True)`` and
     ``type(det).load_from_checkpoint(path)`` rebuilds the detector.
 
+        feature_kind: ``auto`` (``vit`` for vision transformers, else ``cnn``),
+            ``cnn`` (timm ``features_only`` maps) or ``vit`` (block token grids).
+        backbone_kwargs: extra ``timm.create_model`` options (``img_size``,
+            ``dynamic_img_size`` for ViTs).
+
     A frozen backbone (the default, :attr:`freeze_backbone`) stays in eval mode
-    and is left out of checkpoints: it is rebuilt from ``backbone_name`` and
-    ``weights`` when a checkpoint is loaded.
+    and is left out of checkpoints: it is rebuilt from the hyperparameters when
+    a checkpoint is loaded, and detectors with the same backbone settings share
+    one instance (:func:`~hiad_pl.detectors.features.shared_feature_extractor`).
+    Other frozen parts (a teacher network) are named in :attr:`frozen_modules`
+    and handled the same way.
     """
 
+    #: Short name in :data:`DETECTOR_REGISTRY` (default: class name without ``HR``, lower case).
+    detector_name: ClassVar[str | None] = None
     #: True for detectors fitted from one pass with no optimiser (PatchCore, PaDiM).
     fits_in_one_pass: ClassVar[bool] = False
     #: Keep the backbone frozen, in eval mode and out of checkpoints.
     freeze_backbone: ClassVar[bool] = True
+    #: Further frozen submodules (attribute names): eval mode, no gradients, out of checkpoints.
+    frozen_submodules: ClassVar[tuple[str, ...]] = ()
     #: Buffers whose size is only known after fitting; loading a checkpoint resizes them.
     resizable_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register every concrete subclass under its :attr:`detector_name`."""
+        super().__init_subclass__(**kwargs)
+        if not inspect.isabstract(cls):
+            register_detector(cls)
 
     def __init__(
         self,
@@ -111,6 +184,8 @@ class HRDetector(lightning.LightningModule, ABC):
         weights: str = "hub",
         input_size: int | tuple[int, int] = 512,
         fusion_weights: Sequence[float] | None = None,
+        feature_kind: str = "auto",
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -118,9 +193,14 @@ class HRDetector(lightning.LightningModule, ABC):
         self.input_size: tuple[int, int] = as_pair(input_size, "input_size")
         #: Fusion weights normalised to sum 1, or ``None`` (no fusion).
         self.fusion_weights = normalise_fusion_weights(fusion_weights)
-        self.backbone = create_feature_extractor(backbone_name, list(layers_to_extract_from), weights)
+        #: What defines the backbone; equal settings share one frozen instance.
+        self.feature_settings = FeatureSettings.of(
+            backbone_name, list(layers_to_extract_from), weights, feature_kind, backbone_kwargs
+        )
         if self.freeze_backbone:
-            self.backbone.requires_grad_(False)
+            self.backbone = shared_feature_extractor(self.feature_settings)
+        else:  # a trained backbone is this detector's own
+            self.backbone = create_extractor(self.feature_settings).requires_grad_(True)
 
     # ---------------------------------------------------------------- contract
 
@@ -129,6 +209,89 @@ class HRDetector(lightning.LightningModule, ABC):
         if self.fits_in_one_pass:
             return {"max_epochs": 1, "num_sanity_val_steps": 0}
         return {}
+
+    @property
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Frozen parts by attribute name: the backbone (when frozen) and :attr:`frozen_submodules`."""
+        # parts built after super().__init__ are absent until then (setup checks they exist)
+        return {name: module for name in self._frozen_names() if (module := getattr(self, name, None)) is not None}
+
+    def _frozen_names(self) -> tuple[str, ...]:
+        return (("backbone",) if self.freeze_backbone else ()) + tuple(self.frozen_submodules)
+
+    @property
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Trained parts by attribute name: every direct submodule that is not frozen."""
+        frozen = self.frozen_modules
+        return {name: module for name, module in self.named_children() if name not in frozen}
+
+    def parameters_of(self, *names: str) -> Iterator[nn.Parameter]:
+        """Parameters of the named trainable submodules (for one optimiser or parameter group)."""
+        trainable = self.trainable_modules
+        unknown = [n for n in names if n not in trainable]
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: no trainable submodule {unknown}; trainable: {sorted(trainable)}")
+        for name in names:
+            yield from trainable[name].parameters()
+
+    def training_synthesizer(self) -> Callable[..., Any] | None:
+        """The synthesiser the data module applies to training patches (``None``: clean patches only).
+
+        Detectors that learn from synthetic anomalies return one; their training
+        batches then carry the corrupted patch in ``image`` / ``mask`` and the
+        clean one in ``clean_image`` (see :meth:`PatchBatch.clean`).
+        """
+        return None
+
+    def step_optimizers(
+        self,
+        loss: Tensor,
+        batch_idx: int,
+        optimizers: Sequence[int] | None = None,
+        accumulate: int = 1,
+        clip_norm: float | None = None,
+    ) -> bool:
+        """One manual-optimisation step: backward, then every ``accumulate`` batches step the optimisers.
+
+        Args:
+            loss: the batch loss (divided by ``accumulate`` here, so gradients are averages).
+            batch_idx: the batch's index in the epoch (decides when to step).
+            optimizers: positions of the optimisers to step (all by default): a
+                detector that trains in phases steps only the current phase's.
+            accumulate: batches whose gradients are summed per step.
+            clip_norm: clip each optimiser's gradients to this norm first.
+
+        Returns:
+            Whether the optimisers stepped. Schedulers with ``interval: step``
+            step with them; epoch schedulers step at the epoch's end (see
+            :meth:`on_train_epoch_end`).
+        """
+        all_optimizers = self.optimizers()
+        all_optimizers = list(all_optimizers) if isinstance(all_optimizers, (list, tuple)) else [all_optimizers]
+        chosen = [all_optimizers[i] for i in (range(len(all_optimizers)) if optimizers is None else optimizers)]
+        self.manual_backward(loss / accumulate)
+        last_batch = self.trainer is not None and batch_idx + 1 == self.trainer.num_training_batches
+        if (batch_idx + 1) % accumulate != 0 and not last_batch:
+            return False
+        for optimizer in chosen:
+            if clip_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=clip_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad()
+        for config in self._scheduler_configs("step"):
+            config.scheduler.step()
+        return True
+
+    def _scheduler_configs(self, interval: str) -> list[Any]:
+        """The trainer's scheduler configs with the given ``interval`` (manual optimisation steps them)."""
+        if self.trainer is None or self.automatic_optimization:
+            return []
+        return [config for config in self.trainer.lr_scheduler_configs if config.interval == interval]
+
+    def on_train_epoch_end(self) -> None:
+        """Step epoch-interval schedulers under manual optimisation (Lightning does it otherwise)."""
+        for config in self._scheduler_configs("epoch"):
+            config.scheduler.step()
 
     def embedding(self, images: Tensor) -> list[Tensor]:
         """Backbone feature maps ``[B, C_l, h_l, w_l]`` of ``images`` for the chosen layers."""
@@ -208,26 +371,38 @@ class HRDetector(lightning.LightningModule, ABC):
     # ------------------------------------------------------- Lightning plumbing
 
     def train(self, mode: bool = True) -> "HRDetector":
-        """Set training mode; a frozen backbone stays in eval mode (its BatchNorm statistics are fixed)."""
+        """Set training mode; frozen parts stay in eval mode (their BatchNorm statistics are fixed)."""
         super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
+        for module in self.frozen_modules.values():
+            module.eval()
         return self
 
-    def on_fit_start(self) -> None:
-        """Show Lightning's start-of-training mode check a backbone in train mode.
+    def setup(self, stage: str) -> None:
+        """Freeze the frozen parts (a teacher built after ``super().__init__`` included) before optimisers exist.
 
-        The check warns about every module in eval mode, and a frozen backbone is
-        in eval mode by design; :meth:`on_train_start` (and :meth:`embedding`)
-        put it back before any batch is seen.
+        Raises:
+            ValueError: when a name in :attr:`frozen_submodules` is not a submodule.
         """
-        if self.freeze_backbone:
-            self.backbone.train()
+        missing = [name for name in self._frozen_names() if not isinstance(getattr(self, name, None), nn.Module)]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.frozen_submodules names {missing}, which are not submodules")
+        for module in self.frozen_modules.values():
+            module.requires_grad_(False).eval()
+
+    def on_fit_start(self) -> None:
+        """Show Lightning's start-of-training mode check frozen parts in train mode.
+
+        The check warns about every module in eval mode, and frozen parts are in
+        eval mode by design; :meth:`on_train_start` (and :meth:`embedding`) put
+        them back before any batch is seen.
+        """
+        for module in self.frozen_modules.values():
+            module.train()
 
     def on_train_start(self) -> None:
-        """Put a frozen backbone back in eval mode for training."""
-        if self.freeze_backbone:
-            self.backbone.eval()
+        """Put frozen parts back in eval mode for training."""
+        for module in self.frozen_modules.values():
+            module.eval()
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move a :class:`PatchBatch` (or anything Lightning knows) to ``device``."""
@@ -235,19 +410,25 @@ class HRDetector(lightning.LightningModule, ABC):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def _frozen_state(self) -> Mapping[str, Tensor]:
+        """State-dict entries of the frozen parts, under their keys in this detector."""
+        state: dict[str, Tensor] = {}
+        for name, module in self.frozen_modules.items():
+            state.update(module.state_dict(prefix=f"{name}."))
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave a frozen backbone out of the checkpoint: hyperparameters rebuild it."""
-        if self.freeze_backbone:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(BACKBONE_PREFIX)]:
-                del state[key]
+        """Leave frozen parts out of the checkpoint: hyperparameters rebuild them."""
+        prefixes = tuple(f"{name}." for name in self.frozen_modules)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(prefixes)]:
+            del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill the frozen backbone's weights, absent from the checkpoint, from the rebuilt backbone."""
-        if self.freeze_backbone:
-            state = checkpoint["state_dict"]
-            for key, value in self.backbone.state_dict(prefix=BACKBONE_PREFIX).items():
-                state.setdefault(key, value)
+        """Fill the frozen parts' weights, absent from the checkpoint, from the rebuilt parts."""
+        state = checkpoint["state_dict"]
+        for key, value in self._frozen_state().items():
+            state.setdefault(key, value)
 
     def _load_from_state_dict(
         self,

@@ -1,0 +1,245 @@
+"""Frozen feature extractors behind one small protocol: CNN feature maps and ViT token grids.
+
+Every extractor maps ImageNet-normalised images ``[B, 3, H, W]`` to one map
+``[B, C_l, h_l, w_l]`` per named layer, and says what it returns
+(:attr:`FeatureExtractor.layers`, ``channels``, ``reductions``). Two kinds:
+
+``cnn``
+    timm ``features_only`` maps of named modules (``layer2``, ``blocks.4``), see
+    :mod:`hiad_pl.detectors.backbones`.
+``vit``
+    patch tokens of named transformer blocks (``blocks.2``, ``blocks.5``) from
+    timm's ``forward_intermediates``, class / register tokens dropped, reshaped
+    to grids. timm options (``img_size``, ``dynamic_img_size``) pass through;
+    ``dynamic_img_size`` defaults to true so that any patch size works. A side
+    that is not a multiple of the patch size (512 px for a /14 model) is resized
+    to the nearest multiple before the forward pass; detectors upsample their
+    maps to the patch size as always, which resizes them back.
+
+``kind: auto`` picks ``vit`` for timm models with a patch embedding and
+transformer blocks, ``cnn`` otherwise. Weights come from ``hub``, ``offline``,
+``none`` or a file, with the errors of :mod:`hiad_pl.detectors.backbones`.
+
+Sharing. Extractors hold no per-detector state (only the frozen model and
+constant buffers), so one instance serves every detector of a run:
+:func:`shared_feature_extractor` returns the same instance for the same
+:class:`FeatureSettings` (a per-process cache), and detectors hold it by
+reference. A detector that trains its backbone must build a private one with
+:func:`create_extractor`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hiad_pl.detectors.backbones import (
+    TimmFeatureExtractor,
+    build_timm_model,
+    create_feature_extractor,
+    renormalisation,
+    resolve_backbone_name,
+    skeleton,
+    weights_architecture,
+)
+
+FeatureKind = Literal["auto", "cnn", "vit"]
+FEATURE_KINDS: tuple[str, ...] = ("auto", "cnn", "vit")
+#: Extractors kept alive by :func:`shared_feature_extractor` (most recently used last).
+SHARED_CACHE_SIZE = 4
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What every extractor offers: named layers, their channels and strides, and ``__call__``."""
+
+    layers: list[str]
+    channels: list[int]
+    reductions: list[int]
+
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        """``[B, C_l, h_l, w_l]`` maps of ImageNet-normalised ``images``, one per layer, in ``layers`` order."""
+        ...
+
+
+def nearest_multiple(side: int, multiple: int) -> int:
+    """The multiple of ``multiple`` nearest to ``side`` (at least ``multiple``)."""
+    return max(multiple, int(round(side / multiple)) * multiple)
+
+
+class ViTTokenExtractor(nn.Module):
+    """Patch tokens of chosen ViT blocks as ``[B, C, h, w]`` grids (prefix tokens dropped).
+
+    Args:
+        model: a timm vision transformer with ``forward_intermediates``.
+        layers: block names ``blocks.<i>`` (or plain indices ``"<i>"``), in the order returned.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+        self.block_indices = [block_index(name, len(model.blocks)) for name in self.layers]
+        patch = model.patch_embed.patch_size
+        #: ``(height, width)`` of one patch token in pixels.
+        self.patch_size: tuple[int, int] = (int(patch[0]), int(patch[1]))
+        width = int(getattr(model, "embed_dim", 0) or model.num_features)
+        self.channels: list[int] = [width] * len(self.layers)
+        self.reductions: list[int] = [self.patch_size[0]] * len(self.layers)
+        self.renormalises, scale, shift = renormalisation(model)
+        self.register_buffer("_scale", scale, persistent=False)
+        self.register_buffer("_shift", shift, persistent=False)
+        # forward_intermediates returns blocks by depth; remember where each asked block sits.
+        ordered = sorted(set(self.block_indices))
+        self._order = [ordered.index(i) for i in self.block_indices]
+        self._take = ordered
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``[B, C, H / p, W / p]`` token grids of each chosen block (sides rounded to multiples of ``p``)."""
+        if self.renormalises:
+            images = images * self._scale.to(images.dtype) + self._shift.to(images.dtype)
+        height, width = images.shape[-2:]
+        target = (nearest_multiple(height, self.patch_size[0]), nearest_multiple(width, self.patch_size[1]))
+        if target != (height, width):
+            images = F.interpolate(images, size=target, mode="bilinear", align_corners=False)
+        grids = self.model.forward_intermediates(
+            images, indices=self._take, output_fmt="NCHW", intermediates_only=True
+        )
+        return [grids[i] for i in self._order]
+
+
+def block_index(name: str, depth: int) -> int:
+    """The block number of ``blocks.<i>`` (or ``<i>``), checked against the model's ``depth``.
+
+    Raises:
+        ValueError: a name that is not a block of the model.
+    """
+    text = name.split(".", 1)[1] if name.startswith("blocks.") else name
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"ViT layer {name!r} is not a block name: use blocks.0 ... blocks.{depth - 1}")
+    index = int(text)
+    if not 0 <= index < depth:
+        raise ValueError(f"ViT layer {name!r} does not exist: the model has blocks.0 ... blocks.{depth - 1}")
+    return index
+
+
+def is_vit(timm_name: str, **model_kwargs: Any) -> bool:
+    """Whether a timm model is a vision transformer (patch embedding, blocks, ``forward_intermediates``)."""
+    model = skeleton(timm_name, **model_kwargs)
+    return all(hasattr(model, attr) for attr in ("patch_embed", "blocks", "forward_intermediates"))
+
+
+def _freeze_key(value: Any) -> Any:
+    """A hashable copy of a config value (lists become tuples, dicts sorted item tuples)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze_key(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze_key(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Everything that defines a frozen extractor; equal settings give the same features.
+
+    Args:
+        backbone_name: timm name or tutorial alias (``wideresnet50``, ``vit_small``).
+        layers: layer (CNN) or block (ViT) names.
+        weights: ``hub``, ``offline``, ``none`` or a state-dict file.
+        kind: ``auto``, ``cnn`` or ``vit``.
+        model_kwargs: extra ``timm.create_model`` options (``img_size``, ``dynamic_img_size`` ...).
+    """
+
+    backbone_name: str
+    layers: tuple[str, ...]
+    weights: str = "hub"
+    kind: str = "auto"
+    model_kwargs: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    @staticmethod
+    def of(
+        backbone_name: str,
+        layers: Sequence[str],
+        weights: str = "hub",
+        kind: str = "auto",
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> "FeatureSettings":
+        """Settings from config values (lists and dicts accepted)."""
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
+        return FeatureSettings(str(backbone_name), tuple(layers), str(weights), kind, _freeze_key(model_kwargs or {}))
+
+    def kwargs(self) -> dict[str, Any]:
+        """``model_kwargs`` as a dict for timm."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_kwargs}
+
+
+def create_extractor(settings: FeatureSettings) -> nn.Module:
+    """A new frozen extractor (eval mode, no gradients) for ``settings``.
+
+    Raises:
+        ValueError: unknown backbone, layer, kind or weights option, or a weights file that does not fit.
+        RuntimeError: ``hub`` weights that cannot be downloaded.
+    """
+    if not settings.layers:
+        raise ValueError("layers_to_extract_from must name at least one layer")
+    kwargs = settings.kwargs()
+    timm_name = resolve_backbone_name(settings.backbone_name)
+    kind = settings.kind
+    if kind == "auto":
+        kind = "vit" if is_vit(timm_name, **kwargs) else "cnn"
+    if kind == "cnn":
+        extractor: nn.Module = create_feature_extractor(settings.backbone_name, settings.layers, settings.weights, **kwargs)
+    else:
+        if len(set(settings.layers)) != len(settings.layers):
+            raise ValueError(f"layers_to_extract_from has duplicates: {list(settings.layers)}")
+        timm_name = weights_architecture(settings.backbone_name, timm_name, settings.weights)
+        if not is_vit(timm_name, **kwargs):
+            raise ValueError(f"backbone {timm_name!r} is not a vision transformer; use kind: cnn")
+        kwargs.setdefault("dynamic_img_size", True)
+        extractor = ViTTokenExtractor(build_timm_model(timm_name, settings.weights, **kwargs), settings.layers)
+    extractor.requires_grad_(False)
+    return extractor.eval()
+
+
+_SHARED: "OrderedDict[FeatureSettings, nn.Module]" = OrderedDict()
+
+
+def shared_feature_extractor(settings: FeatureSettings) -> nn.Module:
+    """The one frozen extractor of this process for ``settings`` (built on first use).
+
+    The last :data:`SHARED_CACHE_SIZE` settings stay cached, so the tasks of a
+    run fitted one after another reuse one backbone instead of loading it again.
+    """
+    extractor = _SHARED.pop(settings, None)
+    if extractor is None:
+        extractor = create_extractor(settings)
+    _SHARED[settings] = extractor
+    while len(_SHARED) > SHARED_CACHE_SIZE:
+        _SHARED.popitem(last=False)
+    return extractor
+
+
+def clear_shared_extractors() -> None:
+    """Forget every cached extractor (frees their memory once no detector holds them)."""
+    _SHARED.clear()
+
+
+__all__ = [
+    "FEATURE_KINDS",
+    "FeatureExtractor",
+    "FeatureSettings",
+    "TimmFeatureExtractor",
+    "ViTTokenExtractor",
+    "block_index",
+    "clear_shared_extractors",
+    "create_extractor",
+    "is_vit",
+    "nearest_multiple",
+    "shared_feature_extractor",
+]
