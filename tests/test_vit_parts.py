@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +16,6 @@ from hiad_pl.detectors.vit_parts import (
     hard_mining_share,
     soft_mining_rule,
     tokens_to_grid,
-    warmup_cosine_factor,
 )
 
 
@@ -119,12 +116,3 @@ def test_stable_adamw_is_adamw_when_updates_are_small_and_damps_large_ones() -> 
     restored = StableAdamW([torch.nn.Parameter(torch.zeros(5))], lr=0.1)
     restored.load_state_dict(optimizer.state_dict())
     assert float(restored.state_dict()["state"][0]["step"]) == 1.0
-
-
-def test_warmup_cosine_factor() -> None:
-    factors = [warmup_cosine_factor(s, warmup_steps=5, total_steps=25, final_factor=0.1) for s in range(30)]
-    assert factors[0] == 0.0 and factors[4] == pytest.approx(1.0)  # linear warm-up reaches the full rate
-    assert factors[5] == pytest.approx(1.0) and factors[15] == pytest.approx(0.55)
-    assert all(a >= b for a, b in zip(factors[5:], factors[6:]))
-    assert factors[25:] == [0.1] * 5
-    assert math.isclose(warmup_cosine_factor(0, 0, 10, 0.0), 1.0)

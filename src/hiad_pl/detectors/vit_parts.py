@@ -11,17 +11,26 @@ Everything here works on token sequences ``[B, N, C]`` or token grids
 - the global cosine reconstruction loss, with per-point gradient scaling for
   hard mining (Dinomaly) and soft mining (INP-Former), and the cosine-distance
   anomaly map;
-- :class:`StableAdamW` and a warm-up + cosine learning-rate factor.
+- :class:`StableAdamW`;
+- :class:`ViTTokenDetector`, the :class:`~hiad_pl.detectors.base.HRDetector`
+  base of the three detectors: a frozen ViT token extractor (shared per run),
+  the decoders' head count, float32 token grids, ``torch.inference_mode`` at
+  inference, and step-based training defaults.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from abc import ABC
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.detectors.base import HRDetector, warmup_cosine_schedule
+from hiad_pl.detectors.features import nearest_multiple
 
 #: LayerNorm epsilon of the Dinomaly / INP-Former decoders.
 DECODER_NORM_EPS = 1e-8
@@ -417,14 +426,85 @@ class StableAdamW(torch.optim.Optimizer):
         return loss
 
 
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, final_factor: float) -> float:
-    """Learning-rate factor at ``step``: linear from 0 over ``warmup_steps``, then cosine to ``final_factor`` at ``total_steps``.
+# ------------------------------------------------------------ detector base
 
-    Past ``total_steps`` the factor stays at ``final_factor`` (Dinomaly's WarmCosine schedule).
+
+def check_positive(**values: float) -> None:
+    """Raise ``ValueError`` naming the first value that is not positive."""
+    for name, value in values.items():
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+class ViTTokenDetector(HRDetector, ABC):
+    """Base of the detectors that rebuild frozen ViT tokens (ViTAD, Dinomaly, INP-Former).
+
+    The encoder is the platform's ViT token extractor (``feature_kind: vit``):
+    one frozen instance per run, shared by every task, returning the patch
+    tokens of the chosen blocks as ``[B, C, h, w]`` grids in one batched
+    ``forward_intermediates`` pass. Inference runs under ``torch.inference_mode``.
     """
-    if step >= total_steps:
-        return final_factor
-    if step < warmup_steps:
-        return step / max(1, warmup_steps - 1) if warmup_steps > 1 else 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def __init__(
+        self,
+        backbone_name: str,
+        layers_to_extract_from: Sequence[str],
+        weights: str,
+        input_size: int | tuple[int, int],
+        fusion_weights: Sequence[float] | None,
+        feature_kind: str,
+        backbone_kwargs: dict[str, Any] | None,
+    ) -> None:
+        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs)
+        if not hasattr(self.backbone, "patch_size"):
+            raise ValueError(
+                f"{type(self).__name__} rebuilds ViT tokens: backbone_name must be a vision transformer "
+                f"and feature_kind 'vit' or 'auto' (got {backbone_name!r} with feature_kind {feature_kind!r})"
+            )
+        widths = set(self.backbone.channels)
+        if len(widths) != 1:
+            raise ValueError(f"{type(self).__name__}: the chosen blocks differ in width {sorted(widths)}")
+        #: Token width of the encoder.
+        self.token_dim: int = widths.pop()
+
+    def encoder_heads(self) -> int:
+        """The encoder's attention heads (the decoders use as many), else one head per 64 channels."""
+        blocks = getattr(getattr(self.backbone, "model", None), "blocks", None)
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
+        return int(heads) if heads else max(1, self.token_dim // 64)
+
+    def token_grid_size(self) -> tuple[int, int]:
+        """``(h, w)`` of the token grids for a patch of :attr:`input_size` (the extractor rounds sides to whole tokens)."""
+        width, height = self.input_size
+        patch_h, patch_w = self.backbone.patch_size
+        return nearest_multiple(height, patch_h) // patch_h, nearest_multiple(width, patch_w) // patch_w
+
+    def encoder_grids(self, batch: PatchBatch) -> list[Tensor]:
+        """The (fused) token grids of the batch's patches, in float32."""
+        return [grid.float() for grid in self.fused_embedding(batch)]
+
+    def predict_step(self, batch: PatchBatch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Anomaly maps ``[B, h, w]`` (float32), computed under ``torch.inference_mode``."""
+        with torch.inference_mode():
+            return self.anomaly_map(batch).float()
+
+
+def step_trainer_defaults(total_steps: int, eval_every: int, gradient_clip_norm: float) -> dict[str, Any]:
+    """Trainer defaults of step-counted training: ``max_steps``, validation every ``eval_every`` steps, norm clipping."""
+    return {
+        "max_steps": total_steps,
+        "max_epochs": -1,
+        "val_check_interval": eval_every,
+        "check_val_every_n_epoch": None,
+        "gradient_clip_val": gradient_clip_norm,
+        "gradient_clip_algorithm": "norm",
+    }
+
+
+def stable_adamw_warmup_cosine(
+    parameters: Iterable[Tensor], lr: float, final_lr: float, warmup_steps: int, total_steps: int, weight_decay: float
+) -> dict[str, Any]:
+    """Dinomaly's optimiser: StableAdamW (AMSGrad, eps 1e-10) with warm-up then cosine decay to ``final_lr``, per step."""
+    optimizer = StableAdamW(parameters, lr=lr, betas=(0.9, 0.999), eps=1e-10, weight_decay=weight_decay, amsgrad=True)
+    schedule = warmup_cosine_schedule(optimizer, min(warmup_steps, total_steps), total_steps, final_lr / lr)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

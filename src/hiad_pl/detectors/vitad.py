@@ -18,14 +18,23 @@ after 80 % of the epochs, gradients clipped to norm 5.
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
-from hiad_pl.detectors.vit_parts import check_grids, cosine_distance_map, global_cosine_loss, grid_to_tokens, tokens_to_grid
+from hiad_pl.data.batch import PatchBatch
+from hiad_pl.detectors.vit_parts import (
+    ViTTokenDetector,
+    check_grids,
+    check_positive,
+    cosine_distance_map,
+    global_cosine_loss,
+    grid_to_tokens,
+    tokens_to_grid,
+)
 
 #: Teacher blocks (1-based, as in the paper) and the neck block of a 12-block ViT.
 TEACHER_BLOCKS: tuple[int, ...] = (3, 6, 9)
@@ -39,6 +48,10 @@ WEIGHT_DECAY = 1e-4
 LR_DECAY_AT = 0.8
 LR_DECAY_RATE = 0.1
 GRADIENT_CLIP_NORM = 5.0
+EPOCHS = 200
+#: HiAD's encoder (timm name; the paper's is ``vit_small_patch16_224.dino``) and its layers: teachers, then the neck.
+BACKBONE = "vit_base_patch16_384.augreg_in21k_ft_in1k"
+LAYERS: tuple[str, ...] = tuple(f"blocks.{b - 1}" for b in TEACHER_BLOCKS + NECK_BLOCKS)
 
 
 class ViTADDecoder(nn.Module):
@@ -116,3 +129,86 @@ def vitad_anomaly_map(teacher: Sequence[Tensor], decoded: Sequence[Tensor], size
 def step_decay_epochs(epochs: int, decay_at: float = LR_DECAY_AT) -> int:
     """The epoch after which the learning rate drops (80 % of the training by default, at least 1)."""
     return max(1, int(epochs * decay_at))
+
+
+class HRVitAD(ViTTokenDetector):
+    """ViTAD on high-resolution patches: a ViT decoder rebuilds a frozen plain ViT's features in reverse.
+
+    Args:
+        backbone_name: timm ViT teacher (HiAD: ``vit_base_patch16_384.augreg_in21k_ft_in1k``; the paper:
+            ``vit_small_patch16_224.dino``).
+        layers_to_extract_from: teacher blocks then neck blocks (``blocks.2, blocks.5, blocks.8, blocks.11``:
+            blocks 3, 6, 9 and 12 counted from 1).
+        weights: encoder weights: ``hub``, a local file (``model.safetensors`` in timm's layout) or ``none``.
+        input_size: ``(width, height)`` or one int: the patch size (the decoder's position embedding is built
+            for its token grid and resampled for others).
+        fusion_weights: multi-resolution fusion weights (see :class:`HRDetector`).
+        feature_kind: ``vit`` (or ``auto``).
+        backbone_kwargs: extra ``timm.create_model`` options.
+        num_neck_layers: how many of the last layers form the neck (the rest are teachers).
+        decoder_depth: decoder blocks.
+        decoder_taps: decoder blocks (1-based) paired, deepest first, with the teacher layers.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        epochs: training epochs (the Trainer's default ``max_epochs``); the rate drops 10x after 80 % of them.
+        gradient_clip_norm: gradient norm clip (the Trainer's default ``gradient_clip_val``).
+    """
+
+    def __init__(
+        self,
+        backbone_name: str = BACKBONE,
+        layers_to_extract_from: Sequence[str] = LAYERS,
+        weights: str = "hub",
+        input_size: int | tuple[int, int] = 384,
+        fusion_weights: Sequence[float] | None = None,
+        feature_kind: str = "vit",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_neck_layers: int = len(NECK_BLOCKS),
+        decoder_depth: int = DECODER_DEPTH,
+        decoder_taps: Sequence[int] = DECODER_TAPS,
+        lr: float = LR,
+        weight_decay: float = WEIGHT_DECAY,
+        epochs: int = EPOCHS,
+        gradient_clip_norm: float = GRADIENT_CLIP_NORM,
+    ) -> None:
+        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs)
+        check_positive(lr=lr, epochs=epochs, gradient_clip_norm=gradient_clip_norm)
+        teachers = len(self.backbone.layers) - num_neck_layers
+        if num_neck_layers < 1 or teachers != len(tuple(decoder_taps)):
+            raise ValueError(
+                f"layers_to_extract_from must hold one teacher layer per decoder tap ({len(tuple(decoder_taps))}) "
+                f"followed by num_neck_layers ({num_neck_layers}) neck layers; got {len(self.backbone.layers)} layers"
+            )
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+        self.num_teacher_layers = teachers
+        self.lr, self.weight_decay, self.epochs = float(lr), float(weight_decay), epochs
+        self.gradient_clip_norm = float(gradient_clip_norm)
+        self.decoder = ViTADDecoder(
+            self.token_dim, self.encoder_heads(), self.token_grid_size(), num_neck_layers, decoder_depth, decoder_taps
+        )
+
+    def trainer_defaults(self) -> dict[str, Any]:
+        """``max_epochs`` from ``epochs`` and gradient clipping; a user's trainer options override them."""
+        return {"max_epochs": self.epochs, "gradient_clip_val": self.gradient_clip_norm, "gradient_clip_algorithm": "norm"}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the fusion and decoder; the rate drops 10x after 80 % of the epochs."""
+        optimizer = torch.optim.AdamW(self.parameters_of("decoder"), lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_decay_epochs(self.epochs), gamma=LR_DECAY_RATE)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    def teacher_and_decoded(self, batch: PatchBatch) -> tuple[list[Tensor], list[Tensor]]:
+        """Teacher grids (shallow first) and the decoder's grids paired with them (deepest first)."""
+        grids = self.encoder_grids(batch)
+        return grids[: self.num_teacher_layers], self.decoder(grids[self.num_teacher_layers :])
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> Tensor:
+        """Global cosine distance summed over the teacher levels."""
+        loss = vitad_loss(*self.teacher_and_decoded(batch))
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def anomaly_map(self, batch: PatchBatch) -> Tensor:
+        """Sum over the levels of per-point ``1 - cos``, at the patch size."""
+        return vitad_anomaly_map(*self.teacher_and_decoded(batch), tuple(batch.image.shape[-2:]))
