@@ -145,8 +145,10 @@ def test_hub_failure_explains_offline_options(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(RuntimeError) as info:
         create_feature_extractor("resnet18", ["layer2"], weights="hub")
     message = str(info.value)
-    expected = ("could not be downloaded", "weights: offline", "weights: /path/to/local_file.pth", "weights: none")
+    expected = ("could not be downloaded", "weights: offline", "weights: /path/to/model.safetensors", "weights: none")
     assert all(phrase in message for phrase in expected)
+    # The message names the file that holds the weights in timm's layout.
+    assert "model.safetensors of the Hugging Face repository timm/resnet18" in message
 
 
 def test_inputs_renormalised_only_for_non_imagenet_models() -> None:

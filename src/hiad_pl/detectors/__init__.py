@@ -12,11 +12,14 @@ import importlib
 
 from hiad_pl.detectors.base import DETECTOR_REGISTRY, HRDetector, OnePassDetector, register_detector
 from hiad_pl.detectors.destseg import HRDesTSeg
+from hiad_pl.detectors.dinomaly import HRDinomaly
 from hiad_pl.detectors.fastflow import HRFastFlow
+from hiad_pl.detectors.inpformer import HRINPFormer
 from hiad_pl.detectors.padim import HRPaDiM
 from hiad_pl.detectors.patchcore import HRPatchCore
 from hiad_pl.detectors.rdpp import HRRDPP
 from hiad_pl.detectors.realnet import HRRealNet
+from hiad_pl.detectors.vitad import HRVitAD
 
 #: Short names of the detectors and their classes: the live registry.
 DETECTORS: dict[str, type[HRDetector]] = DETECTOR_REGISTRY
@@ -69,11 +72,14 @@ __all__ = [
     "DETECTORS",
     "HRDesTSeg",
     "HRDetector",
+    "HRDinomaly",
     "HRFastFlow",
+    "HRINPFormer",
     "HRPaDiM",
     "HRPatchCore",
     "HRRDPP",
     "HRRealNet",
+    "HRVitAD",
     "OnePassDetector",
     "describe_detectors",
     "get_detector",

