@@ -9,7 +9,7 @@ import pytest
 
 from hiad_pl.cli import main
 from hiad_pl.detectors import DETECTORS, HRDetector, HRRDPP, get_detector, register_detector
-from hiad_pl.orchestrator import detector_class_of
+from hiad_pl.config import detector_class_of
 
 USER_MODULE = '''
 """A user's own detector, outside the package."""
