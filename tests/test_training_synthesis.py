@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -60,8 +61,6 @@ def test_batches_carry_clean_corrupted_and_the_changed_pixels(samples, synthesiz
             outside[y : y + h, x : x + w] = False
             assert not low_changed[outside].any()
             # and it shows the corrupted patch there: resized, the window equals the resized corrupted patch
-            import cv2
-
             expected = cv2.resize(corrupted[k], (w, h), interpolation=cv2.INTER_AREA)
             window_changed = low_changed[y : y + h, x : x + w]
             diff = np.abs(low[y : y + h, x : x + w].astype(int) - expected.astype(int))[window_changed]

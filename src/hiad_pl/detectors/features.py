@@ -32,9 +32,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,7 +47,6 @@ from hiad_pl.detectors.backbones import (
     weights_architecture,
 )
 
-FeatureKind = Literal["auto", "cnn", "vit"]
 FEATURE_KINDS: tuple[str, ...] = ("auto", "cnn", "vit")
 #: Extractors kept alive by :func:`shared_feature_extractor` (most recently used last).
 SHARED_CACHE_SIZE = 4
