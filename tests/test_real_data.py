@@ -70,7 +70,7 @@ def test_builds_both_sets_in_the_mvtec_layout(real_data, tmp_path: Path, monkeyp
     monkeypatch.setattr(real_data, "BSD_VIEW", (113, 46))
     sources = {"mt_tile": fake_magnetic_tile(tmp_path / "mt"), "bsd_screw": fake_bsdata(tmp_path / "bsd")}
     out = tmp_path / "built"
-    record = real_data.build(out, sources, ["mt_tile", "bsd_screw"], {"train2": 2, "train4": 4})
+    real_data.build(out, sources, ["mt_tile", "bsd_screw"], {"train2": 2, "train4": 4})
 
     from hiad_pl.data.discovery import discover
 
