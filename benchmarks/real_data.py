@@ -37,8 +37,9 @@ Two settings share one test set and differ in their training images:
 and ``train10`` (10 images, coreset 1%: the quick start's share). Ten training
 images are what a 2-core CPU with ~8 GB for one job affords today: one detector
 for all 16 patches of 10 images holds 655,360 features of 1024 values (2.7 GB)
-before the coreset, and the original HiAD's greedy coreset over all of them
-costs minutes; the data sets have hundreds of normal images (``--train`` takes more).
+before the coreset (the original HiAD's greedy coreset over the 131,072 features
+of ``train2`` alone ran for over an hour on a loaded 2-core CPU); the data sets
+have hundreds of normal images (``--train`` takes more).
 
 Running (``run``): hiad-pl PatchCore, PaDiM and FastFlow through the tutorial
 API (``HRTrainer``), one detector for all patches of 512 px (A2O), the offline

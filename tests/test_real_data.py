@@ -70,7 +70,7 @@ def test_builds_both_sets_in_the_mvtec_layout(real_data, tmp_path: Path, monkeyp
     monkeypatch.setattr(real_data, "BSD_VIEW", (113, 46))
     sources = {"mt_tile": fake_magnetic_tile(tmp_path / "mt"), "bsd_screw": fake_bsdata(tmp_path / "bsd")}
     out = tmp_path / "built"
-    record = real_data.build(out, sources, ["mt_tile", "bsd_screw"], {"train2": 2, "train4": 4})
+    real_data.build(out, sources, ["mt_tile", "bsd_screw"], {"train2": 2, "train4": 4})
 
     from hiad_pl.data.discovery import discover
 
@@ -121,3 +121,14 @@ def test_offline_weights_are_aligned_only_with_tf_padding(real_data) -> None:
     assert all(abs(v) < 3 for offset in aligned.values() for v in offset)
     assert all(5 < v < 9 for v in shifted["blocks.2"])
     assert all(10 < v < 17 for v in shifted["blocks.4"])
+
+
+def test_run_one_fits_and_scores_a_built_set(real_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(real_data, "IMAGE_SIZE", 128)
+    out = tmp_path / "built"
+    real_data.build(out, {"mt_tile": fake_magnetic_tile(tmp_path / "mt")}, ["mt_tile"], {"train2": 2})
+    result = real_data.run_one(out / "train2" / "mt_tile", "patchcore", "train2", {}, image_size=128, patch_size=64)
+    assert result["train_images"] == 2 and result["test_images"] == real_data.TEST_NORMAL + 4
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= result[key] <= 1.0
+    assert "| mt_tile | train2 | hiad-pl HRPatchCore |" in real_data.table([result])
