@@ -84,9 +84,9 @@ def test_interrupted_fit_resumes_with_its_optimiser_and_scheduler_state(
 
     split, tasks = texture_split(small_demo)
 
-    def fit(steps: int) -> TaskOrchestrator:
-        # 2 images = 8 patches = 1 batch per epoch
-        kwargs = {"max_steps": steps, "max_epochs": steps}
+    def fit(epochs: int) -> TaskOrchestrator:
+        # 2 images = 8 patches = 1 batch (one optimiser step) per epoch
+        kwargs = {"max_epochs": epochs}
         orchestrator = TaskOrchestrator(detector_class, TINY[detector_class], tasks, tmp_path, batch_size=8, trainer_kwargs=kwargs)
         orchestrator.fit(split.train[:2], [])
         return orchestrator
@@ -103,7 +103,7 @@ def test_interrupted_fit_resumes_with_its_optimiser_and_scheduler_state(
     torch.save(checkpoint, last)
     fit(3)
     resumed = torch.load(final, weights_only=True)
-    assert resumed["global_step"] == 3  # one more step, not three from scratch
+    assert resumed["global_step"] == 3  # one more step
     assert resumed["lr_schedulers"][0]["base_lrs"] == [0.0123]
     state = resumed["optimizer_states"][0]["state"][0]
     assert float(state["step"]) == 3
@@ -119,6 +119,7 @@ def quickstart_detector_config(name: str) -> tuple[type, dict[str, Any]]:
     return detector_class, config["detector"]["init_args"]
 
 
+@pytest.mark.slow  # minutes per detector; the fit test above runs the same training and scoring code
 @pytest.mark.parametrize("name", ["vitad", "dinomaly", "inpformer"])
 def test_quickstart_learns_on_the_demo_texture(name: str, small_demo: Path, tmp_path: Path) -> None:
     detector_class, init_args = quickstart_detector_config(name)
