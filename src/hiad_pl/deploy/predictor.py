@@ -88,7 +88,7 @@ class GraphTask:
 class ExportedModel:
     """An exported category model, loaded once; :meth:`predict` scores one decoded image."""
 
-    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None, batch_size: int | None = None) -> None:
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -121,7 +121,8 @@ class ExportedModel:
         ]
         self.image_size: tuple[int, int] = tuple(manifest["image_size"])
         self.normalized = bool(manifest["normalized"])
-        self.batch_size = int(manifest["batch_size"])
+        # PatchCore's graph holds a [batch * h * w, bank] distance matrix: a smaller batch bounds memory
+        self.batch_size = int(batch_size or manifest["batch_size"])
         stats = manifest["input"]
         self.mean = np.asarray(stats["mean"], dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(stats["std"], dtype=np.float32).reshape(3, 1, 1)
@@ -205,12 +206,14 @@ class ExportedModel:
         return (image.astype(np.float32) * (1 - alpha) + heat * alpha).astype(np.uint8)
 
 
-def predict_export(export: str | Path, inputs: Sequence[str | Path], output: str | Path) -> Path:
+def predict_export(
+    export: str | Path, inputs: Sequence[str | Path], output: str | Path, batch_size: int | None = None
+) -> Path:
     """Score images with an exported model; writes the files of ``hiad-pl predict --run_dir``."""
     from hiad_pl.deploy.files import map_range
 
     files = input_images(inputs)
-    model = ExportedModel(export)
+    model = ExportedModel(export, batch_size=batch_size)
     output = Path(output)
     stems = unique_stems(files)
     rows = []
@@ -230,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", required=True, help="A folder written by `hiad-pl export`")
     parser.add_argument("--input", nargs="+", required=True, help="Image files or folders")
     parser.add_argument("--output", required=True, help="Folder for maps, overlays and scores.csv")
+    parser.add_argument("--batch_size", type=int, default=None, help="Patches per graph call (default: the run's)")
     args = parser.parse_args(argv)
     try:
-        out = predict_export(args.export, args.input, args.output)
+        out = predict_export(args.export, args.input, args.output, args.batch_size)
     except (ValueError, OSError) as error:
         print(f"hiad_pl.deploy.predictor: error: {error}", file=sys.stderr)
         return 2
