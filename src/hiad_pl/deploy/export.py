@@ -207,8 +207,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     width, height = run.image_size
     entries = []
     for task in orchestrator.tasks:
-        detector = orchestrator._detectors[task.name]
-        statistics = orchestrator._normalization.get(task.name) if normalized else None
+        detector = orchestrator.detector(task.name)
+        statistics = orchestrator.normalization(task.name)
         inputs = example_inputs(task, detector)
         module = TaskGraph(detector, statistics, (width, height) if task.is_thumbnail else None).eval()
         export_graph(module, inputs, output / f"{task.name}.onnx", "anomaly_map")
@@ -218,7 +218,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     router = None
     if any(t.centers is not None for t in patch_tasks):
         centers, owners = stacked_centers(patch_tasks)
-        detector = orchestrator._detectors[patch_tasks[0].name]
+        detector = orchestrator.detector(patch_tasks[0].name)
         inputs = example_inputs(patch_tasks[0], detector)
         channels = sum(f.shape[1] for f in detector.fused_embedding(
             PatchBatch(image=inputs[0], mask=None, label=None, index=None,
