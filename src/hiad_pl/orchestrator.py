@@ -425,7 +425,14 @@ class TaskOrchestrator:
     def _retrieval_routing_path(self, paths: tuple[str, ...], validation: bool) -> Path:
         """Where the routing of these images is kept: it depends on the images, tasks and detector config."""
         key = json.dumps(
-            [paths, [t.todict() for t in self.tasks if not t.is_thumbnail], self.patch_config, self.fusion_weights],
+            [
+                paths,
+                [t.todict() for t in self.tasks if not t.is_thumbnail],
+                class_path(self.detector_class),
+                self.detectors.patch.options,
+                self.detectors.patch.size,
+                self.fusion_weights,
+            ],
             sort_keys=True,
             default=repr,
         )
@@ -524,11 +531,21 @@ class TaskOrchestrator:
         """Whether every task has validation statistics, so scores lie in [0, 1]."""
         return bool(self._normalization) and all(v is not None for v in self._normalization.values())
 
+    def detector(self, task_name: str) -> L.LightningModule:
+        """The loaded detector of the task named ``task_name`` (see :meth:`load`)."""
+        if task_name not in self._detectors:
+            raise KeyError(f"{self.root}: no loaded detector for task {task_name!r}; call load() first")
+        return self._detectors[task_name]
+
+    def normalization(self, task_name: str) -> dict | None:
+        """Validation statistics ``{low, high, ...}`` scores of ``task_name`` are normalised with (``None``: raw scores)."""
+        return self._normalization.get(task_name) if self.normalized else None
+
     def pipeline(self, device: str = "cpu", prefetch: int = 2, images_per_step: int = 1) -> InferencePipeline:
         """The inference pipeline over the loaded detectors (loads them first if needed)."""
         if not self._detectors:
             self.load(device)
-        stats = {name: (value if self.normalized else None) for name, value in self._normalization.items()}
+        stats = {name: self.normalization(name) for name in self._normalization}
         return InferencePipeline(
             self.tasks, self._detectors, stats, self.batch_size, device, prefetch=prefetch, images_per_step=images_per_step
         )

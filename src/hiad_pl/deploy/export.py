@@ -35,7 +35,7 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.io import atomic_write
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
-from hiad_pl.detectors.patchcore import HRPatchCore
+from hiad_pl.detectors.patchcore import HRPatchCore, pooled_width
 from hiad_pl.postprocess import BLUR_SIGMA, NORMALIZED_THRESHOLD, SCORE_WINDOW, normalize_scores
 from hiad_pl.tasks.base import Task
 
@@ -127,11 +127,13 @@ def pool_channels_by_matmul(features: Tensor, dimension: int | None) -> Tensor:
     """:func:`~hiad_pl.detectors.patchcore.pool_channels` as a product with its ``[C, dimension]`` averaging matrix.
 
     ONNX export refuses ``adaptive_avg_pool1d`` to sizes that do not divide the
-    input (PatchCore pools 40 channels to 128); the pooling is linear, so one
-    constant matrix, built by pooling the identity, computes it.
+    input (PatchCore pools 112 channels to 48); the pooling is linear, so one
+    constant matrix, built by pooling the identity, computes it. Like the
+    detector's pooling it never widens: the no-op case is the detector's
+    :func:`~hiad_pl.detectors.patchcore.pooled_width`.
     """
     channels = int(features.shape[-1])
-    if dimension is None or dimension == channels:
+    if pooled_width(channels, dimension) == channels:
         return features
     matrix = F.adaptive_avg_pool1d(torch.eye(channels)[:, None, :], dimension)[:, 0, :]
     return features @ matrix.to(features.dtype)
@@ -205,8 +207,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     width, height = run.image_size
     entries = []
     for task in orchestrator.tasks:
-        detector = orchestrator._detectors[task.name]
-        statistics = orchestrator._normalization.get(task.name) if normalized else None
+        detector = orchestrator.detector(task.name)
+        statistics = orchestrator.normalization(task.name)
         inputs = example_inputs(task, detector)
         module = TaskGraph(detector, statistics, (width, height) if task.is_thumbnail else None).eval()
         export_graph(module, inputs, output / f"{task.name}.onnx", "anomaly_map")
@@ -216,7 +218,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     router = None
     if any(t.centers is not None for t in patch_tasks):
         centers, owners = stacked_centers(patch_tasks)
-        detector = orchestrator._detectors[patch_tasks[0].name]
+        detector = orchestrator.detector(patch_tasks[0].name)
         inputs = example_inputs(patch_tasks[0], detector)
         channels = sum(f.shape[1] for f in detector.fused_embedding(
             PatchBatch(image=inputs[0], mask=None, label=None, index=None,

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hiad_pl.config import DetectorConfig
 from hiad_pl.data.sample import HRSample
 from hiad_pl.orchestrator import TaskOrchestrator, resolve_devices
 from hiad_pl.serve import RunScorer, ServeConfig, Service, create_app
@@ -42,17 +43,18 @@ class HRInferencer:
         batch_size: int = 8,
     ) -> None:
         from hiad_pl.data.tiling import as_pair
-        from hiad_pl.trainer import split_config
 
         if not (models_per_gpu == -1 or models_per_gpu > 0):
             raise ValueError(f"models_per_gpu must be positive or -1 (all models), got {models_per_gpu}")
-        patch, thumbnail = split_config(config)
+        detectors = DetectorConfig.from_tutorial(detector_class, config)
         devices = resolve_devices(gpu_ids)
         if len(devices) > 1:
             log.warning("HRInferencer loads every model on %s; the other devices %s stay unused", devices[0], devices[1:])
-        orchestrator = TaskOrchestrator(detector_class, patch, [], checkpoint_root, thumbnail_config=thumbnail, batch_size=batch_size)
+        orchestrator = TaskOrchestrator(
+            detectors.detector_class, {}, [], checkpoint_root, detectors=detectors, batch_size=batch_size
+        )
         orchestrator.load(devices[0])
-        if thumbnail is None and any(t.is_thumbnail for t in orchestrator.tasks):
+        if detectors.thumbnail is None and any(t.is_thumbnail for t in orchestrator.tasks):
             orchestrator.tasks = [t for t in orchestrator.tasks if not t.is_thumbnail]
         self.models_per_gpu = models_per_gpu
         self.scorer = RunScorer(orchestrator, devices[0], None if image_size is None else as_pair(image_size), None)
