@@ -189,7 +189,8 @@ class HRPatchCore(OnePassDetector):
             is linear in the number of features; ``None`` runs one greedy over all
             of them (the paper's setting; quadratic time).
         feature_dtype: how training features are streamed to disk during the
-            pass: ``float16`` (half the bytes) or ``float32``.
+            pass: ``float32`` (the default: the bank holds the exact features) or
+            ``float16`` (half the disk; bank rows rounded to half precision).
         search: nearest-neighbour search: ``exact``, ``ivf``, ``hnsw`` or ``auto``
             (exact up to ``exact_search_max_bank`` bank features, IVF above).
         exact_search_max_bank: largest bank ``auto`` searches exactly.
@@ -198,7 +199,7 @@ class HRPatchCore(OnePassDetector):
 
     The bank (``memory_bank``, ``[M, D]``) is a buffer saved in checkpoints.
     During the pass the training features are streamed to a temporary file
-    (``N x D x 2`` bytes for ``N`` locations in float16); resident memory is one
+    (``N x D x 4`` bytes for ``N`` locations, half in float16); resident memory is one
     block of features (16 coreset chunks) plus the bank.
     """
 
@@ -220,7 +221,7 @@ class HRPatchCore(OnePassDetector):
         coreset_projection_dim: int = 128,
         coreset_max_candidates: int | None = None,
         coreset_chunk_size: int | None = 8192,
-        feature_dtype: str = "float16",
+        feature_dtype: str = "float32",
         search: str = "auto",
         exact_search_max_bank: int = 10_000,
         search_nprobe: int = 8,
