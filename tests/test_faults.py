@@ -299,6 +299,7 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
     from hiad_pl.data.discovery import discover
     from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
     from hiad_pl.detectors import HRPatchCore
+    from hiad_pl.launchers import LocalLauncher
     from hiad_pl.orchestrator import TaskOrchestrator
     from hiad_pl.tasks import retrieval
     from hiad_pl.tasks.base import Task
@@ -316,10 +317,10 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
     monkeypatch.setattr(retrieval, "retrieval_train_items", route)
     dispatched: list[TaskOrchestrator] = []
 
-    def dispatch(self, pending, samples, devices, val_config):  # what the worker processes receive
-        dispatched.extend(pickle.loads(pickle.dumps(self)) for _ in pending)
+    def dispatch(self, orchestrator, pending, samples, val_config):  # what the worker processes receive
+        dispatched.extend(pickle.loads(pickle.dumps(orchestrator)) for _ in pending)
 
-    monkeypatch.setattr(TaskOrchestrator, "_fit_parallel", dispatch)
+    monkeypatch.setattr(LocalLauncher, "fit", dispatch)
     config = {**PATCHCORE_TEST_CONFIG, "patch_size": 256}
     TaskOrchestrator(HRPatchCore, config, tasks, tmp_path).fit(split.train, devices=["cpu", "cpu"])
     assert calls == [len(split.train)] and len(dispatched) == 2
