@@ -301,7 +301,7 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
     from hiad_pl.detectors import HRPatchCore
     from hiad_pl.launchers import LocalLauncher
     from hiad_pl.orchestrator import TaskOrchestrator
-    from hiad_pl.tasks import retrieval
+    from hiad_pl import orchestrator as orchestrator_module
     from hiad_pl.tasks.base import Task
 
     (split,) = discover(small_demo, categories=["texture"], image_size=512)
@@ -314,7 +314,7 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
         count = len(samples) * len(grid)
         return list(grid), {t.name: [i for i in range(count) if i % len(patch_tasks) == k] for k, t in enumerate(patch_tasks)}
 
-    monkeypatch.setattr(retrieval, "retrieval_train_items", route)
+    monkeypatch.setattr(orchestrator_module, "retrieval_train_items", route)
     dispatched: list[TaskOrchestrator] = []
 
     def dispatch(self, orchestrator, pending, samples, val_config):  # what the worker processes receive
