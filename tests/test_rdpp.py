@@ -26,7 +26,7 @@ from hiad_pl.syn import SimplexNoiseSynthesizer
 from hiad_pl.tasks import A2OTaskGenerator
 from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
 
-from conftest import auroc
+from conftest import auroc, tensorboard_scalars
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LITE0 = {"backbone_name": "efficientnet_lite0", "weights": "offline", "layers_to_extract_from": ["blocks.2", "blocks.4"]}
@@ -114,18 +114,6 @@ def texture_1024(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _tensorboard_scalars(folder: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: list[tuple[int, float]] = []
-    for events in folder.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values += [(e.step, e.value) for e in accumulator.Scalars(tag)]
-    return [v for _, v in sorted(values)]
-
-
 @pytest.mark.slow  # about 3 min on 2 free cores; the resume test below covers the same fit path in the default run
 def test_rdpp_learns_the_demo_texture(texture_1024: Path, tmp_path: Path) -> None:
     (split,) = discover(texture_1024, categories=["texture"], image_size=1024)
@@ -142,7 +130,7 @@ def test_rdpp_learns_the_demo_texture(texture_1024: Path, tmp_path: Path) -> Non
         vis_root=tmp_path / "vis",
     )
     trainer.train(train_samples=split.train, gpu_ids=[])
-    losses = _tensorboard_scalars(tmp_path / "logs" / "task_0", "train/loss")
+    losses = tensorboard_scalars(tmp_path / "logs" / "task_0", "train/loss")
     assert len(losses) == quickstart_options()["epochs"]
     assert losses[-1] < 0.8 * losses[0]
     scores, maps = trainer.inference(test_samples=split.test, return_results_only=True, gpu_ids=[])
