@@ -180,13 +180,17 @@ def run_experiment(name: str, work: Path, image_size: int, patch_size: int, trai
     return row
 
 
+def table_head(columns: list[str]) -> list[str]:
+    """The header and separator lines of a markdown table."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def scale_table(rows: list[dict]) -> str:
     """Markdown table of the ``scale`` experiment."""
-    lines = [
-        "| images | layout | train / test | fit (s) | fit peak RSS (GB) | floor (s/img) | inference (s/img) | x floor "
-        "| x backbone stage | decode* | backbone | heads / k-NN | stitch | post | test peak RSS (GB) | pixel AUROC | search |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head([
+        "images", "layout", "train / test", "fit (s)", "fit peak RSS (GB)", "floor (s/img)", "inference (s/img)", "x floor",
+        "x backbone stage", "decode*", "backbone", "heads / k-NN", "stitch", "post", "test peak RSS (GB)", "pixel AUROC", "search",
+    ])
     for r in rows:
         s = r["stages_s"]
         lines.append(
@@ -201,11 +205,10 @@ def scale_table(rows: list[dict]) -> str:
 
 def search_table(rows: list[dict]) -> str:
     """Markdown table of the ``search`` experiment."""
-    lines = [
-        "| memory bank | bank size | fit (s) | inference (s/img) | backbone (s/img) | heads / k-NN (s/img) "
-        "| x backbone | recall@1 | pixel AUROC | image AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head([
+        "memory bank", "bank size", "fit (s)", "inference (s/img)", "backbone (s/img)", "heads / k-NN (s/img)",
+        "x backbone", "recall@1", "pixel AUROC", "image AUROC",
+    ])
     for r in rows:
         recall = "exact" if r["recall_at_1"] is None or r["search"] == ["exact"] else f"{r['recall_at_1']:.3f}"
         lines.append(
