@@ -64,7 +64,7 @@ def test_export_writes_graphs_and_a_manifest(exported) -> None:
 
 
 def test_predict_export_equals_predict_run_dir(exported, small_demo: Path, tmp_path: Path) -> None:
-    from hiad_pl.jobs import predict
+    from hiad_pl.commands import predict
 
     _, run, _, from_export = exported
     from_run = predict(run, [small_demo / "texture" / "test" / name for name in IMAGES], tmp_path / "run")

@@ -27,7 +27,7 @@ def umask_022():
 
 
 def test_every_run_file_gets_the_same_mode_from_the_umask(tmp_path: Path, umask_022) -> None:
-    from hiad_pl.engine import write_scores_csv
+    from hiad_pl.outputs import write_scores_csv
     from hiad_pl.checkpoint_io import AtomicCheckpointIO
     from hiad_pl.metrics import save_report
     from hiad_pl.tasks.base import Task, save_tasks

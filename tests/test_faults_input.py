@@ -171,12 +171,12 @@ def test_hub_weights_offline_is_a_user_error(small_demo: Path, tmp_path: Path, c
 
 
 def test_internal_errors_exit_1_with_the_traceback_only_when_verbose(small_demo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    from hiad_pl import jobs
+    from hiad_pl import commands
 
     def broken(config):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(jobs, "print_tasks", broken)
+    monkeypatch.setattr(commands, "print_tasks", broken)
     config = str(write_config(tmp_path, small_demo))
     assert main(["tasks", "--config", config]) == 1
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from deploy_runs import IMAGE_SIZE, fit_run
-from hiad_pl.jobs import predict
+from hiad_pl.commands import predict
 from hiad_pl.serve import free_port
 
 

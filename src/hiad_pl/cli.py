@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                 defects = sum(info["test_defect"].values())
                 print(f"{sub.root}/{name}: {info['train']} train, {info['test_good']} good + {defects} defective test images ({state})")
         elif command == "detectors":
-            from hiad_pl import jobs
+            from hiad_pl import commands
 
-            print("\n".join(jobs.list_detectors(sub.modules)))
+            print("\n".join(commands.list_detectors(sub.modules)))
         elif command == "predict":
             if (sub.run_dir is None) == (sub.export is None):
                 raise ValueError("give either --run_dir (a fitted run) or --export (an exported model)")
@@ -288,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 out = predict_export(Path(sub.export), sub.input, Path(sub.output))
             else:
-                from hiad_pl import jobs
+                from hiad_pl import commands
 
-                out = jobs.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
+                out = commands.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
             print(f"predictions written to {out}")
         elif command == "serve":
             from hiad_pl.serve import serve_command
@@ -301,20 +301,20 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"exported to {export_command(sub)}")
         else:
-            from hiad_pl import jobs
+            from hiad_pl import commands
 
             config = to_run_config(sub)
             if command == "tasks":
-                jobs.print_tasks(config)
+                commands.print_tasks(config)
             elif command == "fit":
                 from hiad_pl.io import run_folder_lock
 
                 with run_folder_lock(config.run_dir):
                     save_config(sub, config.run_dir)
-                    run_dir = jobs.fit(config)
+                    run_dir = commands.fit(config)
                 print(f"run folder: {run_dir}")
             elif command == "test":
-                jobs.test(config)
+                commands.test(config)
                 print(f"metrics written to {config.run_dir / 'metrics.md'}")
     except USER_ERRORS as error:
         return report_error(command, error, verbose=cfg.verbose, internal=False)

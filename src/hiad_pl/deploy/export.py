@@ -193,7 +193,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     """Export a fitted run's category model to ``output``: ``<task>.onnx`` graphs and ``manifest.json``."""
     import yaml
 
-    from hiad_pl.jobs import load_run
+    from hiad_pl.commands import load_run
     from hiad_pl.tasks.retrieval import cells_for, retrieval_grid, stacked_centers
     from hiad_pl.visualize import heatmap
 

@@ -1,4 +1,4 @@
-"""The CLI's jobs on a run folder: fit, test, predict, print tasks.
+"""The CLI's commands on a run folder: fit, test, predict, print tasks.
 
 A run folder holds one model folder per category::
 
@@ -22,7 +22,7 @@ from hiad_pl.data.discovery import CategorySplit, discover
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, as_pair
 from hiad_pl.deploy.files import input_images
-from hiad_pl.engine import (
+from hiad_pl.outputs import (
     evaluate_predictions,
     run_inference,
     score_range,

@@ -1,4 +1,4 @@
-"""Jobs shared by the CLI and HRTrainer: evaluate a model folder, write visualisations and predictions."""
+"""Outputs shared by the CLI and HRTrainer: evaluate a model folder, write visualisations and predictions."""
 
 from __future__ import annotations
 
