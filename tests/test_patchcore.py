@@ -218,6 +218,35 @@ def test_channel_pooling_never_inflates() -> None:
     assert HRPatchCore(weights="none", pretrain_embed_dimension=64, target_embed_dimension=96).embed_dimension == 96
 
 
+def test_neighbourhood_aggregation_keeps_the_positions_side_by_side() -> None:
+    detector = HRPatchCore(weights="none", input_size=64, aggregation="neighbourhood", merge_size=3)
+    assert detector.embed_dimension == 9 * (40 + 112)
+    fine = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
+    coarse = torch.arange(3 * 4 * 4, dtype=torch.float32).reshape(1, 3, 4, 4) + 1000
+    features = detector.locally_aware_features([fine, coarse])
+    assert features.shape == (1, 8, 8, 9 * 2 + 9 * 3)
+    # an inner location holds its 3 x 3 window of each channel of the fine layer, channel by channel
+    assert torch.equal(features[0, 3, 5, :18], fine[0, :, 2:5, 4:7].reshape(-1))
+    # the patch border is zero-padded, as in the reference implementation
+    assert float(features[0, 0, 0, 0]) == 0.0 and float(features[0, 0, 0, 4]) == float(fine[0, 0, 0, 0])
+    mean = HRPatchCore(weights="none", input_size=64, aggregation="mean").locally_aware_features([fine, coarse])
+    assert torch.allclose(mean[0, 3, 5, :2], fine[0, :, 2:5, 4:7].mean(dim=(1, 2)))
+
+
+def test_equal_layer_weighting_gives_each_layer_one_share_of_the_distance() -> None:
+    detector = HRPatchCore(weights="none", input_size=64, layer_weighting="equal", merge_size=1)
+    narrow, wide = torch.ones(1, 4, 8, 8), torch.ones(1, 36, 8, 8)
+    features = detector.locally_aware_features([narrow, wide])[0, 0, 0]
+    assert features.shape == (40,)
+    # squared distance to the zero feature: 36 from each layer instead of 4 against 36
+    assert torch.allclose(features[:4].square().sum(), features[4:].square().sum())
+    assert torch.allclose(features[4:], torch.ones(36))
+    with pytest.raises(ValueError, match="layer_weighting"):
+        HRPatchCore(weights="none", layer_weighting="width")
+    with pytest.raises(ValueError, match="aggregation"):
+        HRPatchCore(weights="none", aggregation="max")
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_search_recall_is_measured(kind: str, caplog: pytest.LogCaptureFixture) -> None:
     generator = torch.Generator().manual_seed(3)

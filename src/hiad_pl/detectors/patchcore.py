@@ -31,6 +31,11 @@ CORESET_CHUNKS_PER_BLOCK = 16
 
 log = logging.getLogger(__name__)
 
+#: How the features around a location are combined: their mean, or kept side by side.
+AGGREGATIONS = ("mean", "neighbourhood")
+#: How the layers' parts of a feature weigh in the distance: by width, or one share each.
+LAYER_WEIGHTINGS = ("channels", "equal")
+
 
 def pool_channels(features: Tensor, dimension: int | None) -> Tensor:
     """Adaptive average pooling of the last (channel) axis of ``features`` down to ``dimension`` values.
@@ -170,8 +175,19 @@ class HRPatchCore(OnePassDetector):
         weights: backbone weights: ``hub``, ``offline``, ``none`` or a file path.
         input_size: ``(width, height)`` or one int: patch size the detector sees.
         fusion_weights: multi-resolution fusion weights (see :class:`HRDetector`).
-        merge_size: side of the neighbourhood averaged around each feature
+        merge_size: side of the neighbourhood aggregated around each feature
             location (odd; 1 disables local aggregation).
+        aggregation: ``mean`` (each channel averaged over the neighbourhood: ``C``
+            values per layer) or ``neighbourhood`` (the ``merge_size**2`` positions kept
+            side by side, zero-padded at the patch border: ``C * merge_size**2``
+            values, what the reference implementation's unfold-and-pool keeps for
+            narrow layers such as EfficientNet-Lite0's).
+        layer_weighting: ``equal`` (each layer's part is scaled by
+            ``1 / sqrt(width)``, so every layer weighs the same in the squared
+            distance whatever its width: the weighting the reference gets by
+            pooling every layer to ``pretrain_embed_dimension`` values, without
+            repeating channels) or ``channels`` (every value weighs the same, so a
+            wider layer weighs more).
         percentage: fraction of the training features kept in the bank (1: no coreset,
             every feature is searched, best with an approximate ``search``).
         pretrain_embed_dimension: channels each layer is average-pooled down to before
@@ -214,6 +230,8 @@ class HRPatchCore(OnePassDetector):
         input_size: int | tuple[int, int] = 512,
         fusion_weights: Sequence[float] | None = None,
         merge_size: int = 3,
+        aggregation: str = "mean",
+        layer_weighting: str = "channels",
         percentage: float = 0.1,
         pretrain_embed_dimension: int | None = None,
         target_embed_dimension: int | None = None,
@@ -244,9 +262,15 @@ class HRPatchCore(OnePassDetector):
             raise ValueError(f"search must be one of {SEARCH_KINDS}, got {search!r}")
         if merge_size < 1 or merge_size % 2 == 0:
             raise ValueError(f"merge_size must be a positive odd number, got {merge_size}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if layer_weighting not in LAYER_WEIGHTINGS:
+            raise ValueError(f"layer_weighting must be one of {LAYER_WEIGHTINGS}, got {layer_weighting!r}")
         if not 0 < percentage <= 1:
             raise ValueError(f"percentage must be in (0, 1], got {percentage}")
         self.merge_size = merge_size
+        self.aggregation = aggregation
+        self.layer_weighting = layer_weighting
         self.percentage = percentage
         self.pretrain_embed_dimension = pretrain_embed_dimension
         self.target_embed_dimension = target_embed_dimension
@@ -266,24 +290,35 @@ class HRPatchCore(OnePassDetector):
     @property
     def embed_dimension(self) -> int:
         """Width of one patch feature (and of the memory bank's rows)."""
-        concatenated = sum(pooled_width(c, self.pretrain_embed_dimension) for c in self.backbone.channels)
+        concatenated = sum(self._layer_widths())
         return pooled_width(concatenated, self.target_embed_dimension)
+
+    def _layer_widths(self) -> list[int]:
+        """Width of each layer's part of a feature, after its pooling."""
+        spread = self.merge_size**2 if self.aggregation == "neighbourhood" else 1
+        return [pooled_width(c * spread, self.pretrain_embed_dimension) for c in self.backbone.channels]
 
     def patch_features(self, batch: PatchBatch) -> Tensor:
         """Locally aware patch features ``[B, h, w, D]`` on the first layer's grid."""
         return self.locally_aware_features(self.fused_embedding(batch))
 
     def locally_aware_features(self, maps: list[Tensor]) -> Tensor:
-        """``[B, h, w, D]`` features from per-layer (fused) maps: neighbourhoods averaged, layers joined and pooled."""
-        pad = self.merge_size // 2
-        # count_include_pad=False keeps border locations (patch seams) on the same scale.
-        maps = [F.avg_pool2d(m, self.merge_size, stride=1, padding=pad, count_include_pad=False) for m in maps]
+        """``[B, h, w, D]`` features from per-layer (fused) maps: neighbourhoods aggregated, layers joined and pooled."""
         grid = maps[0].shape[-2:]
+        size = self.merge_size
+        if self.aggregation == "mean":
+            # count_include_pad=False keeps border locations (patch seams) on the same scale.
+            maps = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=False) for m in maps]
+        elif size > 1:
+            maps = [F.unfold(m, size, padding=size // 2).reshape(m.shape[0], -1, *m.shape[-2:]) for m in maps]
         maps = [
             m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
             for m in maps
         ]
         layers = [pool_channels(m.permute(0, 2, 3, 1).float(), self.pretrain_embed_dimension) for m in maps]
+        if self.layer_weighting == "equal" and len(layers) > 1:
+            widest = max(layer.shape[-1] for layer in layers)
+            layers = [layer * math.sqrt(widest / layer.shape[-1]) for layer in layers]
         return pool_channels(torch.cat(layers, dim=-1), self.target_embed_dimension)
 
     # ------------------------------------------------------------------ fitting
