@@ -55,6 +55,12 @@ def loader(images: Tensor, batch_size: int = 4) -> DataLoader:
     return DataLoader(items, batch_size=batch_size, collate_fn=PatchBatch.collate)
 
 
+def batch_of(images: Tensor) -> PatchBatch:
+    size, _, height, width = images.shape
+    return PatchBatch(image=images, mask=torch.zeros(size, height, width), label=torch.zeros(size, dtype=torch.long),
+                      index=torch.zeros(size, 4, dtype=torch.long))
+
+
 def make_trainer(detector: HRPatchCore) -> lightning.Trainer:
     return lightning.Trainer(
         accelerator="cpu",
@@ -245,6 +251,39 @@ def test_equal_layer_weighting_gives_each_layer_one_share_of_the_distance() -> N
         HRPatchCore(weights="none", layer_weighting="width")
     with pytest.raises(ValueError, match="aggregation"):
         HRPatchCore(weights="none", aggregation="max")
+
+
+def feature_maps_as_images(detector: HRPatchCore) -> HRPatchCore:
+    """``detector`` reading its two layers' maps straight from the patch pixels (channels 0-1 and 2-3)."""
+    detector.fused_embedding = lambda batch: [batch.image[:, :2], F.avg_pool2d(batch.image[:, 2:], 2)]
+    return detector
+
+
+def test_rare_normal_features_stay_in_the_bank_by_default() -> None:
+    """Image-score regression guard: with the defaults every training feature is a coreset candidate.
+
+    A look that appears at one training location in 20 patches (5,120 locations) is normal;
+    a bank chosen from a random subset of the features loses it, and a normal image showing
+    it then outscores a real defect (what a capped candidate set did on the magnetic tiles).
+    """
+    generator = torch.Generator().manual_seed(0)
+    train = 0.05 * torch.randn(20, 4, 16, 16, generator=generator)
+    train[7, :, 5, 9] = 3.0  # the rare normal look, at one location of one training patch
+    rare_normal, defect = 0.05 * torch.randn(2, 4, 16, 16, generator=generator)
+    rare_normal[:, 5, 9] = 3.0
+    defect[:, 10, 4] = 1.5  # never seen in training
+    scores = {}
+    for cap in (None, 500):
+        detector = feature_maps_as_images(HRPatchCore(weights="none", merge_size=1, percentage=0.2, coreset_max_candidates=cap))
+        for start in range(0, 20, 4):
+            detector.accumulate(batch_of(train[start : start + 4]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            detector.finalize()
+        maps = detector.anomaly_map(batch_of(torch.stack([rare_normal, defect])))
+        scores[cap] = maps.amax(dim=(1, 2))
+    assert float(scores[None][0]) < 0.5 * float(scores[None][1])  # the defect outscores the rare normal look
+    assert float(scores[500][0]) > float(scores[500][1])  # a random 10% of candidates loses the rare look
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
