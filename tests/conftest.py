@@ -18,6 +18,8 @@ from hiad_pl.data.batch import PatchBatch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SMALL_DEMO = {"image_size": 512, "num_train": 4, "num_test_good": 3, "num_test_defect": 4}
+#: The demo texture at 1024 px with few images: 16 patches of 256 px per image, 32 to train on.
+DEMO_1024 = {"image_size": 1024, "num_train": 2, "num_test_good": 4, "num_test_defect": 4}
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,16 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(root, categories=["texture", "object"], seed=0, **SMALL_DEMO)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_1024(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The texture category at 1024 px (:data:`DEMO_1024`), for the learning runs of trained detectors."""
+    from hiad_pl.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo1024")
+    make_demo_dataset(root, categories=["texture"], seed=0, **DEMO_1024)
     return root
 
 
@@ -57,14 +69,14 @@ def write_config(tmp_path: Path, root: Path, **overrides) -> Path:
     return path
 
 
-def texture_split(root: Path) -> Any:
-    """The texture category of the small demo and its A2O task over 256-px patches of the 512-px images."""
+def texture_split(root: Path, image_size: int = 512) -> Any:
+    """The texture category of a demo set and its A2O task over 256-px patches of its ``image_size``-px images."""
     from hiad_pl.data.discovery import discover
     from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
     from hiad_pl.tasks import A2OTaskGenerator
 
-    (split,) = discover(root, categories=["texture"], image_size=512)
-    tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=512, patch_size=256))
+    (split,) = discover(root, categories=["texture"], image_size=image_size)
+    tasks = A2OTaskGenerator().create_tasks(split.train, MultiResolutionHRImageSpliter(image_size=image_size, patch_size=256))
     return split, tasks
 
 
@@ -83,13 +95,15 @@ def patch_trainer(work: Path, tasks: list, detector_class: type, config: dict, b
     )
 
 
-def fit_and_score(root: Path, work: Path, detector_class: type, config: dict, batch_size: int) -> float:
-    """Fit ``detector_class`` with HRTrainer on the small demo's texture; image AUROC on its test set."""
-    split, tasks = texture_split(root)
+def fit_and_score(
+    root: Path, work: Path, detector_class: type, config: dict, batch_size: int, image_size: int = 512
+) -> float:
+    """Fit ``detector_class`` with HRTrainer on a demo set's texture (``image_size`` px); image AUROC on its test set."""
+    split, tasks = texture_split(root, image_size)
     trainer = patch_trainer(work, tasks, detector_class, config, batch_size)
     trainer.train(train_samples=split.train, gpu_ids=[])
     scores, maps = trainer.inference(test_samples=split.test, return_results_only=True, gpu_ids=[])
-    assert len(maps) == len(split.test) and maps[0].shape == (512, 512)
+    assert len(maps) == len(split.test) and maps[0].shape == (image_size, image_size)
     return auroc(np.asarray(scores), np.array([s.label for s in split.test]))
 
 

@@ -304,8 +304,7 @@ def test_destseg_quickstart_learns_the_demo_texture(demo_1024: Path, tmp_path: P
     cosine = tensorboard_scalars(tmp_path / "logs", "train/cosine_loss")
     focal = tensorboard_scalars(tmp_path / "logs", "train/focal_loss")
     l1 = tensorboard_scalars(tmp_path / "logs", "train/l1_loss")
-    assert len(losses) == options["steps"] and len(cosine) == options["de_st_steps"]
-    assert len(focal) == len(l1) == options["steps"] - options["de_st_steps"]
+    assert len(losses) == options["steps"] and len(focal) == len(l1) == options["steps"] - options["de_st_steps"]
     assert np.mean(cosine[-3:]) < 0.5 * np.mean(cosine[:3])
     assert np.mean(focal[-3:]) + np.mean(l1[-3:]) < 0.5 * (np.mean(focal[:3]) + np.mean(l1[:3]))
     assert image_auroc >= 0.9
