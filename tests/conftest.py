@@ -18,6 +18,8 @@ from hiad_pl.data.batch import PatchBatch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SMALL_DEMO = {"image_size": 512, "num_train": 4, "num_test_good": 3, "num_test_defect": 4}
+#: The demo texture at 1024 px with few images: 16 patches of 256 px per image, 32 to train on.
+DEMO_1024_TWO_TRAIN = {"image_size": 1024, "num_train": 2, "num_test_good": 4, "num_test_defect": 4}
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +43,16 @@ def demo_1024(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("demo_1024")
     make_demo_dataset(root, categories=["texture"], seed=0, **DEMO_1024)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_1024_two_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The texture category at 1024 px with two training images (:data:`DEMO_1024_TWO_TRAIN`), for the learning runs of DeSTSeg and RealNet."""
+    from hiad_pl.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo1024_two_train")
+    make_demo_dataset(root, categories=["texture"], seed=0, **DEMO_1024_TWO_TRAIN)
     return root
 
 

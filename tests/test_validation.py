@@ -117,6 +117,42 @@ def test_best_checkpoint_is_kept_and_early_stopping_ends_on_time(texture, tmp_pa
     assert events, "validation metrics go to the task's TensorBoard run"
 
 
+class WarmingUpDetector(FlippingDetector):
+    """A :class:`FlippingDetector` good at epochs ``good_epochs`` whose validations select nothing before ``warmup_epochs``.
+
+    The epoch that produced the weights is kept in a buffer, so the kept checkpoint tells which epoch it is.
+    """
+
+    def __init__(self, good_epochs: tuple[int, ...] = (0, 3), warmup_epochs: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("trained_epoch", torch.tensor(-1))
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            self.sign.fill_(1.0 if self.current_epoch in self.hparams.good_epochs else -1.0)
+            self.trained_epoch.fill_(self.current_epoch)
+        return self.sign * 0.0
+
+    def ready_for_selection(self) -> bool:
+        return self.current_epoch >= self.hparams.warmup_epochs
+
+
+def test_validations_before_the_detector_is_ready_neither_select_nor_stop(texture, tmp_path: Path) -> None:
+    tasks = A2OTaskGenerator().create_tasks(texture.train, MultiResolutionHRImageSpliter(512, 256))
+    orchestrator = TaskOrchestrator(
+        WarmingUpDetector, {}, tasks, tmp_path / "models", batch_size=8, trainer_kwargs={"max_epochs": 10}, early_stop_epochs=1
+    )
+    val_config = {"anomaly_syn_fn": RandomeBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25}
+    orchestrator.fit(texture.train, [], val_config)
+    checkpoint = torch.load(orchestrator.checkpoint_path(tasks[0]), weights_only=True)
+    # epoch 0 is good but not ready: the weights kept are those of epoch 3, the good one after warm-up
+    assert checkpoint["state_dict"]["trained_epoch"].item() == 3 and checkpoint["state_dict"]["sign"].item() == 1.0
+    selector = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ValidationSelector"))
+    assert selector["best_epoch"] == 4  # in epochs trained
+    # the bad epoch 1 did not count for early stopping (patience 1): it stopped after the bad epoch 4
+    assert checkpoint["epoch"] == 5
+
+
 def test_normalisation_puts_normal_variation_at_zero() -> None:
     normal = torch.rand(6, 8, 8)
     anomalous = torch.rand(2, 8, 8)

@@ -10,6 +10,12 @@ that Lightning's ``ModelCheckpoint`` keeps for the best selection score
 (:func:`epoch_checkpoint`); that callback and the selector's own state travel
 in ``last.ckpt``, so a resumed fit still knows the best epoch of before the
 interruption. A one-pass detector is validated once, so its weights are the best.
+
+A detector may declare validations that must not select it
+(:meth:`~hiad_pl.detectors.base.HRDetector.ready_for_selection`, e.g. DeSTSeg
+before its segmentation network trains): they are logged, but neither kept as
+the best epoch (:class:`SelectionCheckpoint`, :class:`ValidationSelector`) nor
+counted by early stopping (:class:`SelectionEarlyStopping`).
 """
 
 from __future__ import annotations
@@ -117,11 +123,36 @@ def pooled_statistics(statistics: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {"low": low, "high": max(high, low + 1e-6)}
 
 
+def ready_for_selection(module: L.LightningModule | None) -> bool:
+    """Whether ``module``'s current weights may be selected by validation (``True`` for modules without the hook)."""
+    hook = getattr(module, "ready_for_selection", None)
+    return True if hook is None else bool(hook())
+
+
+class SelectionCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never keeps, as the best, weights whose detector is not :func:`ready_for_selection`."""
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if not ready_for_selection(trainer.lightning_module):
+            return False
+        return super().check_monitor_top_k(trainer, current)
+
+
+class SelectionEarlyStopping(EarlyStopping):
+    """``EarlyStopping`` that skips validations of a detector that is not :func:`ready_for_selection`."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not ready_for_selection(pl_module):
+            return
+        super().on_validation_end(trainer, pl_module)
+
+
 def epoch_checkpoint(dirpath: str | Path, validated: bool) -> ModelCheckpoint:
     """Epoch checkpoints of a gradient-trained detector: ``last.ckpt`` to resume and, when
-    ``validated``, ``best-epoch<NNN>.ckpt`` with the best :data:`SELECTION_METRIC` so far."""
+    ``validated``, ``best-epoch<NNN>.ckpt`` with the best :data:`SELECTION_METRIC` so far
+    (among the validations the detector is :func:`ready_for_selection` for)."""
     if validated:
-        return ModelCheckpoint(
+        return SelectionCheckpoint(
             dirpath=dirpath,
             filename="best-epoch{epoch:03d}",
             monitor=SELECTION_METRIC,
@@ -180,13 +211,17 @@ class ValidationSelector(Callback):
         for name, value in values.items():
             if math.isfinite(value):
                 pl_module.log(f"val/{name}", value, prog_bar=name == "image_auroc")
-        pl_module.log(SELECTION_METRIC, score if math.isfinite(score) else -1.0)
+        ready = ready_for_selection(pl_module)
+        # -1 (below any AUROC) when there is nothing to select by, so a monitor never prefers it.
+        pl_module.log(SELECTION_METRIC, score if ready and math.isfinite(score) else -1.0)
         # Epochs trained so far (1-based): a validation inside fit runs before the epoch counter
         # moves on; a one-pass detector is validated by trainer.validate once its epoch is done.
         trained = trainer.current_epoch + (1 if trainer.state.fn == TrainerFn.FITTING else 0)
-        self.history.append({"epoch": trained, "score": score, **values})
+        self.history.append({"epoch": trained, "score": score, "ready": ready, **values})
+        if not ready:
+            log.info("validation after epoch %s not used for selection: the detector is not ready for it", trained)
         # Strictly better, as ModelCheckpoint(mode="max") decides, so both keep the same epoch.
-        if score > self.best_score or self.best_epoch is None:
+        elif score > self.best_score or self.best_epoch is None:
             self.best_score = score
             self.best_epoch = trained
             self.best_statistics = normalization_statistics(maps, labels, self.scope)
@@ -233,5 +268,5 @@ def validation_callbacks(
     """The selector, plus early stopping when ``early_stop_epochs`` > 0."""
     callbacks: list[Callback] = [ValidationSelector(val_config.evaluators, getattr(val_config, "normalization", "task"))]
     if early_stop_epochs > 0 and not getattr(detector, "fits_in_one_pass", False):
-        callbacks.append(EarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False))
+        callbacks.append(SelectionEarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False))
     return callbacks

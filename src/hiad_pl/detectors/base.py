@@ -234,6 +234,16 @@ class HRDetector(lightning.LightningModule, ABC):
         for name in names:
             yield from trainable[name].parameters()
 
+    def ready_for_selection(self) -> bool:
+        """Whether a validation of the current weights may select them (best checkpoint, early stopping).
+
+        ``True`` by default. A detector whose anomaly map means nothing in part
+        of its training (DeSTSeg's segmentation network before its phase starts)
+        returns ``False`` there: such validations are still logged, but they
+        are neither kept as the best epoch nor counted by early stopping.
+        """
+        return True
+
     def training_synthesizer(self) -> Callable[..., Any] | None:
         """The synthesiser the data module applies to training patches (``None``: clean patches only).
 

@@ -59,10 +59,15 @@ def training_phase(step: int, de_st_steps: int) -> str:
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 conv + BN, ReLU, with a 1x1 conv + BN shortcut when channels change."""
+    """ResNet basic block: two 3x3 conv + BN, ReLU, with a 1x1 conv + BN shortcut when channels change.
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    ``final_relu=False`` leaves out the ReLU after the sum, so the block's
+    output can take both signs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, final_relu: bool = True) -> None:
         super().__init__()
+        self.final_relu = bool(final_relu)
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -75,13 +80,22 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``relu(body(x) + shortcut(x))``, same grid."""
-        return F.relu(self.body(x) + self.shortcut(x))
+        """``relu(body(x) + shortcut(x))`` (without the ReLU when ``final_relu`` is off), same grid."""
+        out = self.body(x) + self.shortcut(x)
+        return F.relu(out) if self.final_relu else out
 
 
-def residual_layer(in_channels: int, out_channels: int, blocks: int = 2) -> nn.Sequential:
-    """``blocks`` basic blocks from ``in_channels`` to ``out_channels`` (He-initialised, BN weight 1, bias 0)."""
-    layer = nn.Sequential(*(BasicBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(blocks)))
+def residual_layer(in_channels: int, out_channels: int, blocks: int = 2, final_relu: bool = True) -> nn.Sequential:
+    """``blocks`` basic blocks from ``in_channels`` to ``out_channels`` (He-initialised, BN weight 1, bias 0).
+
+    ``final_relu=False``: the last block ends without its ReLU (signed output).
+    """
+    layer = nn.Sequential(
+        *(
+            BasicBlock(in_channels if i == 0 else out_channels, out_channels, final_relu or i < blocks - 1)
+            for i in range(blocks)
+        )
+    )
     for module in layer.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -102,16 +116,19 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: image pooling, a 1x1 branch and one dilated 3x3 branch per rate, fused by a 3x3 conv."""
+    """Atrous spatial pyramid pooling: image pooling and one branch per rate, fused by a 3x3 conv.
+
+    As in the paper's code, there is no separate 1x1 branch: a rate of 1 gives
+    a 1x1 convolution, any other rate a 3x3 convolution with that dilation.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int] = ASPP_RATES) -> None:
         super().__init__()
         self.pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, out_channels, 1))
         self.branches = nn.ModuleList(
-            [conv_bn_relu(in_channels, out_channels, 1)]
-            + [conv_bn_relu(in_channels, out_channels, 3, dilation=rate) for rate in rates]
+            conv_bn_relu(in_channels, out_channels, 1 if rate == 1 else 3, dilation=rate) for rate in rates
         )
-        self.fusion = conv_bn_relu((2 + len(rates)) * out_channels, out_channels, 3)
+        self.fusion = conv_bn_relu((1 + len(rates)) * out_channels, out_channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, out_channels, h, w]`` on the input's grid."""
@@ -132,13 +149,25 @@ class DenoisingStudent(nn.Module):
     basic blocks. With ResNet-18 and teacher layers 2-3 this is the paper's
     decoder (512 -> 512 -> 256 -> 128 channels).
 
+    Every stage ends with a ReLU, as in the paper, whose ResNet teacher gives
+    post-ReLU (non-negative) features. A teacher whose layers end in a linear
+    projection (EfficientNet blocks) has features of both signs, which a
+    non-negative map cannot point along: the cosine distance then stays above
+    a floor however long the student trains (for EfficientNet-Lite0's stride-8
+    and stride-16 blocks on the demo texture, about 0.22 and 0.33). With
+    ``final_relu=False`` each stage's map is the sum of its last block without
+    the ReLU, free in sign.
+
     Args:
         teacher_channels: channels of each teacher layer, shallow to deep.
         encoder_name: timm model of the encoder (random init).
         decoder_blocks: basic blocks per decoder stage.
+        final_relu: end each decoder stage with a ReLU (the paper's student).
     """
 
-    def __init__(self, teacher_channels: Sequence[int], encoder_name: str = "resnet18", decoder_blocks: int = 2) -> None:
+    def __init__(
+        self, teacher_channels: Sequence[int], encoder_name: str = "resnet18", decoder_blocks: int = 2, final_relu: bool = True
+    ) -> None:
         super().__init__()
         if not teacher_channels:
             raise ValueError("the student needs at least one teacher layer")
@@ -147,7 +176,9 @@ class DenoisingStudent(nn.Module):
         deepest = int(self.encoder.feature_info.channels()[-1])
         self.bottom = residual_layer(deepest, deepest, decoder_blocks)
         widths = [deepest] + self.teacher_channels[::-1]
-        self.stages = nn.ModuleList(residual_layer(a, b, decoder_blocks) for a, b in zip(widths[:-1], widths[1:]))
+        self.stages = nn.ModuleList(
+            residual_layer(a, b, decoder_blocks, final_relu) for a, b in zip(widths[:-1], widths[1:])
+        )
 
     def forward(self, images: Tensor, grids: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Student maps ``[B, C_l, h_l, w_l]`` on the teacher's ``grids`` (shallow to deep order)."""
@@ -238,6 +269,7 @@ class DeSTSegModel(nn.Module):
         decoder_blocks: basic blocks per student decoder stage.
         segmentation_width: channels inside the segmentation network.
         gamma: focusing parameter of the focal loss.
+        student_final_relu: end each student decoder stage with a ReLU (see :class:`DenoisingStudent`).
     """
 
     def __init__(
@@ -247,9 +279,10 @@ class DeSTSegModel(nn.Module):
         decoder_blocks: int = 2,
         segmentation_width: int = 256,
         gamma: float = 4.0,
+        student_final_relu: bool = True,
     ) -> None:
         super().__init__()
-        self.student = DenoisingStudent(teacher_channels, student_encoder, decoder_blocks)
+        self.student = DenoisingStudent(teacher_channels, student_encoder, decoder_blocks, student_final_relu)
         self.segmentation = SegmentationNet(sum(teacher_channels), segmentation_width)
         self.gamma = float(gamma)
 
@@ -321,6 +354,15 @@ class HRDesTSeg(HRDetector):
         decoder_blocks: basic blocks per student decoder stage.
         segmentation_width: channels inside the segmentation network.
         map_source: ``segmentation`` (the paper's map) or ``student`` (product of the student's cosine distances).
+        student_final_relu: end each student decoder stage with a ReLU, as in the paper (whose ResNet
+            teacher is post-ReLU); turn it off for a teacher with signed features (EfficientNet blocks),
+            which a non-negative student map cannot match (see :class:`DenoisingStudent`).
+        student_bn_recalibration: training batches whose corrupted patches recompute the student's
+            BatchNorm statistics (a plain average, in train mode, without gradients) when the
+            segmentation phase starts; 0 (the paper) keeps the running averages of the student
+            phase. After a few dozen student steps those averages lag far behind the weights: the
+            student in eval mode, as the segmentation phase and inference run it, is then much
+            worse than in training.
         synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``); default
             image blending with Perlin masks on every patch, opacity 0.5-1.
     """
@@ -344,6 +386,8 @@ class HRDesTSeg(HRDetector):
         decoder_blocks: int = 2,
         segmentation_width: int = 256,
         map_source: str = "segmentation",
+        student_final_relu: bool = True,
+        student_bn_recalibration: int = 0,
         synthesizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
@@ -357,14 +401,19 @@ class HRDesTSeg(HRDetector):
         for name, value in (("lr_de_st", lr_de_st), ("lr_res", lr_res), ("lr_seghead", lr_seghead)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        if not isinstance(student_bn_recalibration, int) or student_bn_recalibration < 0:
+            raise ValueError(f"student_bn_recalibration must be a non-negative integer, got {student_bn_recalibration!r}")
         if map_source not in MAP_SOURCES:
             raise ValueError(f"map_source must be one of {MAP_SOURCES}, got {map_source!r}")
         self.steps, self.de_st_steps = steps, de_st_steps
         self.lr_de_st, self.lr_res, self.lr_seghead = float(lr_de_st), float(lr_res), float(lr_seghead)
         self.map_source = map_source
+        self.student_bn_recalibration = student_bn_recalibration
         self.synthesizer_spec = synthesizer
         build_synthesizer(synthesizer)  # a bad spec fails here, before any training
-        self.destseg = DeSTSegModel(self.backbone.channels, student_encoder, decoder_blocks, segmentation_width, gamma)
+        self.destseg = DeSTSegModel(
+            self.backbone.channels, student_encoder, decoder_blocks, segmentation_width, gamma, student_final_relu
+        )
 
     @property
     def automatic_optimization(self) -> bool:
@@ -395,6 +444,15 @@ class HRDesTSeg(HRDetector):
         )
         return [student, segmentation]
 
+    def ready_for_selection(self) -> bool:
+        """Validation may select these weights once the segmentation network has trained (or with the student's map).
+
+        In the student phase the segmentation network is still at its random
+        initialisation, so its map says nothing about the weights' quality; as
+        in HiAD, those validations select nothing.
+        """
+        return self.map_source == "student" or self.global_step > self.de_st_steps
+
     @property
     def phase(self) -> str:
         """The phase of the next optimiser step."""
@@ -411,12 +469,42 @@ class HRDesTSeg(HRDetector):
         crop_maps = self.destseg.student(low.flatten(0, 1), crop_grids)
         return [self._fuse_layer(m, c, batch.low_resolution_windows, crop_size) for m, c in zip(maps, crop_maps)]
 
+    @torch.no_grad()
+    def recalibrate_student(self, grids: Sequence[tuple[int, int]]) -> int:
+        """Recompute the student's BatchNorm statistics on up to ``student_bn_recalibration`` training batches.
+
+        The statistics become the plain average over those batches of their
+        corrupted patches (the student's training input), computed in train
+        mode without gradients; the layers' momenta are restored afterwards.
+        Returns the number of batches used.
+        """
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if not self.student_bn_recalibration or loader is None:
+            return 0
+        norms = [m for m in self.destseg.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average
+        self.destseg.student.train()
+        used = 0
+        for batch in loader:
+            self.student_embedding(self.transfer_batch_to_device(batch, self.device, 0), grids)
+            used += 1
+            if used >= self.student_bn_recalibration:
+                break
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        return used
+
     def training_step(self, batch: PatchBatch, batch_idx: int) -> Tensor:
         """One step of the current phase: the student's cosine loss, or the segmentation's focal + L1 loss."""
         phase = self.phase
-        self.destseg.set_phase(phase)
         teacher = [t.float() for t in self.fused_embedding(batch)]
         grids = [tuple(t.shape[-2:]) for t in teacher]
+        if self.global_step == self.de_st_steps > 0:  # the first segmentation step, met once even when resumed
+            self.recalibrate_student(grids)
+        self.destseg.set_phase(phase)
         if phase == STUDENT_PHASE:
             clean_teacher = [t.float() for t in self.fused_embedding(batch.clean())]
             student = self.student_embedding(batch, grids)
