@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO_1024, batch_of, fit_and_score, tensorboard_scalars, texture_split
+from conftest import DEMO_1024_TWO_TRAIN, batch_of, fit_and_score, tensorboard_scalars, texture_split
 from hiad_pl.detectors import DETECTORS, HRRealNet
 from hiad_pl.orchestrator import TaskOrchestrator
 
@@ -239,7 +239,7 @@ def test_realnet_quickstart_learns_the_demo_texture(demo_1024_two_train: Path, t
     losses = tensorboard_scalars(tmp_path / "logs", "train/loss")
     segmentation = tensorboard_scalars(tmp_path / "logs", "train/segmentation_loss")
     features = tensorboard_scalars(tmp_path / "logs", "train/feature_loss")
-    patches = DEMO_1024["num_train"] * (1024 // 256) ** 2  # 32 per epoch
+    patches = DEMO_1024_TWO_TRAIN["num_train"] * (1024 // 256) ** 2  # 32 per epoch
     assert len(losses) == len(segmentation) == len(features) == patches // batch_size * options["epochs"]
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
     assert np.mean(segmentation[-4:]) < 0.5 * np.mean(segmentation[:4])
