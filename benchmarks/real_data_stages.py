@@ -45,7 +45,9 @@ ap.add_argument("--percentage", type=float, default=0.1)
 ap.add_argument("--chunk", type=int, default=8192)
 ap.add_argument("--out", default="stages.json")
 ap.add_argument("--cache", type=Path, default=Path("~/.cache/hiad-pl/real_data/maps").expanduser())
-ap.add_argument("--search", default="ivf")
+ap.add_argument("--search", nargs="+", default=["ivf"],
+                help="search kinds, each scored on the same bank: exact, hnsw, ivf or ivf:NPROBE")
+ap.add_argument("--posts", nargs="+", default=["pl", "squared", "blur_twice"], choices=["pl", "squared", "blur_twice"])
 ap.add_argument("--max-candidates", type=int, default=None)
 ap.add_argument("--size", type=int, default=2048)
 ap.add_argument("--patch", type=int, default=512)
@@ -151,30 +153,30 @@ for variant in args.variants:
     train_f = torch.cat([feats(m, variant) for m in train_maps])
     bank = coreset_subsample(train_f, args.percentage, chunk_size=args.chunk if args.chunk > 0 else None, max_candidates=args.max_candidates)
     fit = time.perf_counter() - t0
-    index = NearestNeighbourIndex(bank, kind=args.search)
-    raw = []
-    for m in test_maps:
-        f = feats(m, variant)
-        d = index.search(f, 1)[:, 0]
-        raw.append(d.reshape(16, 1, *m[0].shape[-2:]))
-    inf = time.perf_counter() - t0 - fit
-    for post in ("pl", "squared", "blur_twice"):
-        scores, full_maps = [], []
-        for r in raw:
-            r = r ** 2 if post == "squared" else r
-            up = F.interpolate(r, size=(P, P), mode="bilinear", align_corners=False)[:, 0]
-            if post == "blur_twice":  # the original blurs each patch map (sigma 4) before stitching too
-                up = torch.from_numpy(np.stack([ndimage.gaussian_filter(u.numpy(), 4) for u in up]))
-            n = S // P
-            full = up.reshape(n, n, P, P).permute(0, 2, 1, 3).reshape(S, S)
-            full = gaussian_blur(full)
-            full_maps.append(full)
-            scores.append(float(image_score(full)))
-        res = {"recall": index.recall_at_1, "bank": list(bank.shape), "fit_s": fit, "inf_s": inf}
-        res.update(metrics.compute_imagewise_metrics(scores, labels))
-        res.update(metrics.compute_pixelwise_metrics_resize(scores, labels, full_maps, masks, resize=512))
-        res["aupro"] = metrics.compute_pro_resize(scores, labels, full_maps, masks, resize=512)["pro"]
-        key = f"{args.backbone}/{variant}/{post}/cap{args.max_candidates}"
-        results[key] = res
-        print(key, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
+    test_f = [feats(m, variant) for m in test_maps]
+    for search in args.search:
+        kind, _, nprobe = search.partition(":")
+        t1 = time.perf_counter()
+        index = NearestNeighbourIndex(bank, kind=kind, nprobe=int(nprobe or 8))
+        raw = [index.search(f, 1)[:, 0].reshape(16, 1, *m[0].shape[-2:]) for m, f in zip(test_maps, test_f)]
+        inf = time.perf_counter() - t1
+        for post in args.posts:
+            scores, full_maps = [], []
+            for r in raw:
+                r = r ** 2 if post == "squared" else r
+                up = F.interpolate(r, size=(P, P), mode="bilinear", align_corners=False)[:, 0]
+                if post == "blur_twice":  # the original blurs each patch map (sigma 4) before stitching too
+                    up = torch.from_numpy(np.stack([ndimage.gaussian_filter(u.numpy(), 4) for u in up]))
+                n = S // P
+                full = up.reshape(n, n, P, P).permute(0, 2, 1, 3).reshape(S, S)
+                full = gaussian_blur(full)
+                full_maps.append(full)
+                scores.append(float(image_score(full)))
+            res = {"recall": index.recall_at_1, "bank": list(bank.shape), "fit_s": fit, "inf_s": inf}
+            res.update(metrics.compute_imagewise_metrics(scores, labels))
+            res.update(metrics.compute_pixelwise_metrics_resize(scores, labels, full_maps, masks, resize=512))
+            res["aupro"] = metrics.compute_pro_resize(scores, labels, full_maps, masks, resize=512)["pro"]
+            key = f"{args.backbone}/{variant}/{post}/cap{args.max_candidates}/{search}"
+            results[key] = res
+            print(key, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -59,9 +59,12 @@ class StageTimes:
     ``wait`` is the time the pipeline waited for it. ``backbone`` is the shared
     pass over the patches (with fusion), ``heads`` routing plus every task's
     head (PatchCore: the k-NN search) and normalisation, ``post`` the thumbnail
-    branch, the merge, the blur and the image score.
+    branch, the merge, the blur and the image score. ``setup`` is the one-time
+    preparation of the detectors (search indexes) before the first image, not
+    counted per image.
     """
 
+    setup: float = 0.0
     decode: float = 0.0
     wait: float = 0.0
     backbone: float = 0.0
@@ -73,7 +76,7 @@ class StageTimes:
     def per_image(self) -> dict[str, float]:
         """Mean seconds per image of every stage."""
         count = max(1, self.images)
-        return {f.name: getattr(self, f.name) / count for f in fields(self) if f.name != "images"}
+        return {f.name: getattr(self, f.name) / count for f in fields(self) if f.name not in ("images", "setup")}
 
 
 @dataclass
@@ -191,6 +194,12 @@ class InferencePipeline:
             for d in patch_detectors
         )
         self.times = StageTimes()
+        start = time.perf_counter()
+        for detector in self.detectors.values():
+            prepare = getattr(detector, "prepare_scoring", None)
+            if prepare is not None:
+                prepare()
+        self.times.setup = time.perf_counter() - start
         #: Images left out by ``predict(..., skip_unreadable=True)``: sample id -> why.
         self.skipped: dict[int, InputError] = {}
 

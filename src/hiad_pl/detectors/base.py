@@ -384,6 +384,13 @@ class HRDetector(lightning.LightningModule, ABC):
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Raw anomaly scores ``[B, h, w]`` at the input's resolution; higher is more anomalous."""
 
+    def prepare_scoring(self) -> None:
+        """Build once what scoring needs beyond the weights (PatchCore: its search index); a no-op by default.
+
+        The inference pipeline calls it for every detector before the first image,
+        so a one-time cost is not charged to the first image scored.
+        """
+
     # ------------------------------------------------- sharing the frozen backbone
 
     #: True for detectors whose :meth:`score_embedding` scores features computed elsewhere.

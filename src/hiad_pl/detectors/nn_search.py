@@ -5,8 +5,12 @@ Search kinds (``kind``):
 ``exact``
     every vector is compared (``IndexFlatL2`` or chunked matrix products).
 ``ivf``
-    faiss ``IndexIVFFlat``: the vectors are split into ``4 * sqrt(M)`` k-means
-    cells and a query scans the ``nprobe`` nearest cells.
+    inverted file (:class:`CellIndex`): the vectors are split into ``sqrt(M)``
+    k-means cells and a query scans the ``nprobe`` cells with the nearest
+    centres. The scan is a matrix product per cell (every query that probes the
+    cell against all its vectors), so it runs at BLAS speed on the CPU and on a
+    GPU alike; the distances returned are recomputed exactly for the chosen
+    neighbours.
 ``hnsw``
     faiss ``IndexHNSWFlat`` (32 links per vector), CPU only.
 
@@ -43,8 +47,12 @@ except ImportError:  # faiss is optional: torch does the search without it
 TORCH_CHUNK_ELEMENTS = 1 << 26
 #: Search kinds; ``auto`` chooses between the first two by bank size.
 SEARCH_KINDS = ("auto", "exact", "ivf", "hnsw")
-#: Most vectors an IVF index trains its k-means cells on (faiss wants >= 39 per cell).
+#: Most vectors an IVF index trains its k-means cells on, per cell.
 IVF_TRAINING_ROWS_PER_CELL = 64
+#: Fewest vectors per IVF cell, and the k-means iterations that place the cells.
+IVF_MIN_ROWS_PER_CELL, IVF_KMEANS_ITERATIONS = 39, 20
+#: Points per cluster the k-means++ seeding draws from.
+KMEANS_SEEDING_ROWS_PER_CLUSTER = 8
 #: Links per vector of an HNSW graph and its search breadth.
 HNSW_LINKS, HNSW_EF_SEARCH, HNSW_EF_CONSTRUCTION = 32, 64, 80
 #: Queries of the first search compared with exact search to measure recall@1.
@@ -63,8 +71,142 @@ def choose_search_kind(size: int, requested: str = "auto", exact_max: int = 10_0
 
 
 def ivf_cells(size: int) -> int:
-    """Number of IVF cells for ``size`` vectors: ``4 sqrt(size)``, at least 39 vectors per cell."""
-    return max(1, min(int(4 * math.sqrt(size)), size // 39))
+    """Number of IVF cells for ``size`` vectors: ``sqrt(size)``, at least 39 vectors per cell.
+
+    ``sqrt(M)`` cells balance the two matrix products of a search: queries against
+    the cell centres, and queries against the ``nprobe`` cells' vectors.
+    """
+    return max(1, min(int(math.sqrt(size)), size // IVF_MIN_ROWS_PER_CELL))
+
+
+def kmeans(points: Tensor, clusters: int, iterations: int = IVF_KMEANS_ITERATIONS, seed: int = 0) -> Tensor:
+    """``[clusters, D]`` centres of Lloyd's k-means on ``points``, started by k-means++ seeding.
+
+    Args:
+        points: ``[N, D]`` float vectors, ``N >= clusters``.
+        clusters: number of centres.
+        iterations: assignment / update rounds after the seeding.
+        seed: seed of the seeding's draws (the same seed, the same centres).
+
+    Greedy k-means++: each seed is the best (lowest total squared distance) of
+    ``2 + ln(clusters)`` draws with probability proportional to the squared
+    distance to the nearest seed so far, drawn from a random
+    ``KMEANS_SEEDING_ROWS_PER_CLUSTER`` points per cluster (the seeding is
+    sequential; the sample keeps it cheap). An emptied cluster restarts on the
+    point farthest from its centre.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    points = points.float()
+    pool = points
+    if len(points) > clusters * KMEANS_SEEDING_ROWS_PER_CLUSTER:
+        chosen_rows = torch.randperm(len(points), generator=generator)[: clusters * KMEANS_SEEDING_ROWS_PER_CLUSTER]
+        pool = points[chosen_rows.to(points.device)]
+    pool_norms = pool.square().sum(1)
+    trials = 2 + int(math.log(clusters))
+    centres = points.new_empty(clusters, points.shape[1])
+    first = int(torch.randint(len(pool), (1,), generator=generator))
+    centres[0] = pool[first]
+    nearest_squared = (pool - pool[first]).square().sum(1).cpu().double().clamp_min_(0)
+    for chosen in range(1, clusters):
+        cumulative = nearest_squared.cumsum(0)
+        if cumulative[-1] <= 0:  # fewer distinct points than clusters: repeat one
+            centres[chosen:] = centres[0]
+            break
+        draws = torch.rand(trials, generator=generator, dtype=torch.float64) * cumulative[-1]
+        picks = torch.searchsorted(cumulative, draws).clamp_max_(len(pool) - 1)
+        candidates = pool[picks.to(pool.device)]
+        squared = torch.addmm(pool_norms, candidates, pool.T, alpha=-2).add_(pool_norms[picks.to(pool.device), None])
+        squared = torch.minimum(nearest_squared, squared.cpu().double().clamp_min_(0))
+        best = int(squared.sum(1).argmin())
+        centres[chosen], nearest_squared = candidates[best], squared[best]
+    for _ in range(iterations):
+        nearest = torch.addmm(centres.square().sum(1), points, centres.T, alpha=-2).argmin(1)
+        counts = torch.bincount(nearest, minlength=clusters)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, points)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None].to(sums.dtype)
+        empty = int((~filled).sum())
+        if empty:
+            far = (points - centres[nearest]).square().sum(1).argsort(descending=True)
+            centres[~filled] = points[far[:empty]]
+    return centres
+
+
+class CellIndex:
+    """Inverted-file k-NN: k-means cells, and one matrix product per probed cell.
+
+    A search finds each query's ``nprobe`` nearest cell centres (one matrix
+    product against all centres), groups the (query, cell) pairs by cell, and
+    for each cell multiplies its queries by its vectors: the work runs in large
+    BLAS calls instead of one query at a time. The ``k`` best candidates of each
+    query are then re-measured exactly (``||q - v||^2`` over the full vector).
+
+    Args:
+        vectors: ``[M, D]`` the searchable set.
+        cells: number of k-means cells.
+        nprobe: cells each query scans.
+        seed: seed of the k-means training sample and start.
+    """
+
+    def __init__(self, vectors: Tensor, cells: int, nprobe: int = 8, seed: int = 0) -> None:
+        vectors = vectors.detach().float()
+        size = len(vectors)
+        self.cells = max(1, min(int(cells), size))
+        self.nprobe = max(1, min(int(nprobe), self.cells))
+        generator = torch.Generator().manual_seed(seed)
+        rows = min(size, self.cells * IVF_TRAINING_ROWS_PER_CELL)
+        sample = vectors if rows == size else vectors[torch.randperm(size, generator=generator)[:rows].to(vectors.device)]
+        self.centres = kmeans(sample, self.cells, seed=seed)
+        self.centre_norms = self.centres.square().sum(1)
+        owner = torch.cat([
+            torch.addmm(self.centre_norms, part, self.centres.T, alpha=-2).argmin(1)
+            for part in vectors.split(max(1, TORCH_CHUNK_ELEMENTS // self.cells))
+        ])
+        #: Position in ``vectors`` of each row of :attr:`sorted`.
+        self.order = torch.argsort(owner, stable=True)
+        #: The vectors grouped by cell, and their squared norms.
+        self.sorted = vectors[self.order].contiguous()
+        self.norms = self.sorted.square().sum(1)
+        counts = torch.bincount(owner, minlength=self.cells)
+        self.offsets = [0] + counts.cumsum(0).tolist()
+
+    def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        """Squared distances ``[N, k]`` (ascending) and positions ``[N, k]`` of each query's ``k`` nearest found.
+
+        A query whose probed cells hold fewer than ``k`` vectors gets the nearest of
+        those again in the missing places (never a made-up distance).
+        """
+        x = queries.detach().float().to(self.sorted.device)
+        count, probes_per_query = len(x), self.nprobe
+        probes = torch.addmm(self.centre_norms, x, self.centres.T, alpha=-2)
+        probes = probes.topk(probes_per_query, dim=1, largest=False, sorted=False).indices.flatten()
+        by_cell = torch.argsort(probes)
+        query_of_pair = by_cell.div(probes_per_query, rounding_mode="floor")
+        pairs_per_cell = torch.bincount(probes, minlength=self.cells).tolist()
+        best = torch.full((len(probes), k), math.inf, device=x.device)
+        found = torch.zeros((len(probes), k), dtype=torch.long, device=x.device)
+        start = 0
+        for cell, pairs in enumerate(pairs_per_cell):
+            low, high = self.offsets[cell], self.offsets[cell + 1]
+            stop = start + pairs
+            if pairs and high > low:
+                distances = torch.addmm(self.norms[low:high], x.index_select(0, query_of_pair[start:stop]),
+                                        self.sorted[low:high].T, alpha=-2)
+                if k == 1:
+                    values, where = distances.min(1, keepdim=True)
+                else:
+                    values, where = distances.topk(min(k, high - low), dim=1, largest=False)
+                best[start:stop, : values.shape[1]] = values
+                found[start:stop, : values.shape[1]] = where + low
+            start = stop
+        pair_best, pair_found = torch.empty_like(best), torch.empty_like(found)
+        pair_best[by_cell], pair_found[by_cell] = best, found
+        chosen = pair_best.view(count, -1).topk(k, dim=1, largest=False)
+        candidates = pair_found.view(count, -1).gather(1, chosen.indices)
+        candidates = torch.where(chosen.values.isfinite(), candidates, candidates[:, :1])
+        squared = (x[:, None, :] - self.sorted[candidates]).square().sum(-1)
+        squared, rank = squared.sort(dim=1)
+        return squared, self.order[candidates.gather(1, rank)]
 
 
 def faiss_has_gpu() -> bool:
@@ -91,11 +233,11 @@ class NearestNeighbourIndex:
         vectors: ``[M, D]`` the searchable set (e.g. a PatchCore memory bank).
         backend: ``faiss-gpu``, ``faiss-cpu`` or ``torch``; chosen from
             ``vectors.device`` when ``None``.
-        kind: ``exact``, ``ivf`` or ``hnsw`` (see the module docs). Approximate
-            kinds need faiss; the ``torch`` backend searches exactly, and
-            ``hnsw`` on ``faiss-gpu`` runs on the CPU.
+        kind: ``exact``, ``ivf`` or ``hnsw`` (see the module docs). ``ivf`` runs
+            on the vectors' device with any backend; ``hnsw`` needs faiss (the
+            ``torch`` backend then searches exactly) and runs on the CPU.
         nprobe: IVF cells a query scans.
-        seed: seed of the vectors an IVF index trains its cells on.
+        seed: seed of the IVF cells' k-means.
         recall_sample: queries of the first search on which an approximate
             index measures its recall@1 against exact search (0: never).
     """
@@ -118,8 +260,8 @@ class NearestNeighbourIndex:
             raise RuntimeError(f"backend {self.backend!r} needs faiss (pip install faiss-cpu)")
         if kind not in SEARCH_KINDS[1:]:
             raise ValueError(f"search kind must be one of {SEARCH_KINDS[1:]}, got {kind!r}")
-        if kind != "exact" and self.backend == "torch":
-            log.info("nearest-neighbour search: the torch backend searches exactly (%s needs faiss)", kind)
+        if kind == "hnsw" and self.backend == "torch":
+            log.info("nearest-neighbour search: the torch backend searches exactly (hnsw needs faiss)")
             kind = "exact"
         self.kind = kind
         self.size, self.dim = int(vectors.shape[0]), int(vectors.shape[1])
@@ -128,10 +270,11 @@ class NearestNeighbourIndex:
         #: Share of sampled queries whose approximate nearest neighbour is the exact one (``None``: not measured).
         self.recall_at_1: float | None = 1.0 if kind == "exact" else None
         self._vectors = vectors.detach().float()
-        self._index = self._build_faiss(vectors, seed) if self.backend.startswith("faiss") else None
+        self._cells = CellIndex(self._vectors, ivf_cells(self.size), nprobe, seed) if kind == "ivf" else None
+        self._index = self._build_faiss(vectors) if self.backend.startswith("faiss") and kind != "ivf" else None
 
-    def _build_faiss(self, vectors: Tensor, seed: int) -> "faiss.Index":
-        """A faiss index of ``vectors`` of this index's kind (moved to their GPU for ``faiss-gpu``)."""
+    def _build_faiss(self, vectors: Tensor) -> "faiss.Index":
+        """A faiss index of ``vectors``: HNSW (CPU), or flat (moved to their GPU for ``faiss-gpu``)."""
         faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         data = _as_float32_numpy(vectors)
         if self.kind == "hnsw":
@@ -140,17 +283,8 @@ class NearestNeighbourIndex:
             index.hnsw.efSearch = HNSW_EF_SEARCH
             index.add(data)
             return index  # faiss has no GPU HNSW
-        if self.kind == "ivf":
-            cells = ivf_cells(self.size)
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, cells)
-            rows = min(self.size, cells * IVF_TRAINING_ROWS_PER_CELL)
-            sample = np.random.default_rng(seed).choice(self.size, rows, replace=False) if rows < self.size else None
-            index.train(data if sample is None else data[np.sort(sample)])
-            index.add(data)
-            index.nprobe = min(self.nprobe, cells)
-        else:
-            index = faiss.IndexFlatL2(self.dim)
-            index.add(data)
+        index = faiss.IndexFlatL2(self.dim)
+        index.add(data)
         if self.backend == "faiss-gpu":
             self._gpu_resources = faiss.StandardGpuResources()
             device = vectors.device.index if vectors.device.index is not None else torch.cuda.current_device()
@@ -162,27 +296,35 @@ class NearestNeighbourIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {tuple(queries.shape)}")
         k = max(1, min(int(k), self.size))
-        if self._index is None:
+        if self._cells is not None:
+            squared = self._cells.search(queries, k)[0].to(queries.device)
+        elif self._index is None:
             squared = self._torch_search(queries, k)
         else:
             faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
             squared_np, _ = self._index.search(_as_float32_numpy(queries), k)
             squared = torch.from_numpy(squared_np).to(queries.device)
-            if self.recall_at_1 is None and self.recall_sample > 0:
-                self.measure_recall(queries)
+        if self.recall_at_1 is None and self.recall_sample > 0:
+            self.measure_recall(queries)
         return squared.clamp_min(0).sqrt()
+
+    def _approximate_ids(self, queries: Tensor) -> Tensor:
+        """Position (CPU) of each query's nearest vector as this index finds it."""
+        if self._cells is not None:
+            return self._cells.search(queries, 1)[1][:, 0].cpu()
+        if self._index is None:
+            return self._torch_search(queries.to(self._vectors.device), 1, ids=True)[:, 0].cpu()
+        return torch.from_numpy(self._index.search(_as_float32_numpy(queries), 1)[1][:, 0])
 
     def measure_recall(self, queries: Tensor, sample: int | None = None) -> float:
         """Recall@1 of this index against exact search on up to ``sample`` of ``queries`` (logged and kept)."""
         sample = self.recall_sample if sample is None else int(sample)
-        chosen = queries[torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[: max(1, sample)]]
-        data = _as_float32_numpy(chosen)
-        if self._index is None:
+        if self.kind == "exact":
             self.recall_at_1 = 1.0
             return 1.0
-        _, approximate = self._index.search(data, 1)
-        exact_ids = self._torch_search(chosen.to(self._vectors.device), 1, ids=True).cpu().numpy()
-        self.recall_at_1 = float((approximate[:, 0] == exact_ids[:, 0]).mean())
+        chosen = queries[torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[: max(1, sample)]]
+        exact_ids = self._torch_search(chosen.to(self._vectors.device), 1, ids=True)[:, 0].cpu()
+        self.recall_at_1 = float((self._approximate_ids(chosen) == exact_ids).float().mean())
         log.info(
             "nearest-neighbour search (%s, %d vectors): recall@1 %.3f against exact search on %d queries",
             self.kind, self.size, self.recall_at_1, len(chosen),

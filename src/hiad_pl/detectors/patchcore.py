@@ -382,6 +382,11 @@ class HRPatchCore(OnePassDetector):
             self._search = (key, NearestNeighbourIndex(bank, kind=kind, nprobe=self.search_nprobe, seed=self.seed))
         return self._search[1]
 
+    def prepare_scoring(self) -> None:
+        """Build the search index of the fitted bank (an empty bank is left for scoring to report)."""
+        if self.memory_bank.shape[0]:
+            self._nearest_neighbours()
+
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Distance of each location to its nearest bank features, upsampled to the patch size."""
         return self.score_embedding(self.fused_embedding(batch), batch)
