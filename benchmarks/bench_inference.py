@@ -15,9 +15,19 @@ dimensions 1024/1024, which pool down to the layers' 152 channels, coreset 10%):
     A2O): every training feature searched exactly (the reference), every
     feature with an IVF index, the chunked coreset with exact or IVF search;
     pixel and image AUROC, fit and inference time, measured recall@1.
+``knn``
+    the nearest-neighbour search alone on the bank of the 2048-px A2O fit
+    (``--train`` images) and the features of two test images (131,072
+    queries): exact search by matrix products (the reference) and faiss's
+    ``IndexFlatL2``, faiss's ``IndexIVFFlat``
+    (``4 sqrt(M)`` and ``sqrt(M)`` cells), hiad-pl's ``CellIndex`` at several
+    ``nprobe`` and faiss HNSW; seconds per image (65,536 queries, in calls of
+    32,768 as the pipeline makes them), build time, recall@1 and the mean
+    relative distance error against exact search.
 
     python benchmarks/bench_inference.py scale --sizes 2048 --train 30 --test 10
     python benchmarks/bench_inference.py search --out docs/bench_inference.json
+    python benchmarks/bench_inference.py knn --train 30 --out docs/bench_inference.json
 
 Results accumulate in the JSON file (``--out``) and are printed as Markdown tables.
 """
@@ -105,25 +115,27 @@ def fit_phase(run: str, data_root: str, image_size: int, patch_size: int, train:
     return {"fit_s": time.perf_counter() - start, "fit_peak_rss_gb": peak_rss_gb(), "tasks": len(tasks)}
 
 
-def backbone_floor(pipeline: Any, split: Any) -> float:
-    """Mean seconds per image of the bare shared backbone over every patch of the test images."""
+def backbone_floor(pipeline: Any, split: Any, images: int | None = None) -> float:
+    """Mean seconds per image of the bare shared backbone over every patch of the (first ``images``) test images."""
     import torch
 
     backbone, size = pipeline._leader.backbone, pipeline.batch_size
     with torch.inference_mode():  # warm-up: the first pass builds the convolution kernels
         backbone(pipeline.decode(split.test[0], 0).patches.image[:size])
     total = 0.0
-    for sample_id, sample in enumerate(split.test):
+    timed = split.test[:images] if images else split.test
+    for sample_id, sample in enumerate(timed):
         patches = pipeline.decode(sample, sample_id).patches.image
         with torch.inference_mode():
             start = time.perf_counter()
             for chunk in patches.split(size):
                 backbone(chunk)
             total += time.perf_counter() - start
-    return total / len(split.test)
+    return total / len(timed)
 
 
-def test_phase(run: str, data_root: str, image_size: int, train: int, test: int, threads: int) -> dict:
+def test_phase(run: str, data_root: str, image_size: int, train: int, test: int, threads: int,
+               floor_images: int | None = None) -> dict:
     """Score the test images of a fitted run: per-stage times, the backbone floor, metrics, peak RSS."""
     import numpy as np
     import torch
@@ -136,7 +148,7 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
     orchestrator = TaskOrchestrator("hiad_pl.detectors.HRPatchCore", {}, [], run, batch_size=8)
     orchestrator.load("cpu")
     pipeline = orchestrator.pipeline("cpu")
-    floor_before = backbone_floor(pipeline, split)
+    floor_before = backbone_floor(pipeline, split, floor_images)
     scores, maps = np.zeros(len(split.test)), []
     start = time.perf_counter()
     for prediction in pipeline.predict(split.test):
@@ -144,7 +156,7 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
         maps.append(prediction.anomaly_map.numpy().astype(np.float16))
     wall = (time.perf_counter() - start) / len(split.test)
     # The floor is timed before and after the pipeline; on shared cores the smaller is the fairer.
-    floor = min(floor_before, backbone_floor(pipeline, split))
+    floor = min(floor_before, backbone_floor(pipeline, split, floor_images))
     labels = np.array([s.label for s in split.test])
     masks = [s.full_mask() for s in split.test]
     pixel = metrics.compute_pixelwise_metrics_resize(scores, labels, maps, masks, resize=512)
@@ -167,15 +179,130 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
     }
 
 
+def knn_features(work: Path, train: int, threads: int) -> Path:
+    """Bank and two test images' features of a 2048-px A2O fit, saved once under ``work``."""
+    import torch
+
+    from hiad_pl.orchestrator import TaskOrchestrator
+
+    saved = work / f"knn_2048_{train}.pt"
+    if saved.is_file():
+        return saved
+    run = work / f"knn_fit_{train}"
+    shutil.rmtree(run, ignore_errors=True)
+    in_child(fit_phase, str(run), str(work), 2048, 512, train, 10, "a2o", dict(TUTORIAL_PATCHCORE), threads)
+    torch.set_num_threads(threads)
+    split = demo_split(work, 2048, train, 10)
+    orchestrator = TaskOrchestrator("hiad_pl.detectors.HRPatchCore", {}, [], str(run), batch_size=8)
+    orchestrator.load("cpu")
+    pipeline = orchestrator.pipeline("cpu")
+    detector = pipeline._leader
+    queries = []
+    with torch.inference_mode():
+        for sample_id in (0, len(split.test) // 2):  # a normal and a defective image
+            patches = pipeline.decode(split.test[sample_id], sample_id).patches
+            queries.append(detector.locally_aware_features(pipeline._embed(patches)).flatten(0, 2))
+    torch.save({"bank": detector.memory_bank.clone(), "queries": torch.cat(queries)}, saved)
+    shutil.rmtree(run, ignore_errors=True)
+    return saved
+
+
+def knn_experiment(saved: Path, threads: int) -> list[dict]:
+    """Time and recall of the search choices on the saved bank and queries."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from hiad_pl.detectors.nn_search import CellIndex, NearestNeighbourIndex, ivf_cells
+
+    torch.set_num_threads(threads)
+    data = torch.load(saved)
+    bank, queries = data["bank"].float(), data["queries"].float()
+    images = len(queries) / 65_536
+    start = time.perf_counter()
+    exact = NearestNeighbourIndex(bank, backend="torch")
+    truth = torch.cat([exact._torch_search(part, 1, ids=True)[:, 0] for part in queries.split(4096)])
+    true_distance = (queries - bank[truth]).norm(dim=1)
+    rows = [{"name": "exact (matrix products)", "bank_size": len(bank), "build_s": 0.0,
+             "search_s_per_image": (time.perf_counter() - start) / images, "recall_at_1": 1.0, "distance_error": 0.0}]
+
+    def measure(name: str, build: Callable[[], Any], search: Callable[[Any, Any], Any]) -> None:
+        begin = time.perf_counter()
+        index = build()
+        built = time.perf_counter() - begin
+        search(index, queries[:32_768])  # warm-up
+        begin = time.perf_counter()
+        found = torch.cat([torch.as_tensor(search(index, part)).reshape(-1).long() for part in queries.split(32_768)])
+        seconds = (time.perf_counter() - begin) / images
+        distance = (queries - bank[found]).norm(dim=1)
+        rows.append({"name": name, "bank_size": len(bank), "build_s": built, "search_s_per_image": seconds,
+                     "recall_at_1": float((found == truth).float().mean()),
+                     "distance_error": float(((distance - true_distance) / true_distance.clamp_min(1e-6)).mean())})
+        print(json.dumps(rows[-1]), flush=True)
+
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    cells = ivf_cells(len(bank))
+    if faiss is not None:
+        faiss.omp_set_num_threads(threads)
+        data_np = np.ascontiguousarray(bank.numpy())
+
+        def faiss_ivf(count: int) -> Any:
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(bank.shape[1]), bank.shape[1], count)
+            sample = np.random.default_rng(0).choice(len(bank), min(len(bank), count * 64), replace=False)
+            index.train(data_np[np.sort(sample)])
+            index.add(data_np)
+            index.nprobe = 8
+            return index
+
+        def faiss_flat() -> Any:
+            index = faiss.IndexFlatL2(bank.shape[1])
+            index.add(data_np)
+            return index
+
+        measure("faiss IndexFlatL2 (exact)", faiss_flat,
+                lambda index, part: index.search(np.ascontiguousarray(part.numpy()), 1)[1])
+        for count in (int(4 * math.sqrt(len(bank))), cells):
+            measure(f"faiss IVFFlat, {count} cells, nprobe 8", lambda count=count: faiss_ivf(count),
+                    lambda index, part: index.search(np.ascontiguousarray(part.numpy()), 1)[1])
+    for nprobe in (4, 6, 8, 16):
+        measure(f"CellIndex, {cells} cells, nprobe {nprobe}", lambda nprobe=nprobe: CellIndex(bank, cells, nprobe),
+                lambda index, part: index.search(part, 1)[1])
+    if faiss is not None:
+        for ef in (16, 32, 64):
+            def hnsw(ef: int = ef) -> Any:
+                index = faiss.IndexHNSWFlat(bank.shape[1], 32)
+                index.hnsw.efConstruction = 80
+                index.add(np.ascontiguousarray(bank.numpy()))
+                index.hnsw.efSearch = ef
+                return index
+
+            measure(f"faiss HNSW32, efSearch {ef}", hnsw,
+                    lambda index, part: index.search(np.ascontiguousarray(part.numpy()), 1)[1])
+    return rows
+
+
+def knn_table(rows: list[dict]) -> str:
+    """Markdown table of the ``knn`` experiment."""
+    lines = table_head(["search", "bank size", "build (s)", "search (s/img)", "recall@1", "mean distance error"])
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['bank_size']} | {r['build_s']:.1f} | {r['search_s_per_image']:.2f} "
+                     f"| {r['recall_at_1']:.4f} | {r['distance_error']:.5f} |")
+    return "\n".join(lines)
+
+
 def run_experiment(name: str, work: Path, image_size: int, patch_size: int, train: int, test: int,
-                   layout: str, config: dict, threads: int) -> dict:
+                   layout: str, config: dict, threads: int, floor_images: int | None = None) -> dict:
     """Fit then test in two fresh processes; one result row."""
     run = work / name.replace(" ", "_").replace(",", "").replace("%", "")
     shutil.rmtree(run, ignore_errors=True)
     row = {"name": name, "image_size": image_size, "patch_size": patch_size, "layout": layout,
            "train": train, "test": test, "threads": threads, "config": config}
     row.update(in_child(fit_phase, str(run), str(work), image_size, patch_size, train, test, layout, config, threads))
-    row.update(in_child(test_phase, str(run), str(work), image_size, train, test, threads))
+    row.update(in_child(test_phase, str(run), str(work), image_size, train, test, threads, floor_images))
     shutil.rmtree(run, ignore_errors=True)
     print(json.dumps(row), flush=True)
     return row
@@ -223,13 +350,15 @@ def search_table(rows: list[dict]) -> str:
 def main() -> None:
     """Command line: ``scale`` or ``search``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["scale", "search"])
+    parser.add_argument("experiment", choices=["scale", "search", "knn"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--layouts", nargs="+", default=["a2o", "o2o"], choices=["a2o", "o2o"])
     parser.add_argument("--train", type=int, default=30, help="training images")
     parser.add_argument("--test", type=int, default=10, help="test images")
     parser.add_argument("--variants", nargs="+", default=list(SEARCH_VARIANTS), choices=list(SEARCH_VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--floor-images", type=int, default=None,
+                        help="time the backbone floor on the first N test images only (default: all)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_inference"))
     parser.add_argument("--out", type=Path, default=None, help="JSON file the rows are added to")
     args = parser.parse_args()
@@ -239,8 +368,11 @@ def main() -> None:
         for size in args.sizes:
             for layout in args.layouts:
                 rows.append(run_experiment(f"{layout} {size}", args.work, size, 512, args.train, args.test,
-                                           layout, dict(TUTORIAL_PATCHCORE), args.threads))
+                                           layout, dict(TUTORIAL_PATCHCORE), args.threads, args.floor_images))
         print(scale_table(rows))
+    elif args.experiment == "knn":
+        rows = knn_experiment(knn_features(args.work, args.train, args.threads), args.threads)
+        print(knn_table(rows))
     else:
         for name in args.variants:
             config = {**TUTORIAL_PATCHCORE, **SEARCH_VARIANTS[name]}

