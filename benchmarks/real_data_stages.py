@@ -98,7 +98,7 @@ for d in sorted((root / "test").iterdir()):
         test.append((p, int(d.name != "good"), m if d.name != "good" else None))
 t0 = time.perf_counter()
 args.cache.mkdir(parents=True, exist_ok=True)
-cache = args.cache / f"{args.backbone}_{root.name}_{S}.pt"
+cache = args.cache / f"{args.backbone}_{root.parent.name}_{root.name}_{S}.pt"  # setting, set
 if cache.exists():
     train_maps, test_maps = torch.load(cache)
 else:

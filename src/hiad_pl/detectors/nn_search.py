@@ -272,6 +272,7 @@ class NearestNeighbourIndex:
         #: Share of sampled queries whose approximate nearest neighbour is the exact one (``None``: not measured).
         self.recall_at_1: float | None = 1.0 if kind == "exact" else None
         self._vectors = vectors.detach().float()
+        self._vector_norms = self._vectors.square().sum(1)
         self._cells = CellIndex(self._vectors, ivf_cells(self.size), nprobe, seed) if kind == "ivf" else None
         uses_faiss = kind == "hnsw" or (kind == "exact" and self.backend == "faiss-gpu")
         self._index = self._build_faiss(vectors) if uses_faiss else None
@@ -336,8 +337,7 @@ class NearestNeighbourIndex:
 
     def _torch_search(self, queries: Tensor, k: int, ids: bool = False) -> Tensor:
         """Squared distances (or with ``ids``, positions) of the ``k`` nearest vectors, by chunks of queries."""
-        vectors = self._vectors.to(queries.device)
-        vector_norms = vectors.square().sum(1)
+        vectors, vector_norms = self._vectors.to(queries.device), self._vector_norms.to(queries.device)
         chunk = max(1, TORCH_CHUNK_ELEMENTS // self.size)
         results = []
         for part in queries.float().split(chunk):
