@@ -140,8 +140,10 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
     import numpy as np
     import torch
 
+    from hiad_pl.metrics import default_evaluators
     from hiad_pl.orchestrator import TaskOrchestrator
-    from hiad_pl.utils import metrics
+    from hiad_pl.outputs import evaluate_predictions
+    from hiad_pl.utils.array_store import ArrayStore
 
     torch.set_num_threads(threads)
     split = demo_split(Path(data_root), image_size, train, test)
@@ -149,18 +151,19 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
     orchestrator.load("cpu")
     pipeline = orchestrator.pipeline("cpu")
     floor_before = backbone_floor(pipeline, split, floor_images)
-    scores, maps = np.zeros(len(split.test)), []
+    # the maps are kept as `hiad-pl test` and HRTrainer.inference keep them: in memory up to 1 GB, on disk beyond
+    scores, maps = np.zeros(len(split.test)), ArrayStore(len(split.test))
     start = time.perf_counter()
     for prediction in pipeline.predict(split.test):
         scores[prediction.sample_id] = prediction.score
-        maps.append(prediction.anomaly_map.numpy().astype(np.float16))
+        maps[prediction.sample_id] = prediction.anomaly_map.numpy().astype(np.float16)
     wall = (time.perf_counter() - start) / len(split.test)
+    inference_peak_rss_gb = peak_rss_gb()
     # The floor is timed before and after the pipeline; on shared cores the smaller is the fairer.
     floor = min(floor_before, backbone_floor(pipeline, split, floor_images))
-    labels = np.array([s.label for s in split.test])
-    masks = [s.full_mask() for s in split.test]
-    pixel = metrics.compute_pixelwise_metrics_resize(scores, labels, maps, masks, resize=512)
-    image = metrics.compute_imagewise_metrics(scores, labels)
+    start = time.perf_counter()
+    report = evaluate_predictions(split.test, scores, maps, default_evaluators())  # full resolution, as `hiad-pl test`
+    evaluation_s = time.perf_counter() - start
     recalls = [d._search[1].recall_at_1 for d in orchestrator._detectors.values() if d._search is not None]
     banks = [int(d.memory_bank.shape[0]) for d in orchestrator._detectors.values()]
     kinds = sorted({d._search[1].kind for d in orchestrator._detectors.values() if d._search is not None})
@@ -169,9 +172,13 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
         "inference_s": wall,
         "stages_s": pipeline.times.per_image(),
         "setup_s": pipeline.times.setup,
+        "inference_peak_rss_gb": inference_peak_rss_gb,
         "test_peak_rss_gb": peak_rss_gb(),
-        "pixel_auroc": pixel["pixel_auroc"],
-        "image_auroc": image["image_auroc"],
+        "pixel_auroc": report["mean"]["pixel_auroc"],
+        "image_auroc": report["mean"]["image_auroc"],
+        "aupro": report["mean"]["pro"],
+        "evaluation_s": evaluation_s,
+        "maps_on_disk": maps.num_on_disk,
         "recall_at_1": min((r for r in recalls if r is not None), default=None),
         "bank_size": sum(banks),
         "search": kinds,

@@ -35,6 +35,7 @@ from hiad_pl.errors import InputError, PredictionError
 from hiad_pl.launchers import make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
+from hiad_pl.utils.array_store import ArrayStore, Picked
 
 log = logging.getLogger("hiad_pl")
 
@@ -129,22 +130,27 @@ def test(config: RunConfig) -> dict[str, dict]:
     device = devices[0]
     launcher = make_launcher(config.launcher, devices, config.ray)
     samples: list[HRSample] = []
-    scores, maps = [], []
-    for split in splits_of(config):
+    scores: list[float] = []
+    splits = splits_of(config)
+    for split in splits:
         if not split.test:
             raise ValueError(f"{config.data.root}: category {split.name!r} has no test images")
+    # every category's maps in one store: in memory up to its budget, on disk beyond it
+    maps = ArrayStore(sum(len(split.test) for split in splits))
+    for split in splits:
         orchestrator = orchestrator_for(config, split)
         orchestrator.load(device)
-        split_scores, split_maps = run_inference(orchestrator, split.test, device, launcher)
+        split_scores, _ = run_inference(orchestrator, split.test, device, launcher, maps, offset=len(samples))
         if config.evaluation.vis_size > 0:
+            split_maps = Picked(maps, range(len(samples), len(samples) + len(split.test)))
             vmin, vmax = score_range(split_maps, orchestrator.normalized)
             write_visualizations(split.test, split_maps, config.run_dir / "visualizations", config.evaluation.vis_size, vmin, vmax)
         samples.extend(split.test)
         scores.extend(split_scores.tolist())
-        maps.extend(split_maps)
     import numpy as np
 
     results = evaluate_predictions(samples, np.asarray(scores), maps, evaluators)
+    maps.close()
     save_report(results, config.run_dir)
     print(format_table(results))
     return results

@@ -87,6 +87,7 @@ except ImportError as _error:  # pragma: no cover - only with an untested torchm
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.errors import ConfigTypeError
 from hiad_pl.io import atomic_write
+from hiad_pl.utils.array_store import Picked
 
 __all__ = [
     "EXACT_MAX_PIXELS",
@@ -189,10 +190,12 @@ def _defect_mask(value: ArrayLike | None, index: int, shape: tuple[int, ...]) ->
     return mask if mask.any() else None
 
 
-def _pairs(
-    maps: Sequence[ArrayLike], masks: Sequence[ArrayLike | None] | None
-) -> list[tuple[ArrayLike, ArrayLike | None]]:
-    """Pair maps with masks, checking that both lists have one entry per image."""
+def _pairs(maps: Sequence[ArrayLike], masks: Sequence[ArrayLike | None] | None) -> Sequence[tuple[ArrayLike, ArrayLike | None]]:
+    """Pair maps with masks, checking that both lists have one entry per image.
+
+    The pairs are read on access, so maps and masks held on disk (an
+    :class:`~hiad_pl.utils.array_store.ArrayStore`) are loaded one at a time.
+    """
     masks = [None] * len(maps) if masks is None else masks
     if len(maps) != len(masks):
         raise ValueError(
@@ -200,7 +203,22 @@ def _pairs(
         )
     if len(maps) == 0:
         raise ValueError("prediction_masks is empty: nothing to evaluate")
-    return list(zip(maps, masks))
+    return _Paired(maps, masks)
+
+
+class _Paired(Sequence):
+    """``(maps[i], masks[i])`` for each image, read on access."""
+
+    def __init__(self, maps: Sequence[ArrayLike], masks: Sequence[ArrayLike | None]) -> None:
+        self.maps, self.masks = maps, masks
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, index: int) -> tuple[ArrayLike, ArrayLike | None]:  # type: ignore[override]
+        if not 0 <= index < len(self.maps):
+            raise IndexError(index)
+        return self.maps[index], self.masks[index]
 
 
 def _num_pixels(pairs: Sequence[tuple[ArrayLike, ArrayLike | None]]) -> int:
@@ -929,7 +947,7 @@ def evaluate(
     resolved = [resolve_evaluator(spec) for spec in evaluators]
     count = len(maps)
     names = ["unknown"] * count if clsnames is None else [str(name) for name in clsnames]
-    masks = [None] * count if masks is None else list(masks)
+    masks = [None] * count if masks is None else masks
     scores = np.asarray(image_scores, dtype=np.float64).reshape(-1)
     targets = np.asarray(labels).reshape(-1)
     sizes = {"image_scores": scores.size, "labels": targets.size, "masks": len(masks), "clsnames": len(names)}
@@ -944,7 +962,7 @@ def evaluate(
         values, notes = _evaluate_class(
             resolved,
             clsname,
-            (scores[chosen], targets[chosen], [maps[i] for i in chosen], [masks[i] for i in chosen]),
+            (scores[chosen], targets[chosen], Picked(maps, chosen), Picked(masks, chosen)),
             device,
         )
         report[clsname] = values

@@ -46,6 +46,7 @@ from hiad_pl.io import atomic_write, check_checkpoint, load_checkpoint, locks_ro
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
+from hiad_pl.utils.array_store import ArrayStore
 
 log = logging.getLogger("hiad_pl")
 
@@ -561,11 +562,18 @@ class TaskOrchestrator:
         yield from self.pipeline(device).predict(samples)
 
 
-def collect(predictions: Iterator[Prediction], count: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Image scores and float16 maps of all predictions (float16 halves memory at 4K)."""
+def collect(
+    predictions: Iterator[Prediction], count: int, store: ArrayStore | None = None, offset: int = 0
+) -> tuple[np.ndarray, ArrayStore]:
+    """Image scores and float16 maps of all predictions (float16 halves memory at 4K).
+
+    The maps go into ``store`` (slots ``offset`` to ``offset + count``; default a
+    new :class:`~hiad_pl.utils.array_store.ArrayStore` of ``count``), which keeps
+    them in memory up to its budget and on disk beyond it.
+    """
     scores = np.zeros(count, dtype=np.float64)
-    maps: list[np.ndarray] = [np.empty(0)] * count
+    maps = ArrayStore(count) if store is None else store
     for prediction in predictions:
         scores[prediction.sample_id] = prediction.score
-        maps[prediction.sample_id] = prediction.anomaly_map.numpy().astype(np.float16)
+        maps[offset + prediction.sample_id] = prediction.anomaly_map.numpy().astype(np.float16)
     return scores, maps

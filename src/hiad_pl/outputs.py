@@ -12,6 +12,7 @@ from hiad_pl.data.sample import HRSample
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
 from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
+from hiad_pl.utils.array_store import ArrayStore
 from hiad_pl.visualize import overlay, render_panel, save_png
 
 log = logging.getLogger("hiad_pl")
@@ -64,20 +65,51 @@ def evaluate_predictions(
     if (labels < 0).any():
         unknown = [s.get_image_path() for s, label in zip(samples, labels) if label < 0][:3]
         raise ValueError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
-    masks = []
-    for sample in samples:
-        with sample:
-            masks.append(sample.full_mask().copy() if sample.mask is not None else None)
+    masks = ArrayStore(len(samples))  # decoded once; spilled to disk past its memory budget
+    for index, sample in enumerate(samples):
+        if sample.mask is not None:
+            with sample:
+                masks[index] = sample.full_mask()
     clsnames = [s.clsname or "unknown" for s in samples]
-    return evaluate(evaluators, scores, labels, list(maps), masks, clsnames)
+    try:
+        return evaluate(evaluators, scores, labels, maps, _MaskSlots(masks), clsnames)
+    finally:
+        masks.close()
+
+
+class _MaskSlots(Sequence):
+    """The masks of an :class:`ArrayStore`, ``None`` for the images without one."""
+
+    def __init__(self, store: ArrayStore) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> np.ndarray | None:  # type: ignore[override]
+        try:
+            return self.store[index]
+        except IndexError:
+            if not -len(self) <= index < len(self):
+                raise
+            return None
 
 
 def run_inference(
-    orchestrator: TaskOrchestrator, samples: Sequence[HRSample], device: str, launcher: Launcher | None = None
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Image scores and float16 anomaly maps of ``samples`` (on ``device``, or spread by ``launcher``)."""
+    orchestrator: TaskOrchestrator,
+    samples: Sequence[HRSample],
+    device: str,
+    launcher: Launcher | None = None,
+    store: ArrayStore | None = None,
+    offset: int = 0,
+) -> tuple[np.ndarray, ArrayStore]:
+    """Image scores and float16 anomaly maps of ``samples`` (on ``device``, or spread by ``launcher``).
+
+    The maps fill ``store`` from slot ``offset`` (default: a new store of
+    ``len(samples)``), in memory up to its budget and on disk beyond it.
+    """
     predictions = orchestrator.predict(samples, device) if launcher is None else launcher.predict(orchestrator, samples)
-    return collect(predictions, len(samples))
+    return collect(predictions, len(samples), store, offset)
 
 
 def write_prediction(prediction: Prediction, sample: HRSample, folder: Path, normalized: bool, stem: str) -> dict:

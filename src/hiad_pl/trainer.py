@@ -14,6 +14,7 @@ from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, wr
 from hiad_pl.launchers import RayOptions, make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.tasks.base import Task
+from hiad_pl.utils.array_store import ArrayStore
 
 log = logging.getLogger("hiad_pl")
 
@@ -115,10 +116,12 @@ class HRTrainer:
         return_results_only: bool = False,
         evaluators: Sequence[Callable[..., dict]] | None = None,
         vis_size: int = 1024,
-    ) -> tuple[np.ndarray, list[np.ndarray]] | dict[str, dict]:
+    ) -> tuple[np.ndarray, ArrayStore] | dict[str, dict]:
         """Score ``test_samples``.
 
-        With ``return_results_only`` returns ``(image_scores, anomaly_maps)``.
+        With ``return_results_only`` returns ``(image_scores, anomaly_maps)``: the maps
+        (float16, one per image) in an :class:`~hiad_pl.utils.array_store.ArrayStore`,
+        a sequence that holds up to 1 GB in memory and the rest on disk.
         Otherwise writes visualisations to ``vis_root`` (unless it is ``None``), evaluates with
         ``evaluators`` (when given), prints the per-class table and returns it.
         """
