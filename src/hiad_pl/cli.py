@@ -127,6 +127,7 @@ class RunConfigFile(ActionConfigFile):
             self.apply_config(parser, cfg, self.dest, yaml.safe_dump(run))
 from hiad_pl.errors import UserError
 from hiad_pl.launchers import RayOptions
+from hiad_pl.utils.allocator import keep_freed_memory
 
 
 def _run_arguments(parser: ArgumentParser) -> None:
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     command = cfg.subcommand
     sub = cfg[command]
+    keep_freed_memory()
     try:
         if command == "demo-data":
             from hiad_pl.data.demo import make_demo_dataset

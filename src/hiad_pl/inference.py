@@ -38,6 +38,7 @@ from hiad_pl.errors import InputError
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
 from hiad_pl.tasks.base import Task
 from hiad_pl.tasks.retrieval import retrieval_grid, route_features
+from hiad_pl.utils.allocator import keep_freed_memory
 
 log = logging.getLogger("hiad_pl")
 
@@ -164,6 +165,7 @@ class InferencePipeline:
     ) -> None:
         if batch_size < 1 or images_per_step < 1 or prefetch < 0:
             raise ValueError("batch_size and images_per_step must be positive and prefetch non-negative")
+        keep_freed_memory()
         self.patch_tasks = [t for t in tasks if not t.is_thumbnail]
         self.thumbnail_tasks = [t for t in tasks if t.is_thumbnail]
         missing = [t.name for t in tasks if t.name not in detectors]

@@ -46,6 +46,7 @@ from hiad_pl.io import atomic_write, check_checkpoint, load_checkpoint, locks_ro
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
+from hiad_pl.utils.allocator import keep_freed_memory
 from hiad_pl.utils.array_store import ArrayStore
 
 log = logging.getLogger("hiad_pl")
@@ -327,6 +328,7 @@ class TaskOrchestrator:
         progress: bool = False,
     ) -> Path:
         """Fit one task and write its final checkpoint atomically."""
+        keep_freed_memory()
         L.seed_everything(self.seed, workers=True, verbose=False)
         detector = self.build_detector(task)
         fit_samples, val_samples = self._split(train_samples, val_config)
