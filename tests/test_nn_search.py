@@ -60,3 +60,30 @@ def test_ivf_needs_no_faiss_and_measures_its_recall() -> None:
     assert distances.shape == (len(queries), 2)
     assert index.recall_at_1 is not None and index.recall_at_1 >= 0.9
     assert ivf_cells(196_608) == 443 and ivf_cells(100) == 2 and ivf_cells(10) == 1
+
+
+@pytest.mark.parametrize("nprobe", [2, 24])
+def test_nearest_distances_are_the_searched_neighbours_distances(nprobe: int) -> None:
+    _, vectors = blobs(8)
+    queries = vectors[::3] + 0.5 * torch.randn(len(vectors[::3]), 16, generator=torch.Generator().manual_seed(9))
+    index = CellIndex(vectors, cells=24, nprobe=nprobe)
+    nearest = index.nearest_distances(queries)
+    squared, _ = index.search(queries, 1)
+    assert nearest.shape == (len(queries),)
+    assert torch.allclose(nearest, squared[:, 0], atol=1e-5 * float(queries.square().sum(1).max()))
+    if nprobe == 24:  # every cell scanned: the true nearest distances
+        assert torch.allclose(nearest.sqrt(), torch.cdist(queries, vectors).min(1).values, atol=1e-3)
+
+
+def test_ivf_k1_search_takes_the_distances_only_path() -> None:
+    _, vectors = blobs(10)
+    queries = vectors[::4] + 0.2
+    index = NearestNeighbourIndex(vectors, backend="torch", kind="ivf", nprobe=3)
+    calls = []
+    original = index._cells.nearest_distances
+    index._cells.nearest_distances = lambda q: calls.append(len(q)) or original(q)
+    distances = index.search(queries, 1)
+    assert calls == [len(queries)] and distances.shape == (len(queries), 1)
+    # float32 rounding of ||q||^2 (about 600 here), as in exact search by matrix products
+    tolerance = 1e-5 * float(queries.square().sum(1).max())
+    assert torch.allclose(distances[:, 0] ** 2, index._cells.search(queries, 1)[0][:, 0], atol=tolerance)

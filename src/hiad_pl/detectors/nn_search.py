@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -140,8 +141,14 @@ class CellIndex:
     A search finds each query's ``nprobe`` nearest cell centres (one matrix
     product against all centres), groups the (query, cell) pairs by cell, and
     for each cell multiplies its queries by its vectors: the work runs in large
-    BLAS calls instead of one query at a time. The ``k`` best candidates of each
-    query are then re-measured exactly (``||q - v||^2`` over the full vector).
+    BLAS calls instead of one query at a time. Each vector is stored as
+    ``[-2 v, ||v||^2]`` and each query is extended by a 1, so one product gives
+    ``||v||^2 - 2 q.v`` (the squared distance less ``||q||^2``) with no extra
+    pass to add the norms. :meth:`search` re-measures the ``k`` best
+    candidates of each query exactly (``||q - v||^2`` over the full vector);
+    :meth:`nearest_distances` keeps only the distance to the nearest, the
+    per-cell minimum without its position, which is all a k = 1 anomaly score
+    needs.
 
     Args:
         vectors: ``[M, D]`` the searchable set.
@@ -153,6 +160,7 @@ class CellIndex:
     def __init__(self, vectors: Tensor, cells: int, nprobe: int = 8, seed: int = 0) -> None:
         vectors = vectors.detach().float()
         size = len(vectors)
+        self.dim = vectors.shape[1]
         self.cells = max(1, min(int(cells), size))
         self.nprobe = max(1, min(int(nprobe), self.cells))
         generator = torch.Generator().manual_seed(seed)
@@ -164,13 +172,54 @@ class CellIndex:
             torch.addmm(self.centre_norms, part, self.centres.T, alpha=-2).argmin(1)
             for part in vectors.split(max(1, TORCH_CHUNK_ELEMENTS // self.cells))
         ])
-        #: Position in ``vectors`` of each row of :attr:`sorted`.
+        #: Position in ``vectors`` of each row of :attr:`scan`.
         self.order = torch.argsort(owner, stable=True)
-        #: The vectors grouped by cell, and their squared norms.
-        self.sorted = vectors[self.order].contiguous()
-        self.norms = self.sorted.square().sum(1)
+        grouped = vectors[self.order]
+        #: The vectors grouped by cell as ``[-2 v, ||v||^2]`` (``-2 v`` is exact in floating point).
+        self.scan = torch.cat([grouped * -2, grouped.square().sum(1, keepdim=True)], dim=1).contiguous()
+        del grouped
         counts = torch.bincount(owner, minlength=self.cells)
         self.offsets = [0] + counts.cumsum(0).tolist()
+
+    def vectors(self, rows: Tensor) -> Tensor:
+        """The original vectors at ``rows`` of :attr:`scan` (exactly: halving is exact)."""
+        return self.scan[rows, : self.dim] * -0.5
+
+    def _pairs(self, x: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """(query, probed cell) pairs grouped by cell: pair order, query of each pair, pairs per cell."""
+        probes = torch.addmm(self.centre_norms, x, self.centres.T, alpha=-2)
+        probes = probes.topk(self.nprobe, dim=1, largest=False, sorted=False).indices.flatten()
+        by_cell = torch.argsort(probes)
+        query_of_pair = by_cell.div(self.nprobe, rounding_mode="floor")
+        return by_cell, query_of_pair, torch.bincount(probes, minlength=self.cells).tolist()
+
+    def _cell_scans(self, x: Tensor, query_of_pair: Tensor, pairs_per_cell: list[int]) -> Iterator[tuple[int, int, int, Tensor]]:
+        """``(first pair, end of pairs, first row, ||v||^2 - 2 q.v)`` of each probed, non-empty cell."""
+        extended = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+        start = 0
+        for cell, pairs in enumerate(pairs_per_cell):
+            low, high = self.offsets[cell], self.offsets[cell + 1]
+            stop = start + pairs
+            if pairs and high > low:
+                queries = extended.index_select(0, query_of_pair[start:stop])
+                yield start, stop, low, torch.mm(queries, self.scan[low:high].T)
+            start = stop
+
+    def nearest_distances(self, queries: Tensor) -> Tensor:
+        """Squared distance ``[N]`` of each query to the nearest vector found (k = 1, no positions).
+
+        Computed as ``||q||^2 + min(||v||^2 - 2 q.v)`` in float32: the same
+        neighbour as :meth:`search`, its distance to within float32 rounding of
+        the norms (clamped at 0).
+        """
+        x = queries.detach().float().to(self.scan.device)
+        by_cell, query_of_pair, pairs_per_cell = self._pairs(x)
+        best = torch.full((len(x) * self.nprobe,), math.inf, device=x.device)
+        for start, stop, _, partial in self._cell_scans(x, query_of_pair, pairs_per_cell):
+            best[start:stop] = partial.amin(1)
+        per_pair = torch.empty_like(best)
+        per_pair[by_cell] = best
+        return per_pair.view(len(x), -1).amin(1).add_(x.square().sum(1)).clamp_min_(0)
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Squared distances ``[N, k]`` (ascending) and positions ``[N, k]`` of each query's ``k`` nearest found.
@@ -178,35 +227,24 @@ class CellIndex:
         A query whose probed cells hold fewer than ``k`` vectors gets the nearest of
         those again in the missing places (never a made-up distance).
         """
-        x = queries.detach().float().to(self.sorted.device)
-        count, probes_per_query = len(x), self.nprobe
-        probes = torch.addmm(self.centre_norms, x, self.centres.T, alpha=-2)
-        probes = probes.topk(probes_per_query, dim=1, largest=False, sorted=False).indices.flatten()
-        by_cell = torch.argsort(probes)
-        query_of_pair = by_cell.div(probes_per_query, rounding_mode="floor")
-        pairs_per_cell = torch.bincount(probes, minlength=self.cells).tolist()
-        best = torch.full((len(probes), k), math.inf, device=x.device)
-        found = torch.zeros((len(probes), k), dtype=torch.long, device=x.device)
-        start = 0
-        for cell, pairs in enumerate(pairs_per_cell):
-            low, high = self.offsets[cell], self.offsets[cell + 1]
-            stop = start + pairs
-            if pairs and high > low:
-                distances = torch.addmm(self.norms[low:high], x.index_select(0, query_of_pair[start:stop]),
-                                        self.sorted[low:high].T, alpha=-2)
-                if k == 1:
-                    values, where = distances.min(1, keepdim=True)
-                else:
-                    values, where = distances.topk(min(k, high - low), dim=1, largest=False)
-                best[start:stop, : values.shape[1]] = values
-                found[start:stop, : values.shape[1]] = where + low
-            start = stop
+        x = queries.detach().float().to(self.scan.device)
+        count = len(x)
+        by_cell, query_of_pair, pairs_per_cell = self._pairs(x)
+        best = torch.full((count * self.nprobe, k), math.inf, device=x.device)
+        found = torch.zeros((count * self.nprobe, k), dtype=torch.long, device=x.device)
+        for start, stop, low, partial in self._cell_scans(x, query_of_pair, pairs_per_cell):
+            if k == 1:
+                values, where = partial.min(1, keepdim=True)
+            else:
+                values, where = partial.topk(min(k, partial.shape[1]), dim=1, largest=False)
+            best[start:stop, : values.shape[1]] = values
+            found[start:stop, : values.shape[1]] = where + low
         pair_best, pair_found = torch.empty_like(best), torch.empty_like(found)
         pair_best[by_cell], pair_found[by_cell] = best, found
         chosen = pair_best.view(count, -1).topk(k, dim=1, largest=False)
         candidates = pair_found.view(count, -1).gather(1, chosen.indices)
         candidates = torch.where(chosen.values.isfinite(), candidates, candidates[:, :1])
-        squared = (x[:, None, :] - self.sorted[candidates]).square().sum(-1)
+        squared = (x[:, None, :] - self.vectors(candidates)).square().sum(-1)
         squared, rank = squared.sort(dim=1)
         return squared, self.order[candidates.gather(1, rank)]
 
@@ -300,7 +338,9 @@ class NearestNeighbourIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {tuple(queries.shape)}")
         k = max(1, min(int(k), self.size))
-        if self._cells is not None:
+        if self._cells is not None and k == 1:
+            squared = self._cells.nearest_distances(queries).to(queries.device)[:, None]
+        elif self._cells is not None:
             squared = self._cells.search(queries, k)[0].to(queries.device)
         elif self._index is None:
             squared = self._torch_search(queries, k)
