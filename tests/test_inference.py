@@ -201,3 +201,11 @@ def test_pipeline_builds_search_indexes_before_the_first_image(images) -> None:
     list(pipeline.predict(images["test"][:1]))
     assert all(detectors[name]._search[1] is index for name, index in built.items())  # not rebuilt
     assert "setup" not in pipeline.times.per_image()
+
+
+def test_decoding_runs_inline_on_the_cpu_and_ahead_on_an_accelerator() -> None:
+    from hiad_pl.inference import GPU_PREFETCH
+
+    assert InferencePipeline([], {}, device="cpu").prefetch == 0
+    assert InferencePipeline([], {}, device="cuda").prefetch == GPU_PREFETCH > 0  # nothing is placed on it
+    assert InferencePipeline([], {}, device="cpu", prefetch=3).prefetch == 3
