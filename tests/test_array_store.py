@@ -78,6 +78,11 @@ def test_bad_slots_and_budgets_are_refused():
         store[2] = np.ones(3)
     with pytest.raises(IndexError, match="never written"):
         store[1]
+    assert not store.is_filled(1)
+    store[1] = np.ones(3)
+    assert store.is_filled(-1)
+    with pytest.raises(IndexError, match="out of range"):
+        store.is_filled(5)
     with pytest.raises(ValueError, match="memory_limit"):
         ArrayStore(2, memory_limit=-1)
 

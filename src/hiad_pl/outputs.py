@@ -67,9 +67,11 @@ def evaluate_predictions(
         raise ValueError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
     masks = ArrayStore(len(samples))  # decoded once; spilled to disk past its memory budget
     for index, sample in enumerate(samples):
-        if sample.mask is not None:
-            with sample:
-                masks[index] = sample.full_mask()
+        if sample.mask is not None:  # the mask alone: the image is not decoded
+            was_open = sample.mask.image is not None
+            masks[index] = sample.mask.open()
+            if not was_open:
+                sample.mask.close()
     clsnames = [s.clsname or "unknown" for s in samples]
     try:
         return evaluate(evaluators, scores, labels, maps, _MaskSlots(masks), clsnames)
@@ -87,12 +89,7 @@ class _MaskSlots(Sequence):
         return len(self.store)
 
     def __getitem__(self, index: int) -> np.ndarray | None:  # type: ignore[override]
-        try:
-            return self.store[index]
-        except IndexError:
-            if not -len(self) <= index < len(self):
-                raise
-            return None
+        return self.store[index] if self.store.is_filled(index) else None
 
 
 def run_inference(

@@ -104,6 +104,10 @@ class ArrayStore(Sequence[np.ndarray]):
             raise IndexError(f"index {index} out of range for a store of {len(self)} arrays")
         return index % len(self)
 
+    def is_filled(self, index: int) -> bool:
+        """Whether slot ``index`` holds an array."""
+        return self._slots[self._index(index)] is not None
+
     @property
     def num_on_disk(self) -> int:
         """How many arrays were written to disk."""
