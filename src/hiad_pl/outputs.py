@@ -12,10 +12,14 @@ from hiad_pl.data.sample import HRSample
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
 from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
+from hiad_pl.utils import array_store
 from hiad_pl.utils.array_store import ArrayStore
 from hiad_pl.visualize import overlay, render_panel, save_png
 
 log = logging.getLogger("hiad_pl")
+
+#: Bytes of ground-truth masks :func:`evaluate_predictions` keeps in memory (the rest wait on disk).
+MASKS_MEMORY_LIMIT = 256 << 20
 
 
 def score_range(maps: Sequence[np.ndarray], normalized: bool) -> tuple[float, float]:
@@ -65,7 +69,8 @@ def evaluate_predictions(
     if (labels < 0).any():
         unknown = [s.get_image_path() for s, label in zip(samples, labels) if label < 0][:3]
         raise ValueError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
-    masks = ArrayStore(len(samples))  # decoded once; spilled to disk past its memory budget
+    # decoded once; past a smaller budget than the maps' on disk (a mask reads back cheaply)
+    masks = ArrayStore(len(samples), memory_limit=min(array_store.DEFAULT_MEMORY_LIMIT, MASKS_MEMORY_LIMIT))
     for index, sample in enumerate(samples):
         if sample.mask is not None:  # the mask alone: the image is not decoded
             was_open = sample.mask.image is not None
