@@ -213,13 +213,12 @@ class CellIndex:
         the norms (clamped at 0).
         """
         x = queries.detach().float().to(self.scan.device)
-        by_cell, query_of_pair, pairs_per_cell = self._pairs(x)
+        _, query_of_pair, pairs_per_cell = self._pairs(x)
         best = torch.full((len(x) * self.nprobe,), math.inf, device=x.device)
         for start, stop, _, partial in self._cell_scans(x, query_of_pair, pairs_per_cell):
             best[start:stop] = partial.amin(1)
-        per_pair = torch.empty_like(best)
-        per_pair[by_cell] = best
-        return per_pair.view(len(x), -1).amin(1).add_(x.square().sum(1)).clamp_min_(0)
+        nearest = torch.full((len(x),), math.inf, device=x.device).scatter_reduce_(0, query_of_pair, best, "amin")
+        return nearest.add_(x.square().sum(1)).clamp_min_(0)
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Squared distances ``[N, k]`` (ascending) and positions ``[N, k]`` of each query's ``k`` nearest found.
