@@ -160,3 +160,64 @@ def test_inputs_renormalised_only_for_non_imagenet_models() -> None:
         backbones.IMAGENET_STD
     ).view(1, 3, 1, 1)
     assert torch.allclose(grey * offline._scale + offline._shift, torch.zeros(1, 3, 1, 1), atol=1e-6)
+
+
+def _batch_norms(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+
+@pytest.mark.parametrize(("name", "layers"), [("efficientnet_lite0", ["blocks.2", "blocks.4"]), ("resnet18", ["layer2", "layer3"])])
+def test_folded_batch_norms_give_the_same_maps(name: str, layers: list[str]) -> None:
+    weights = "offline" if name == "efficientnet_lite0" else "none"
+    original = create_feature_extractor(name, layers, weights)
+    folded = create_feature_extractor(name, layers, weights)
+    norms = _batch_norms(folded)
+    sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert backbones.fold_batch_norms(folded, sample) == norms > 0
+    assert _batch_norms(folded) == 0
+    images = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(2))  # not the checked size
+    with torch.no_grad():
+        for mine, reference in zip(folded(images), original(images)):
+            assert mine.shape == reference.shape
+            assert float((mine - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+
+class _ReusedConvolution(torch.nn.Module):
+    """A convolution whose output feeds a BatchNorm and, unnormalised, the output too: folding would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.norm.running_mean.fill_(0.5)
+        self.norm.running_var.fill_(4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.norm(y) + y
+
+
+def test_folding_that_would_change_the_outputs_is_undone(caplog: pytest.LogCaptureFixture) -> None:
+    model = _ReusedConvolution().eval()
+    sample = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(sample)
+    assert backbones.fold_batch_norms(model, sample) == 0
+    assert "left unfolded" in caplog.text
+    assert isinstance(model.norm, torch.nn.BatchNorm2d) and model.conv.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(sample), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eval-mode"):
+        backbones.fold_batch_norms(model.train(), sample)
+
+
+def test_shared_frozen_extractor_is_folded_a_trained_one_is_not() -> None:
+    from hiad_pl.detectors.features import FeatureSettings, create_extractor, shared_feature_extractor
+
+    settings = FeatureSettings.of("efficientnet_lite0", ["blocks.1", "blocks.2"], "offline")
+    shared, own = shared_feature_extractor(settings), create_extractor(settings)
+    assert _batch_norms(shared) == 0 and _batch_norms(own) > 0
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for mine, reference in zip(shared(images), own(images)):
+            assert float((mine - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
