@@ -221,3 +221,20 @@ def test_shared_frozen_extractor_is_folded_a_trained_one_is_not() -> None:
     with torch.no_grad():
         for mine, reference in zip(shared(images), own(images)):
             assert float((mine - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+
+def test_folding_is_skipped_for_a_model_the_sample_does_not_fit(caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+    assert backbones.fold_batch_norms(model, torch.randn(1, 3, 8, 8)) == 0
+    assert "skipped" in caplog.text and isinstance(model[1], torch.nn.BatchNorm2d)
+
+
+def test_single_channel_shared_extractor_is_checked_on_single_channel_images() -> None:
+    from hiad_pl.detectors.features import FeatureSettings, shared_feature_extractor
+
+    settings = FeatureSettings.of("resnet18", ["layer1"], "none", model_kwargs={"in_chans": 1})
+    extractor = shared_feature_extractor(settings)
+    assert _batch_norms(extractor) == 0
+    with torch.no_grad():
+        (grid,) = extractor(torch.randn(1, 1, 64, 64))
+    assert grid.shape == (1, 64, 16, 16)

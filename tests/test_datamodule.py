@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from hiad_pl.data.datamodule import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     HighResDataModule,
     ImageGroupedSampler,
     PatchDataset,
@@ -81,5 +83,7 @@ def test_image_tensor_round_trip():
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     tensor = image_to_tensor(image)
     assert tensor.shape == (3, 5, 7) and abs(float(tensor.mean())) < 3
+    expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    torch.testing.assert_close(tensor, expected)  # ImageNet normalisation, to float32 rounding
     np.testing.assert_array_equal(tensor_to_image(tensor), image)
     assert torch.is_floating_point(tensor)

@@ -17,6 +17,8 @@ from hiad_pl.data.tiling import MultiResolutionIndex, Size, as_pair
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+#: ``(x / 255 - mean) / std`` as one multiply-add per pixel: ``x * _PIXEL_SCALE + _PIXEL_SHIFT``.
+_PIXEL_SCALE, _PIXEL_SHIFT = 1 / (255 * IMAGENET_STD), -IMAGENET_MEAN / IMAGENET_STD
 
 Synthesizer = Callable[..., LRPatch]
 MIN_VALIDATION_THUMBNAILS = 16
@@ -26,8 +28,8 @@ MIN_RELIABLE_VALIDATION_PATCHES = 32
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``[H, W, 3]`` uint8 -> ``[3, H, W]`` ImageNet-normalised float."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    return (tensor - IMAGENET_MEAN) / IMAGENET_STD
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return torch.addcmul(_PIXEL_SHIFT, tensor, _PIXEL_SCALE, out=tensor)  # one pass, in place
 
 
 def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:

@@ -504,7 +504,12 @@ def fold_batch_norms(model: nn.Module, sample: Tensor) -> int:
     """
     if model.training:
         raise ValueError("fold_batch_norms folds frozen (eval-mode) models only")
-    pairs = _conv_bn_pairs(model, sample)
+    try:
+        pairs = _conv_bn_pairs(model, sample)
+    except Exception as error:  # noqa: BLE001 - a model that does not take the sample stays as it is
+        log.warning("BatchNorm folding skipped: %s does not run on a %s sample (%s)",
+                    type(model).__name__, tuple(sample.shape), error)
+        return 0
     if not pairs:
         return 0
     with torch.no_grad():

@@ -215,7 +215,9 @@ def create_extractor(settings: FeatureSettings) -> nn.Module:
 def fold_sample(extractor: TimmFeatureExtractor) -> Tensor:
     """A fixed random batch for checking a folded ``extractor``: two images, four cells of its coarsest map a side."""
     side = max(64, 4 * max(extractor.reductions))
-    return torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    first = next((m for m in extractor.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = 3 if first is None else first.in_channels
+    return torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
 
 
 _SHARED: "OrderedDict[FeatureSettings, nn.Module]" = OrderedDict()
