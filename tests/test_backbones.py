@@ -217,6 +217,7 @@ def test_shared_frozen_extractor_is_folded_a_trained_one_is_not() -> None:
     settings = FeatureSettings.of("efficientnet_lite0", ["blocks.1", "blocks.2"], "offline")
     shared, own = shared_feature_extractor(settings), create_extractor(settings)
     assert _batch_norms(shared) == 0 and _batch_norms(own) > 0
+    assert len(shared.model.blocks) == 3 and len(own.model.blocks) == 7  # blocks.0-2 are all blocks.2 needs
     images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for mine, reference in zip(shared(images), own(images)):
@@ -238,3 +239,23 @@ def test_single_channel_shared_extractor_is_checked_on_single_channel_images() -
     with torch.no_grad():
         (grid,) = extractor(torch.randn(1, 1, 64, 64))
     assert grid.shape == (1, 64, 16, 16)
+
+
+def test_blocks_after_the_deepest_requested_layer_are_dropped() -> None:
+    sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    full = create_feature_extractor("efficientnet_lite0", ["blocks.4", "blocks.2"], "offline")
+    trimmed = create_feature_extractor("efficientnet_lite0", ["blocks.4", "blocks.2"], "offline")
+    ran: list[str] = []
+    for name, block in trimmed.model.blocks.named_children():
+        block.register_forward_hook(lambda *_, name=name: ran.append(name))
+    assert backbones.drop_unused_blocks(trimmed, sample) == 2 and len(trimmed.model.blocks) == 5
+    images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ran.clear()
+        for mine, reference in zip(trimmed(images), full(images)):
+            assert torch.equal(mine, reference)
+    assert ran == ["0", "1", "2", "3", "4"]  # blocks.5 and blocks.6 no longer run
+    deepest = create_feature_extractor("efficientnet_lite0", ["blocks.6"], "none")
+    assert backbones.drop_unused_blocks(deepest, sample) == 0 and len(deepest.model.blocks) == 7
+    resnet = create_feature_extractor("resnet18", ["layer2"], "none")  # timm already stops at layer2
+    assert backbones.drop_unused_blocks(resnet, sample) == 0

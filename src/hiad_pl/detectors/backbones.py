@@ -541,3 +541,31 @@ def fold_batch_norms(model: nn.Module, sample: Tensor) -> int:
             setattr(parent, attribute, norm)
     log.warning("BatchNorm folding changed %s's outputs by %.2g of their range: left unfolded", type(model).__name__, worst)
     return 0
+
+
+def drop_unused_blocks(model: nn.Module, sample: Tensor) -> int:
+    """Remove the trailing blocks whose outputs no requested layer needs; the number removed.
+
+    timm's ``features_only`` EfficientNets and MobileNets run every block even
+    when the deepest requested layer is earlier (``blocks.2`` + ``blocks.4`` of
+    EfficientNet-Lite0 ran ``blocks.5`` and ``blocks.6`` too). Block ``i`` feeds
+    stage ``i + 1``, so the blocks after the deepest requested stage go. The
+    outputs on ``sample`` must stay identical; otherwise nothing is removed.
+    """
+    inner = getattr(model, "model", model)
+    stages = getattr(inner, "_stage_out_idx", None)
+    blocks = getattr(inner, "blocks", None)
+    if not stages or not isinstance(blocks, nn.Sequential) or getattr(inner, "feature_hooks", None) is not None:
+        return 0
+    keep = max(stages)
+    if keep >= len(blocks):
+        return 0
+    with torch.no_grad():
+        before = model(sample)
+        inner.blocks = blocks[:keep]
+        after = model(sample)
+    if len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(after, before)):
+        return len(blocks) - keep
+    inner.blocks = blocks
+    log.warning("dropping %s's unused blocks changed its outputs: kept them", type(inner).__name__)
+    return 0

@@ -42,6 +42,7 @@ from hiad_pl.detectors.backbones import (
     TimmFeatureExtractor,
     build_timm_model,
     create_feature_extractor,
+    drop_unused_blocks,
     fold_batch_norms,
     renormalisation,
     resolve_backbone_name,
@@ -228,14 +229,18 @@ def shared_feature_extractor(settings: FeatureSettings) -> nn.Module:
 
     The last :data:`SHARED_CACHE_SIZE` settings stay cached, so the tasks of a
     run fitted one after another reuse one backbone instead of loading it again.
-    A CNN's BatchNorms are folded into its convolutions
-    (:func:`~hiad_pl.detectors.backbones.fold_batch_norms`): the same maps, faster.
+    A CNN runs only the blocks its layers need
+    (:func:`~hiad_pl.detectors.backbones.drop_unused_blocks`) with its BatchNorms
+    folded into its convolutions (:func:`~hiad_pl.detectors.backbones.fold_batch_norms`):
+    the same maps, faster.
     """
     extractor = _SHARED.pop(settings, None)
     if extractor is None:
         extractor = create_extractor(settings)
         if isinstance(extractor, TimmFeatureExtractor):
-            fold_batch_norms(extractor, fold_sample(extractor))
+            sample = fold_sample(extractor)
+            drop_unused_blocks(extractor, sample)
+            fold_batch_norms(extractor, sample)
     _SHARED[settings] = extractor
     while len(_SHARED) > SHARED_CACHE_SIZE:
         _SHARED.popitem(last=False)
