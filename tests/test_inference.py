@@ -17,9 +17,11 @@ from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, stitch
 from hiad_pl.detectors import HRPatchCore
 from hiad_pl.detectors.backbones import TimmFeatureExtractor
 from hiad_pl.detectors.features import clear_shared_extractors
+from hiad_pl import inference
 from hiad_pl.inference import InferencePipeline, share_frozen_backbones
 from hiad_pl.orchestrator import TaskOrchestrator
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
+from hiad_pl.tasks import A2OTaskGenerator, O2OTaskGenerator
 from hiad_pl.tasks.base import Task, thumbnail_task
 from hiad_pl.tasks.embedding import pool_features
 from hiad_pl.tasks.retrieval import route_by_retrieval
@@ -125,7 +127,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[HRSample]
 
 @pytest.mark.parametrize(
     "name, images_per_step, prefetch",
-    [("a2o", 1, 2), ("o2o", 2, 0), ("retrieval", 1, 1), ("thumbnail", 2, 2), ("fusion", 1, 2)],
+    [("a2o", 1, 2), ("o2o", 2, 0), ("o2o", None, 0), ("retrieval", 1, 1), ("thumbnail", 2, 2), ("fusion", 1, 2)],
 )
 def test_shared_backbone_pipeline_equals_per_task_scoring(images, name: str, images_per_step: int, prefetch: int) -> None:
     fusion = [0.5, 0.5] if name == "fusion" else None
@@ -144,6 +146,8 @@ def test_shared_backbone_pipeline_equals_per_task_scoring(images, name: str, ima
     normalization = {t.name: stats for t in tasks}
     pipeline = InferencePipeline(tasks, detectors, normalization, batch_size=3, prefetch=prefetch, images_per_step=images_per_step)
     assert pipeline.shares_features
+    if images_per_step is None:  # one task per patch position: batch_size (3) images' patches per head call
+        assert pipeline.images_per_step == 3
     calls = count_backbone_calls(next(iter(shared.values())))
     predictions = list(pipeline.predict(images["test"]))
     assert [p.sample_id for p in predictions] == [0, 1, 2]
@@ -209,3 +213,17 @@ def test_decoding_runs_inline_on_the_cpu_and_ahead_on_an_accelerator() -> None:
     assert InferencePipeline([], {}, device="cpu").prefetch == 0
     assert InferencePipeline([], {}, device="cuda").prefetch == GPU_PREFETCH > 0  # nothing is placed on it
     assert InferencePipeline([], {}, device="cpu", prefetch=3).prefetch == 3
+
+
+def test_images_per_step_is_chosen_from_the_layout() -> None:
+    indexes = MultiResolutionHRImageSpliter(IMAGE, PATCH)
+    probe = HRPatchCore(weights="none", input_size=PATCH).eval()
+    # 4 patches an image: one task for all needs 2 images for a batch of 8, 1 for a batch of 4;
+    # one task per position needs batch_size images, up to AUTO_STEP_PATCHES patches a step.
+    cases = ((A2OTaskGenerator(), 8, 2), (A2OTaskGenerator(), 4, 1), (O2OTaskGenerator(), 8, 8), (O2OTaskGenerator(), 2, 2),
+             (O2OTaskGenerator(), 64, inference.AUTO_STEP_PATCHES // len(indexes)))
+    for generator, batch_size, expected in cases:
+        tasks = generator.create_tasks([], indexes)
+        detectors = {t.name: probe for t in tasks}
+        assert InferencePipeline(tasks, detectors, batch_size=batch_size).images_per_step == expected
+    assert InferencePipeline(tasks, detectors, batch_size=8, images_per_step=5).images_per_step == 5

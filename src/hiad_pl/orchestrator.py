@@ -544,8 +544,9 @@ class TaskOrchestrator:
         """Validation statistics ``{low, high, ...}`` scores of ``task_name`` are normalised with (``None``: raw scores)."""
         return self._normalization.get(task_name) if self.normalized else None
 
-    def pipeline(self, device: str = "cpu", prefetch: int | None = None, images_per_step: int = 1) -> InferencePipeline:
-        """The inference pipeline over the loaded detectors (loads them first if needed; ``prefetch``: see :class:`InferencePipeline`)."""
+    def pipeline(self, device: str = "cpu", prefetch: int | None = None, images_per_step: int | None = None) -> InferencePipeline:
+        """The inference pipeline over the loaded detectors (loads them first if needed; ``prefetch`` and
+        ``images_per_step``: see :class:`InferencePipeline`)."""
         if not self._detectors:
             self.load(device)
         stats = {name: self.normalization(name) for name in self._normalization}
