@@ -227,3 +227,21 @@ def test_images_per_step_is_chosen_from_the_layout() -> None:
         detectors = {t.name: probe for t in tasks}
         assert InferencePipeline(tasks, detectors, batch_size=batch_size).images_per_step == expected
     assert InferencePipeline(tasks, detectors, batch_size=8, images_per_step=5).images_per_step == 5
+
+
+def test_images_decoded_before_an_unreadable_one_are_still_scored(images, tmp_path: Path) -> None:
+    from hiad_pl.errors import InputError
+
+    indexes = MultiResolutionHRImageSpliter(IMAGE, PATCH)
+    tasks = A2OTaskGenerator().create_tasks(images["train"], indexes)
+    detector = detector_for(tasks[0], None)
+    fit(detector, tasks[0], images["train"])
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(Path(images["test"][1].image.image_path).read_bytes()[:300])
+    samples = [images["test"][0], HRSample(cut), images["test"][2]]
+    pipeline = InferencePipeline(tasks, {tasks[0].name: detector}, images_per_step=3)
+    scored = []
+    with pytest.raises(InputError, match="cut.png"):
+        for prediction in pipeline.predict(samples):
+            scored.append(prediction.sample_id)
+    assert scored == [0]  # the step of three was cut short: the first image is not lost

@@ -290,9 +290,19 @@ class InferencePipeline:
 
         With ``skip_unreadable`` images that cannot be read yield nothing and are
         listed in :attr:`skipped` (sample id -> error) instead of stopping the run.
+        Without it, the images decoded before the unreadable one are still scored
+        and yielded (a step of several images is cut short), then its error is raised.
         """
         group: list[DecodedImage] = []
-        for decoded in self._decoded(samples, skip_unreadable):
+        decoded_images = self._decoded(samples, skip_unreadable)
+        while True:
+            try:
+                decoded = next(decoded_images)
+            except StopIteration:
+                break
+            except InputError:
+                yield from self.score(group) if group else ()
+                raise
             self.times.decode += decoded.seconds
             group.append(decoded)
             if len(group) == self.images_per_step:
