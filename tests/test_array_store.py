@@ -152,6 +152,7 @@ def test_binned_metrics_hold_one_map_at_a_time():
 def test_evaluate_predictions_with_every_map_and_mask_on_disk(monkeypatch, small_demo):
     from hiad_pl.data.discovery import discover
     from hiad_pl.outputs import evaluate_predictions
+    from hiad_pl import outputs
     from hiad_pl.utils import array_store
 
     (split,) = discover(small_demo, categories=["texture"], image_size=512)
@@ -166,6 +167,7 @@ def test_evaluate_predictions_with_every_map_and_mask_on_disk(monkeypatch, small
     evaluators = [compute_imagewise_metrics, "hiad_pl.metrics.compute_pixelwise_metrics", "hiad_pl.metrics.compute_pro"]
     in_memory = evaluate_predictions(split.test, np.array(scores), maps, evaluators)
     monkeypatch.setattr(array_store, "DEFAULT_MEMORY_LIMIT", 0)
+    monkeypatch.setattr(outputs, "MASKS_MEMORY_LIMIT", 0)  # the masks on disk too
     store = ArrayStore(len(maps))
     for index, anomaly_map in enumerate(maps):
         store[index] = anomaly_map

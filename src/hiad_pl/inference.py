@@ -301,7 +301,8 @@ class InferencePipeline:
             except StopIteration:
                 break
             except InputError:
-                yield from self.score(group) if group else ()
+                if group:
+                    yield from self.score(group)
                 raise
             self.times.decode += decoded.seconds
             group.append(decoded)

@@ -12,7 +12,6 @@ from hiad_pl.data.sample import HRSample
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
 from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
-from hiad_pl.utils import array_store
 from hiad_pl.utils.array_store import ArrayStore
 from hiad_pl.visualize import overlay, render_panel, save_png
 
@@ -70,7 +69,7 @@ def evaluate_predictions(
         unknown = [s.get_image_path() for s, label in zip(samples, labels) if label < 0][:3]
         raise ValueError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
     # decoded once; past a smaller budget than the maps' on disk (a mask reads back cheaply)
-    masks = ArrayStore(len(samples), memory_limit=min(array_store.DEFAULT_MEMORY_LIMIT, MASKS_MEMORY_LIMIT))
+    masks = ArrayStore(len(samples), memory_limit=MASKS_MEMORY_LIMIT)
     for index, sample in enumerate(samples):
         if sample.mask is not None:  # the mask alone: the image is not decoded
             was_open = sample.mask.image is not None

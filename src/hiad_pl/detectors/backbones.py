@@ -443,8 +443,9 @@ def create_feature_extractor(
 FOLD_TOLERANCE = 1e-4
 
 
-def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> list[tuple[nn.Conv2d, str, nn.BatchNorm2d]]:
-    """``(convolution, BatchNorm's qualified name, BatchNorm)`` for each BatchNorm fed directly by a convolution.
+def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[nn.Conv2d, str, nn.BatchNorm2d]], Any]:
+    """``(convolution, BatchNorm's qualified name, BatchNorm)`` for each BatchNorm fed directly by a convolution,
+    and the model's output on ``sample``.
 
     Found by running ``sample`` once with hooks: a BatchNorm whose input is the
     very tensor a convolution returned. Modules run more than once are left out.
@@ -468,7 +469,7 @@ def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> list[tuple[nn.Conv2d, st
             handles.append(module.register_forward_pre_hook(before_norm))
     try:
         with torch.no_grad():
-            model(sample)
+            output = model(sample)
     finally:
         for handle in handles:
             handle.remove()
@@ -478,7 +479,7 @@ def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> list[tuple[nn.Conv2d, st
         conv = convs[0]
         if len(convs) == 1 and conv is not None and calls.get(conv) == 1 and norm.track_running_stats:
             pairs.append((conv, names[norm], norm))
-    return pairs
+    return pairs, output
 
 
 def _activation_after(norm: nn.BatchNorm2d) -> nn.Module:
@@ -505,15 +506,13 @@ def fold_batch_norms(model: nn.Module, sample: Tensor) -> int:
     if model.training:
         raise ValueError("fold_batch_norms folds frozen (eval-mode) models only")
     try:
-        pairs = _conv_bn_pairs(model, sample)
+        pairs, before = _conv_bn_pairs(model, sample)
     except Exception as error:  # noqa: BLE001 - a model that does not take the sample stays as it is
         log.warning("BatchNorm folding skipped: %s does not run on a %s sample (%s)",
                     type(model).__name__, tuple(sample.shape), error)
         return 0
     if not pairs:
         return 0
-    with torch.no_grad():
-        before = model(sample)
     undo = []
     with torch.no_grad():
         for conv, name, norm in pairs:

@@ -213,8 +213,8 @@ def create_extractor(settings: FeatureSettings) -> nn.Module:
     return extractor.eval()
 
 
-def fold_sample(extractor: TimmFeatureExtractor) -> Tensor:
-    """A fixed random batch for checking a folded ``extractor``: two images, four cells of its coarsest map a side."""
+def check_sample(extractor: TimmFeatureExtractor) -> Tensor:
+    """A fixed random batch for checking a trimmed or folded ``extractor``: two images, four cells of its coarsest map a side."""
     side = max(64, 4 * max(extractor.reductions))
     first = next((m for m in extractor.modules() if isinstance(m, nn.Conv2d)), None)
     channels = 3 if first is None else first.in_channels
@@ -238,7 +238,7 @@ def shared_feature_extractor(settings: FeatureSettings) -> nn.Module:
     if extractor is None:
         extractor = create_extractor(settings)
         if isinstance(extractor, TimmFeatureExtractor):
-            sample = fold_sample(extractor)
+            sample = check_sample(extractor)
             drop_unused_blocks(extractor, sample)
             fold_batch_norms(extractor, sample)
     _SHARED[settings] = extractor
