@@ -46,7 +46,8 @@ ap.add_argument("--chunk", type=int, default=8192)
 ap.add_argument("--out", default="stages.json")
 ap.add_argument("--cache", type=Path, default=Path("~/.cache/hiad-pl/real_data/maps").expanduser())
 ap.add_argument("--search", nargs="+", default=["ivf"],
-                help="search kinds, each scored on the same bank: exact, hnsw, ivf or ivf:NPROBE")
+                help="search kinds, each scored on the same bank: exact, hnsw, ivf, ivf:NPROBE or "
+                     "ivf:NPROBE:PRECISION (float32, bfloat16 or auto, the default)")
 ap.add_argument("--posts", nargs="+", default=["pl", "squared", "blur_twice"], choices=["pl", "squared", "blur_twice"])
 ap.add_argument("--max-candidates", type=int, default=None)
 ap.add_argument("--size", type=int, default=2048)
@@ -155,9 +156,10 @@ for variant in args.variants:
     fit = time.perf_counter() - t0
     test_f = [feats(m, variant) for m in test_maps]
     for search in args.search:
-        kind, _, nprobe = search.partition(":")
+        kind, _, rest = search.partition(":")
+        nprobe, _, precision = rest.partition(":")
         t1 = time.perf_counter()
-        index = NearestNeighbourIndex(bank, kind=kind, nprobe=int(nprobe or 8))
+        index = NearestNeighbourIndex(bank, kind=kind, nprobe=int(nprobe or 8), scan_dtype=precision or "auto")
         raw = [index.search(f, 1)[:, 0].reshape(16, 1, *m[0].shape[-2:]) for m, f in zip(test_maps, test_f)]
         inf = time.perf_counter() - t1
         for post in args.posts:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hiad_pl.detectors.nn_search import CellIndex, NearestNeighbourIndex, ivf_cells, kmeans
+import hiad_pl.detectors.nn_search as nn_search
+from hiad_pl.detectors.nn_search import CellIndex, NearestNeighbourIndex, choose_scan_dtype, ivf_cells, kmeans
 
 
 def blobs(seed: int, centres: int = 32, per: int = 60, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ def test_nearest_distances_are_the_searched_neighbours_distances(nprobe: int) ->
 def test_ivf_k1_search_takes_the_distances_only_path() -> None:
     _, vectors = blobs(10)
     queries = vectors[::4] + 0.2
-    index = NearestNeighbourIndex(vectors, backend="torch", kind="ivf", nprobe=3)
+    index = NearestNeighbourIndex(vectors, backend="torch", kind="ivf", nprobe=3, scan_dtype="float32")
     calls = []
     original = index._cells.nearest_distances
     index._cells.nearest_distances = lambda q: calls.append(len(q)) or original(q)
@@ -87,3 +88,53 @@ def test_ivf_k1_search_takes_the_distances_only_path() -> None:
     # float32 rounding of ||q||^2 (about 600 here), as in exact search by matrix products
     tolerance = 1e-5 * float(queries.square().sum(1).max())
     assert torch.allclose(distances[:, 0] ** 2, index._cells.search(queries, 1)[0][:, 0], atol=tolerance)
+
+
+@pytest.mark.parametrize("nprobe", [3, 24])
+def test_bfloat16_scan_finds_the_float32_distances_to_within_its_rounding(nprobe: int) -> None:
+    # Far from the origin (mean 40, clusters of spread 1): squared norms ~ 25,000 against squared
+    # distances ~ 30, so a bfloat16 product of the raw vectors (8-bit mantissa) would be off by more
+    # than the distances themselves; the scan must work relative to the cells' centres.
+    _, vectors = blobs(11, centres=40, per=50, dim=24)
+    vectors = vectors * 0.25 + 40
+    queries = vectors[::3] + 0.2 * torch.randn(len(vectors[::3]), 24, generator=torch.Generator().manual_seed(12))
+    index32 = CellIndex(vectors, cells=40, nprobe=nprobe)
+    index16 = CellIndex(vectors, cells=40, nprobe=nprobe, scan_dtype=torch.bfloat16)
+    assert len(index16.blocks) == 40 and all(len(b) % nn_search.BF16_CELL_BLOCK == 0 for b in index16.blocks)
+    float32 = index32.nearest_distances(queries).sqrt()
+    bfloat16 = index16.nearest_distances(queries).sqrt()
+    relative = (bfloat16 - float32).abs() / float32
+    assert float(relative.mean()) < 0.01 and float(relative.max()) < 0.05
+    if nprobe == 24:  # (almost) every cell: close to the true nearest distances
+        exact = torch.cdist(queries, vectors).min(1).values
+        assert float(((bfloat16 - exact).abs() / exact).mean()) < 0.01
+
+
+def test_bfloat16_scan_pads_to_blocks_and_ignores_the_padding() -> None:
+    # Three rings of 16 vectors at distance 1 around their centres, queried at the centres: a padding
+    # row that could win would give distance 0 (the centre itself); 5 queries a cell, padded to 64.
+    dim = 8
+    offsets = torch.cat([torch.eye(dim), -torch.eye(dim)])
+    centres = torch.tensor([0.0, 10.0, 20.0])[:, None].expand(3, dim)
+    vectors = (centres[:, None] + offsets[None]).reshape(-1, dim)
+    index = CellIndex(vectors, cells=3, nprobe=1, scan_dtype=torch.bfloat16)
+    assert [len(b) for b in index.blocks] == [32, 32, 32]
+    queries = centres.repeat_interleave(5, 0)
+    nearest = index.nearest_distances(queries).sqrt()
+    assert torch.allclose(nearest, torch.ones(15), rtol=0.02)
+
+
+def test_scan_dtype_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nn_search, "cpu_has_native_bfloat16", lambda: True)
+    assert choose_scan_dtype(torch.device("cpu")) == torch.bfloat16
+    assert choose_scan_dtype(torch.device("cuda")) == torch.float32  # GPUs keep float32
+    assert choose_scan_dtype(torch.device("cpu"), "float32") == torch.float32
+    monkeypatch.setattr(nn_search, "cpu_has_native_bfloat16", lambda: False)
+    assert choose_scan_dtype(torch.device("cpu")) == torch.float32
+    assert choose_scan_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="scan dtype"):
+        choose_scan_dtype(torch.device("cpu"), "float16")
+    _, vectors = blobs(13)
+    index = NearestNeighbourIndex(vectors, kind="ivf", scan_dtype="bfloat16")
+    assert index._cells.scan_dtype == torch.bfloat16 and index._cells.blocks
+    assert not NearestNeighbourIndex(vectors, kind="ivf", scan_dtype="float32")._cells.blocks

@@ -153,6 +153,16 @@ def test_invalid_options_are_named() -> None:
         HRPatchCore(weights="none", percentage=0.0)
     with pytest.raises(ValueError, match="num_neighbors"):
         HRPatchCore(weights="none", num_neighbors=0)
+    with pytest.raises(ValueError, match="search_precision"):
+        HRPatchCore(weights="none", search_precision="float16")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_search_precision_reaches_the_index(precision: str) -> None:
+    detector = HRPatchCore(weights="none", search="ivf", search_precision=precision)
+    detector.memory_bank = torch.randn(400, detector.embed_dimension, generator=torch.Generator().manual_seed(0))
+    detector.prepare_scoring()
+    assert detector._search[1].scan_dtype == getattr(torch, precision)
 
 
 def covering_radius(points: Tensor, chosen: Tensor) -> float:
@@ -292,7 +302,7 @@ def test_approximate_search_recall_is_measured(kind: str, caplog: pytest.LogCapt
     centres = torch.randn(64, 32, generator=generator) * 4
     vectors = centres.repeat_interleave(100, 0) + torch.randn(6400, 32, generator=generator)
     queries = centres.repeat_interleave(8, 0) + torch.randn(512, 32, generator=generator)
-    index = NearestNeighbourIndex(vectors, kind=kind, nprobe=8)
+    index = NearestNeighbourIndex(vectors, kind=kind, nprobe=8, scan_dtype="float32")
     assert index.recall_at_1 is None
     with caplog.at_level("INFO"):
         distances = index.search(queries, 1)

@@ -10,7 +10,9 @@ Search kinds (``kind``):
     centres. The scan is a matrix product per cell (every query that probes the
     cell against all its vectors), so it runs at BLAS speed on the CPU and on a
     GPU alike; the distances returned are recomputed exactly for the chosen
-    neighbours.
+    neighbours. On a CPU that multiplies bfloat16 natively (AVX512-BF16, AMX),
+    the k = 1 scoring path scans in bfloat16 (``scan_dtype``, see
+    :class:`CellIndex`).
 ``hnsw``
     faiss ``IndexHNSWFlat`` (32 links per vector), CPU only.
 
@@ -33,8 +35,11 @@ Three backends, chosen from where the vectors live:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import re
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -60,6 +65,14 @@ KMEANS_SEEDING_ROWS_PER_CLUSTER = 8
 HNSW_LINKS, HNSW_EF_SEARCH, HNSW_EF_CONSTRUCTION = 32, 64, 80
 #: Queries of the first search compared with exact search to measure recall@1.
 RECALL_SAMPLE = 256
+#: Precisions of the k = 1 cell scan; ``auto`` is bfloat16 on a CPU that multiplies it natively.
+SCAN_DTYPES = ("auto", "float32", "bfloat16")
+#: Rows (queries) and columns (cell vectors) each bfloat16 product is padded to a multiple of:
+#: oneDNN builds a kernel per matrix shape, and unpadded shapes (a new one per cell and call) made
+#: the bfloat16 scan slower than float32; padded, the same few shapes recur.
+BF16_QUERY_BLOCK, BF16_CELL_BLOCK = 64, 32
+#: Value of the padding columns of a bfloat16 cell (finite in bfloat16, above any squared distance).
+BF16_PAD_VALUE = 1e30
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +84,29 @@ def choose_search_kind(size: int, requested: str = "auto", exact_max: int = 10_0
     if requested != "auto":
         return requested
     return "exact" if size <= exact_max else "ivf"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag on Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
+
+
+def choose_scan_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The dtype of :class:`CellIndex`'s k = 1 scan: ``requested``, or for ``auto`` bfloat16 on a CPU with native bfloat16.
+
+    Measured on a 2-core AVX512-BF16 CPU (196,800 cells' vectors of 152 values, nprobe 8): 0.64 s per
+    65,536 queries against 1.22 s in float32 (docs/results.md). GPUs keep float32 (not measured there).
+    """
+    if requested not in SCAN_DTYPES:
+        raise ValueError(f"scan dtype must be one of {SCAN_DTYPES}, got {requested!r}")
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bfloat16() else torch.float32
+    return getattr(torch, requested)
 
 
 def ivf_cells(size: int) -> int:
@@ -150,19 +186,37 @@ class CellIndex:
     per-cell minimum without its position, which is all a k = 1 anomaly score
     needs.
 
+    With ``scan_dtype`` bfloat16, :meth:`nearest_distances` scans in bfloat16
+    (twice the float32 speed on a CPU with native bfloat16 products). Its
+    products are kept small so that bfloat16's 8-bit mantissa costs little:
+    each vector is stored relative to its cell's centre ``c`` as ``[-2 r,
+    ||r||^2 + 2 (c - m).r]`` (``r = v - c``, ``m`` the vectors' mean) and each
+    query as ``[q - m, 1]``, so a product gives ``||q - v||^2 - ||q - c||^2``,
+    to which the query's float32 distance to the centre (from the probe
+    search) is added. Measured on a 196,800-vector bank: mean relative
+    distance error 0.0014 in absolute value against float32's scan (the same
+    cells probed, the same neighbours' distances to within it).
+
     Args:
         vectors: ``[M, D]`` the searchable set.
         cells: number of k-means cells.
         nprobe: cells each query scans.
         seed: seed of the k-means training sample and start.
+        scan_dtype: ``torch.float32`` or ``torch.bfloat16``, the precision of
+            :meth:`nearest_distances`' scan (:meth:`search` scans in float32).
     """
 
-    def __init__(self, vectors: Tensor, cells: int, nprobe: int = 8, seed: int = 0) -> None:
+    def __init__(
+        self, vectors: Tensor, cells: int, nprobe: int = 8, seed: int = 0, scan_dtype: torch.dtype = torch.float32
+    ) -> None:
+        if scan_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"scan_dtype must be torch.float32 or torch.bfloat16, got {scan_dtype}")
         vectors = vectors.detach().float()
         size = len(vectors)
         self.dim = vectors.shape[1]
         self.cells = max(1, min(int(cells), size))
         self.nprobe = max(1, min(int(nprobe), self.cells))
+        self.scan_dtype = scan_dtype
         generator = torch.Generator().manual_seed(seed)
         rows = min(size, self.cells * IVF_TRAINING_ROWS_PER_CELL)
         sample = vectors if rows == size else vectors[torch.randperm(size, generator=generator)[:rows].to(vectors.device)]
@@ -177,21 +231,46 @@ class CellIndex:
         grouped = vectors[self.order]
         #: The vectors grouped by cell as ``[-2 v, ||v||^2]`` (``-2 v`` is exact in floating point).
         self.scan = torch.cat([grouped * -2, grouped.square().sum(1, keepdim=True)], dim=1).contiguous()
-        del grouped
         counts = torch.bincount(owner, minlength=self.cells)
         self.offsets = [0] + counts.cumsum(0).tolist()
+        #: The vectors' mean (the origin of the bfloat16 queries).
+        self.mean = vectors.mean(0)
+        #: Per cell, its vectors for the bfloat16 scan, padded to :data:`BF16_CELL_BLOCK` rows (empty without it).
+        self.blocks: list[Tensor] = self._bfloat16_blocks(grouped, owner[self.order]) if scan_dtype == torch.bfloat16 else []
+        del grouped
+
+    def _bfloat16_blocks(self, grouped: Tensor, owner: Tensor) -> list[Tensor]:
+        """Each cell's rows ``[-2 r, ||r||^2 + 2 (c - m).r]`` in bfloat16, padded with rows that never win."""
+        blocks = []
+        for cell in range(self.cells):
+            low, high = self.offsets[cell], self.offsets[cell + 1]
+            centre = self.centres[cell]
+            residual = grouped[low:high] - centre
+            column = residual.square().sum(1) + 2 * (residual @ (centre - self.mean))
+            block = residual.new_zeros(-(-(high - low) // BF16_CELL_BLOCK) * BF16_CELL_BLOCK, self.dim + 1)
+            block[: high - low, : self.dim] = residual * -2
+            block[: high - low, self.dim] = column
+            block[high - low :, self.dim] = BF16_PAD_VALUE
+            blocks.append(block.to(torch.bfloat16))
+        return blocks
 
     def vectors(self, rows: Tensor) -> Tensor:
         """The original vectors at ``rows`` of :attr:`scan` (exactly: halving is exact)."""
         return self.scan[rows, : self.dim] * -0.5
 
-    def _pairs(self, x: Tensor) -> tuple[Tensor, Tensor, list[int]]:
-        """(query, probed cell) pairs grouped by cell: pair order, query of each pair, pairs per cell."""
+    def _pairs(self, x: Tensor) -> tuple[Tensor, Tensor, list[int], Tensor]:
+        """(query, probed cell) pairs grouped by cell.
+
+        Returns the pair order, the query of each pair, the pairs per cell and
+        ``||c||^2 - 2 q.c`` of each pair (its squared distance to the centre less ``||q||^2``).
+        """
         probes = torch.addmm(self.centre_norms, x, self.centres.T, alpha=-2)
-        probes = probes.topk(self.nprobe, dim=1, largest=False, sorted=False).indices.flatten()
+        nearest = probes.topk(self.nprobe, dim=1, largest=False, sorted=False)
+        probes = nearest.indices.flatten()
         by_cell = torch.argsort(probes)
         query_of_pair = by_cell.div(self.nprobe, rounding_mode="floor")
-        return by_cell, query_of_pair, torch.bincount(probes, minlength=self.cells).tolist()
+        pairs_per_cell = torch.bincount(probes, minlength=self.cells).tolist()
+        return by_cell, query_of_pair, pairs_per_cell, nearest.values.flatten()[by_cell]
 
     def _cell_scans(self, x: Tensor, query_of_pair: Tensor, pairs_per_cell: list[int]) -> Iterator[tuple[int, int, int, Tensor]]:
         """``(first pair, end of pairs, first row, ||v||^2 - 2 q.v)`` of each probed, non-empty cell."""
@@ -205,18 +284,38 @@ class CellIndex:
                 yield start, stop, low, torch.mm(queries, self.scan[low:high].T)
             start = stop
 
+    def _bfloat16_minima(self, x: Tensor, query_of_pair: Tensor, pairs_per_cell: list[int]) -> Tensor:
+        """Per pair, ``min ||q - v||^2 - ||q - c||^2`` over the cell's vectors, scanned in bfloat16 (inf: empty cell)."""
+        extended = torch.cat([x - self.mean, x.new_ones(len(x), 1)], dim=1).to(torch.bfloat16)
+        most = max(pairs_per_cell, default=0)
+        buffer = extended.new_zeros(-(-most // BF16_QUERY_BLOCK) * BF16_QUERY_BLOCK, self.dim + 1)
+        best = torch.full((len(query_of_pair),), math.inf, device=x.device)
+        start = 0
+        for cell, pairs in enumerate(pairs_per_cell):
+            stop = start + pairs
+            if pairs and self.offsets[cell + 1] > self.offsets[cell]:
+                padded = -(-pairs // BF16_QUERY_BLOCK) * BF16_QUERY_BLOCK
+                torch.index_select(extended, 0, query_of_pair[start:stop], out=buffer[:pairs])
+                best[start:stop] = torch.mm(buffer[:padded], self.blocks[cell].T)[:pairs].amin(1)
+            start = stop
+        return best
+
     def nearest_distances(self, queries: Tensor) -> Tensor:
         """Squared distance ``[N]`` of each query to the nearest vector found (k = 1, no positions).
 
-        Computed as ``||q||^2 + min(||v||^2 - 2 q.v)`` in float32: the same
-        neighbour as :meth:`search`, its distance to within float32 rounding of
-        the norms (clamped at 0).
+        In float32, ``||q||^2 + min(||v||^2 - 2 q.v)``: the same neighbour as
+        :meth:`search`, its distance to within float32 rounding of the norms. In
+        bfloat16, the cells' minima of ``||q - v||^2 - ||q - c||^2`` plus the float32
+        ``||q - c||^2`` (see the class notes). Clamped at 0.
         """
         x = queries.detach().float().to(self.scan.device)
-        _, query_of_pair, pairs_per_cell = self._pairs(x)
-        best = torch.full((len(x) * self.nprobe,), math.inf, device=x.device)
-        for start, stop, _, partial in self._cell_scans(x, query_of_pair, pairs_per_cell):
-            best[start:stop] = partial.amin(1)
+        _, query_of_pair, pairs_per_cell, to_centre = self._pairs(x)
+        if self.scan_dtype == torch.bfloat16:
+            best = self._bfloat16_minima(x, query_of_pair, pairs_per_cell).add_(to_centre)
+        else:
+            best = torch.full((len(x) * self.nprobe,), math.inf, device=x.device)
+            for start, stop, _, partial in self._cell_scans(x, query_of_pair, pairs_per_cell):
+                best[start:stop] = partial.amin(1)
         nearest = torch.full((len(x),), math.inf, device=x.device).scatter_reduce_(0, query_of_pair, best, "amin")
         return nearest.add_(x.square().sum(1)).clamp_min_(0)
 
@@ -228,7 +327,7 @@ class CellIndex:
         """
         x = queries.detach().float().to(self.scan.device)
         count = len(x)
-        by_cell, query_of_pair, pairs_per_cell = self._pairs(x)
+        by_cell, query_of_pair, pairs_per_cell, _ = self._pairs(x)
         best = torch.full((count * self.nprobe, k), math.inf, device=x.device)
         found = torch.zeros((count * self.nprobe, k), dtype=torch.long, device=x.device)
         for start, stop, low, partial in self._cell_scans(x, query_of_pair, pairs_per_cell):
@@ -278,7 +377,10 @@ class NearestNeighbourIndex:
         nprobe: IVF cells a query scans.
         seed: seed of the IVF cells' k-means.
         recall_sample: queries of the first search on which an approximate
-            index measures its recall@1 against exact search (0: never).
+            index measures its recall@1 against exact search (0: never). For
+            ``ivf`` it measures the cells probed (the float32 scan's neighbour).
+        scan_dtype: precision of the ``ivf`` k = 1 scan, one of
+            :data:`SCAN_DTYPES` (:func:`choose_scan_dtype`).
     """
 
     def __init__(
@@ -289,6 +391,7 @@ class NearestNeighbourIndex:
         nprobe: int = 8,
         seed: int = 0,
         recall_sample: int = RECALL_SAMPLE,
+        scan_dtype: str = "auto",
     ) -> None:
         if vectors.ndim != 2 or vectors.shape[0] == 0:
             raise ValueError(f"NearestNeighbourIndex needs a non-empty [M, D] tensor, got {tuple(vectors.shape)}")
@@ -310,7 +413,11 @@ class NearestNeighbourIndex:
         self.recall_at_1: float | None = 1.0 if kind == "exact" else None
         self._vectors = vectors.detach().float()
         self._vector_norms = self._vectors.square().sum(1)
-        self._cells = CellIndex(self._vectors, ivf_cells(self.size), nprobe, seed) if kind == "ivf" else None
+        #: Precision of the IVF k = 1 scan.
+        self.scan_dtype = choose_scan_dtype(vectors.device, scan_dtype)
+        self._cells = (
+            CellIndex(self._vectors, ivf_cells(self.size), nprobe, seed, self.scan_dtype) if kind == "ivf" else None
+        )
         uses_faiss = kind == "hnsw" or (kind == "exact" and self.backend == "faiss-gpu")
         self._index = self._build_faiss(vectors) if uses_faiss else None
 

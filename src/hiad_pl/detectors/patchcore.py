@@ -22,7 +22,7 @@ from torch import Tensor
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, OnePassDetector
 from hiad_pl.detectors.feature_store import STORE_DTYPES, FeatureStore
-from hiad_pl.detectors.nn_search import SEARCH_KINDS, NearestNeighbourIndex, choose_search_kind
+from hiad_pl.detectors.nn_search import SCAN_DTYPES, SEARCH_KINDS, NearestNeighbourIndex, choose_search_kind
 
 #: Rows projected at once when the coreset's random projection is applied.
 PROJECTION_CHUNK_ROWS = 65536
@@ -211,6 +211,10 @@ class HRPatchCore(OnePassDetector):
             (exact up to ``exact_search_max_bank`` bank features, IVF above).
         exact_search_max_bank: largest bank ``auto`` searches exactly.
         search_nprobe: IVF cells each query scans (more: slower, closer to exact).
+        search_precision: precision of the IVF scan that scores: ``float32``,
+            ``bfloat16`` (twice as fast on a CPU with native bfloat16 products,
+            distances within about 0.1%) or ``auto`` (bfloat16 on such a CPU,
+            float32 elsewhere).
         seed: seed of the projection, the coreset's start and chunks, and the IVF cells.
 
     The bank (``memory_bank``, ``[M, D]``) is a buffer saved in checkpoints.
@@ -243,6 +247,7 @@ class HRPatchCore(OnePassDetector):
         search: str = "auto",
         exact_search_max_bank: int = 10_000,
         search_nprobe: int = 8,
+        search_precision: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights)
@@ -260,6 +265,8 @@ class HRPatchCore(OnePassDetector):
             raise ValueError(f"feature_dtype must be one of {sorted(STORE_DTYPES)}, got {feature_dtype!r}")
         if search not in SEARCH_KINDS:
             raise ValueError(f"search must be one of {SEARCH_KINDS}, got {search!r}")
+        if search_precision not in SCAN_DTYPES:
+            raise ValueError(f"search_precision must be one of {SCAN_DTYPES}, got {search_precision!r}")
         if merge_size < 1 or merge_size % 2 == 0:
             raise ValueError(f"merge_size must be a positive odd number, got {merge_size}")
         if aggregation not in AGGREGATIONS:
@@ -282,6 +289,7 @@ class HRPatchCore(OnePassDetector):
         self.search = search
         self.exact_search_max_bank = exact_search_max_bank
         self.search_nprobe = search_nprobe
+        self.search_precision = search_precision
         self.seed = seed
         self.register_buffer("memory_bank", torch.empty(0, self.embed_dimension))
         self._train_features: FeatureStore | None = None
@@ -379,7 +387,10 @@ class HRPatchCore(OnePassDetector):
         key = (bank.data_ptr(), tuple(bank.shape), str(bank.device))
         if self._search is None or self._search[0] != key:
             kind = choose_search_kind(bank.shape[0], self.search, self.exact_search_max_bank)
-            self._search = (key, NearestNeighbourIndex(bank, kind=kind, nprobe=self.search_nprobe, seed=self.seed))
+            index = NearestNeighbourIndex(
+                bank, kind=kind, nprobe=self.search_nprobe, seed=self.seed, scan_dtype=self.search_precision
+            )
+            self._search = (key, index)
         return self._search[1]
 
     def prepare_scoring(self) -> None:
