@@ -218,9 +218,15 @@ def test_shared_frozen_extractor_is_folded_a_trained_one_is_not() -> None:
     shared, own = shared_feature_extractor(settings), create_extractor(settings)
     assert _batch_norms(shared) == 0 and _batch_norms(own) > 0
     assert len(shared.model.blocks) == 3 and len(own.model.blocks) == 7  # blocks.0-2 are all blocks.2 needs
+    # the shared one's convolutions run channels-last (NHWC activations), the trained one's as built
+    convolutions = [m.weight for m in shared.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    assert not all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                   for m in own.modules() if isinstance(m, torch.nn.Conv2d))
     images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for mine, reference in zip(shared(images), own(images)):
+            assert mine.is_contiguous(memory_format=torch.channels_last)
             assert float((mine - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
 
 
