@@ -99,8 +99,9 @@ def cpu_has_native_bfloat16() -> bool:
 def choose_scan_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     """The dtype of :class:`CellIndex`'s k = 1 scan: ``requested``, or for ``auto`` bfloat16 on a CPU with native bfloat16.
 
-    Measured on a 2-core AVX512-BF16 CPU (196,800 cells' vectors of 152 values, nprobe 8): 0.64 s per
-    65,536 queries against 1.22 s in float32 (docs/results.md). GPUs keep float32 (not measured there).
+    Measured on a 2-core AVX512-BF16 CPU (196,800 vectors of 152 values, 443 cells, nprobe 8): 0.67 s
+    per 65,536 queries against 1.00 s in float32 (docs/results.md). GPUs keep float32 (not measured
+    there), and so do CPUs without native bfloat16, where its products are emulated.
     """
     if requested not in SCAN_DTYPES:
         raise ValueError(f"scan dtype must be one of {SCAN_DTYPES}, got {requested!r}")
@@ -187,7 +188,7 @@ class CellIndex:
     needs.
 
     With ``scan_dtype`` bfloat16, :meth:`nearest_distances` scans in bfloat16
-    (twice the float32 speed on a CPU with native bfloat16 products). Its
+    (1.5x the float32 speed on a CPU with native bfloat16 products). Its
     products are kept small so that bfloat16's 8-bit mantissa costs little:
     each vector is stored relative to its cell's centre ``c`` as ``[-2 r,
     ||r||^2 + 2 (c - m).r]`` (``r = v - c``, ``m`` the vectors' mean) and each
