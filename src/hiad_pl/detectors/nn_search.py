@@ -67,10 +67,13 @@ HNSW_LINKS, HNSW_EF_SEARCH, HNSW_EF_CONSTRUCTION = 32, 64, 80
 RECALL_SAMPLE = 256
 #: Precisions of the k = 1 cell scan; ``auto`` is bfloat16 on a CPU that multiplies it natively.
 SCAN_DTYPES = ("auto", "float32", "bfloat16")
-#: Rows (queries) and columns (cell vectors) each bfloat16 product is padded to a multiple of:
-#: oneDNN builds a kernel per matrix shape, and unpadded shapes (a new one per cell and call) made
-#: the bfloat16 scan slower than float32; padded, the same few shapes recur.
+#: Smallest padding of the rows (queries) and columns (cell vectors) of a bfloat16 product.
 BF16_QUERY_BLOCK, BF16_CELL_BLOCK = 64, 32
+#: Padded sizes per doubling of a bfloat16 product's rows or columns (at most 1/8 of them padding).
+#: oneDNN builds and caches a kernel per matrix shape: unpadded shapes (a new one per cell and
+#: call) made the scan slower than float32, and multiples of 64 still left thousands of shapes
+#: whose cached kernels held 1.3 GB more resident memory at 4096 px.
+BF16_SIZES_PER_DOUBLING = 8
 #: Value of the padding columns of a bfloat16 cell (finite in bfloat16, above any squared distance).
 BF16_PAD_VALUE = 1e30
 
@@ -108,6 +111,12 @@ def choose_scan_dtype(device: torch.device, requested: str = "auto") -> torch.dt
     if requested == "auto":
         return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bfloat16() else torch.float32
     return getattr(torch, requested)
+
+
+def padded_size(size: int, smallest: int) -> int:
+    """``size`` rounded up to a multiple of ``smallest``, and to one of :data:`BF16_SIZES_PER_DOUBLING` steps per doubling."""
+    step = max(smallest, (1 << max(0, size.bit_length() - 1)) // BF16_SIZES_PER_DOUBLING)
+    return -(-size // step) * step
 
 
 def ivf_cells(size: int) -> int:
@@ -236,7 +245,7 @@ class CellIndex:
         self.offsets = [0] + counts.cumsum(0).tolist()
         #: The vectors' mean (the origin of the bfloat16 queries).
         self.mean = vectors.mean(0)
-        #: Per cell, its vectors for the bfloat16 scan, padded to :data:`BF16_CELL_BLOCK` rows (empty without it).
+        #: Per cell, its vectors for the bfloat16 scan, padded by :func:`padded_size` (empty without it).
         self.blocks: list[Tensor] = self._bfloat16_blocks(grouped, owner[self.order]) if scan_dtype == torch.bfloat16 else []
         del grouped
 
@@ -248,7 +257,7 @@ class CellIndex:
             centre = self.centres[cell]
             residual = grouped[low:high] - centre
             column = residual.square().sum(1) + 2 * (residual @ (centre - self.mean))
-            block = residual.new_zeros(-(-(high - low) // BF16_CELL_BLOCK) * BF16_CELL_BLOCK, self.dim + 1)
+            block = residual.new_zeros(padded_size(high - low, BF16_CELL_BLOCK), self.dim + 1)
             block[: high - low, : self.dim] = residual * -2
             block[: high - low, self.dim] = column
             block[high - low :, self.dim] = BF16_PAD_VALUE
@@ -289,13 +298,13 @@ class CellIndex:
         """Per pair, ``min ||q - v||^2 - ||q - c||^2`` over the cell's vectors, scanned in bfloat16 (inf: empty cell)."""
         extended = torch.cat([x - self.mean, x.new_ones(len(x), 1)], dim=1).to(torch.bfloat16)
         most = max(pairs_per_cell, default=0)
-        buffer = extended.new_zeros(-(-most // BF16_QUERY_BLOCK) * BF16_QUERY_BLOCK, self.dim + 1)
+        buffer = extended.new_zeros(padded_size(most, BF16_QUERY_BLOCK), self.dim + 1)
         best = torch.full((len(query_of_pair),), math.inf, device=x.device)
         start = 0
         for cell, pairs in enumerate(pairs_per_cell):
             stop = start + pairs
             if pairs and self.offsets[cell + 1] > self.offsets[cell]:
-                padded = -(-pairs // BF16_QUERY_BLOCK) * BF16_QUERY_BLOCK
+                padded = padded_size(pairs, BF16_QUERY_BLOCK)
                 torch.index_select(extended, 0, query_of_pair[start:stop], out=buffer[:pairs])
                 best[start:stop] = torch.mm(buffer[:padded], self.blocks[cell].T)[:pairs].amin(1)
             start = stop
