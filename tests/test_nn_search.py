@@ -92,9 +92,10 @@ def test_ivf_k1_search_takes_the_distances_only_path() -> None:
 
 @pytest.mark.parametrize("nprobe", [3, 24])
 def test_bfloat16_scan_finds_the_float32_distances_to_within_its_rounding(nprobe: int) -> None:
-    # Far from the origin (mean 40, clusters of spread 1): squared norms ~ 25,000 against squared
-    # distances ~ 30, so a bfloat16 product of the raw vectors (8-bit mantissa) would be off by more
-    # than the distances themselves; the scan must work relative to the cells' centres.
+    # Far from the origin (values around 40, clusters of spread 0.25, queries 0.2 off per value):
+    # squared norms ~ 38,000 against squared distances of a few units, so a bfloat16 product of the
+    # raw vectors (8-bit mantissa) would be off by far more than the distances themselves; the scan
+    # must work relative to the cells' centres.
     _, vectors = blobs(11, centres=40, per=50, dim=24)
     vectors = vectors * 0.25 + 40
     queries = vectors[::3] + 0.2 * torch.randn(len(vectors[::3]), 24, generator=torch.Generator().manual_seed(12))
@@ -119,6 +120,9 @@ def test_bfloat16_scan_pads_to_blocks_and_ignores_the_padding() -> None:
     vectors = (centres[:, None] + offsets[None]).reshape(-1, dim)
     index = CellIndex(vectors, cells=3, nprobe=1, scan_dtype=torch.bfloat16)
     assert [len(b) for b in index.blocks] == [32, 32, 32]
+    for size in (1, 63, 65, 700, 1025, 5000):  # multiples of the smallest block, at most 1/8 padding above 8 blocks
+        padded = nn_search.padded_size(size, 64)
+        assert padded >= size and padded % 64 == 0 and (size < 512 or padded <= size * 9 / 8)
     queries = centres.repeat_interleave(5, 0)
     nearest = index.nearest_distances(queries).sqrt()
     assert torch.allclose(nearest, torch.ones(15), rtol=0.02)
