@@ -230,6 +230,56 @@ def test_shared_frozen_extractor_is_folded_a_trained_one_is_not() -> None:
             assert float((mine - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
 
 
+def _same_convolutions(kernel: int, groups: int) -> torch.nn.Sequential:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    return torch.nn.Sequential(Conv2dSame(4, 8, kernel, stride=2, groups=groups), Conv2dSame(8, 8, kernel, stride=1))
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_symmetric_same_convolution_equals_timm_padded_one(kernel: int, groups: int) -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    # even sizes pad one more after than before (the grown kernel), odd ones the same (the kernel as it is)
+    for height, width in ((32, 32), (33, 32), (30, 31), (7, 9)):
+        model, x = _same_convolutions(kernel, groups), torch.randn(2, 4, height, width)
+        with torch.no_grad():
+            expected = model(x)
+            assert backbones.symmetric_same_padding(model) == 2
+            found = model(x)
+        assert all(isinstance(m, backbones.SymmetricSameConv2d) for m in model)
+        torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
+    assert backbones.symmetric_same_padding(Conv2dSame(4, 4, 3, stride=2, dilation=2)) == 0  # cannot grow by one tap
+    # the grown kernels are buffers: they follow the module's memory format and dtype
+    model.to(memory_format=torch.channels_last)
+    assert model[0]._grown_11.shape[-2:] == (kernel + 1, kernel + 1)
+    assert model[0]._grown_11.is_contiguous(memory_format=torch.channels_last)
+    assert model.double()[0]._grown_10.dtype == torch.float64
+
+
+def test_shared_tf_extractor_pads_without_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from hiad_pl.detectors.features import FeatureSettings, create_extractor, shared_feature_extractor
+
+    settings = FeatureSettings.of("efficientnet_lite0", ["blocks.2", "blocks.4"], "offline")
+    shared, own = shared_feature_extractor(settings), create_extractor(settings)
+    assert not any(isinstance(m, Conv2dSame) for m in shared.modules())
+    assert sum(isinstance(m, backbones.SymmetricSameConv2d) for m in shared.modules()) == 4  # the stride-2 ones
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = own(images)
+        pads = []
+        original_pad = torch.nn.functional.pad
+        monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pads.append(a[1]) or original_pad(*a, **k))
+        mine = shared(images)
+    assert pads == []
+    for found, expected in zip(mine, reference):
+        assert float((found - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
 def test_folding_is_skipped_for_a_model_the_sample_does_not_fit(caplog: pytest.LogCaptureFixture) -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
     assert backbones.fold_batch_norms(model, torch.randn(1, 3, 8, 8)) == 0

@@ -76,6 +76,40 @@ def test_nearest_distances_are_the_searched_neighbours_distances(nprobe: int) ->
         assert torch.allclose(nearest.sqrt(), torch.cdist(queries, vectors).min(1).values, atol=1e-3)
 
 
+def _pairs_by_query_and_cell(index: CellIndex, queries: torch.Tensor) -> dict[tuple[int, int], float]:
+    """``(query, probed cell) -> ||c||^2 - 2 q.c`` of every pair ``index`` scans."""
+    _, query_of_pair, per_cell, to_centre = index._pairs(queries)
+    cells = [cell for cell, count in enumerate(per_cell) for _ in range(count)]
+    return dict(zip(zip(query_of_pair.tolist(), cells), to_centre.tolist()))
+
+
+@pytest.mark.skipif(nn_search.faiss is None, reason="faiss not installed")
+@pytest.mark.parametrize("scan_dtype", [torch.float32, torch.bfloat16])
+def test_faiss_probe_finds_the_cells_torch_finds(scan_dtype: torch.dtype) -> None:
+    _, vectors = blobs(12)
+    queries = vectors[::3] + 0.5 * torch.randn(len(vectors[::3]), 16, generator=torch.Generator().manual_seed(11))
+    with_faiss = CellIndex(vectors, cells=24, nprobe=5, scan_dtype=scan_dtype, faiss_probe=True)
+    with_torch = CellIndex(vectors, cells=24, nprobe=5, scan_dtype=scan_dtype, faiss_probe=False)
+    assert with_faiss._probe_index is not None and with_torch._probe_index is None
+    assert torch.equal(with_faiss.centres, with_torch.centres)
+    mine, theirs = _pairs_by_query_and_cell(with_faiss, queries), _pairs_by_query_and_cell(with_torch, queries)
+    assert len(mine) == len(queries) * 5 and mine.keys() == theirs.keys()  # the same (query, cell) pairs
+    tolerance = 1e-5 * float(queries.square().sum(1).max())  # float32 rounding of ||q||^2
+    assert max(abs(mine[pair] - theirs[pair]) for pair in mine) <= tolerance
+    torch.testing.assert_close(with_faiss.nearest_distances(queries), with_torch.nearest_distances(queries),
+                               rtol=0, atol=tolerance)
+
+
+def test_faiss_probe_default_and_its_absence(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, vectors = blobs(13)
+    assert (CellIndex(vectors, cells=8)._probe_index is not None) == (nn_search.faiss is not None)
+    assert NearestNeighbourIndex(vectors, backend="torch", kind="ivf")._cells._probe_index is None
+    monkeypatch.setattr(nn_search, "faiss", None)
+    assert CellIndex(vectors, cells=8)._probe_index is None
+    with pytest.raises(ValueError, match="faiss_probe needs faiss"):
+        CellIndex(vectors, cells=8, faiss_probe=True)
+
+
 def test_ivf_k1_search_takes_the_distances_only_path() -> None:
     _, vectors = blobs(10)
     queries = vectors[::4] + 0.2

@@ -214,10 +214,21 @@ class CellIndex:
         seed: seed of the k-means training sample and start.
         scan_dtype: ``torch.float32`` or ``torch.bfloat16``, the precision of
             :meth:`nearest_distances`' scan (:meth:`search` scans in float32).
+        faiss_probe: whether faiss's ``IndexFlatL2`` of the centres finds each
+            query's ``nprobe`` nearest cells (its matrix product with a heap
+            selection beat torch's product and ``topk``: 0.10 against 0.17-0.19 s
+            for 65,536 queries and 443 centres on 2 cores) instead of torch.
+            Default: when faiss is installed and the vectors are on the CPU.
     """
 
     def __init__(
-        self, vectors: Tensor, cells: int, nprobe: int = 8, seed: int = 0, scan_dtype: torch.dtype = torch.float32
+        self,
+        vectors: Tensor,
+        cells: int,
+        nprobe: int = 8,
+        seed: int = 0,
+        scan_dtype: torch.dtype = torch.float32,
+        faiss_probe: bool | None = None,
     ) -> None:
         if scan_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"scan_dtype must be torch.float32 or torch.bfloat16, got {scan_dtype}")
@@ -232,6 +243,15 @@ class CellIndex:
         sample = vectors if rows == size else vectors[torch.randperm(size, generator=generator)[:rows].to(vectors.device)]
         self.centres = kmeans(sample, self.cells, seed=seed)
         self.centre_norms = self.centres.square().sum(1)
+        #: faiss's flat index of the centres, which finds each query's nearest on the CPU (``None``: torch does).
+        self._probe_index = None
+        if faiss_probe is None:
+            faiss_probe = faiss is not None and self.centres.device.type == "cpu"
+        if faiss_probe:
+            if faiss is None or self.centres.device.type != "cpu":
+                raise ValueError("faiss_probe needs faiss and vectors on the CPU")
+            self._probe_index = faiss.IndexFlatL2(self.dim)
+            self._probe_index.add(_as_float32_numpy(self.centres))
         owner = torch.cat([
             torch.addmm(self.centre_norms, part, self.centres.T, alpha=-2).argmin(1)
             for part in vectors.split(max(1, TORCH_CHUNK_ELEMENTS // self.cells))
@@ -274,13 +294,20 @@ class CellIndex:
         Returns the pair order, the query of each pair, the pairs per cell and
         ``||c||^2 - 2 q.c`` of each pair (its squared distance to the centre less ``||q||^2``).
         """
-        probes = torch.addmm(self.centre_norms, x, self.centres.T, alpha=-2)
-        nearest = probes.topk(self.nprobe, dim=1, largest=False, sorted=False)
-        probes = nearest.indices.flatten()
+        if self._probe_index is not None:
+            faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+            squared, cells = self._probe_index.search(_as_float32_numpy(x), self.nprobe)
+            values = torch.from_numpy(squared).sub_(x.square().sum(1, keepdim=True))
+            probes = torch.from_numpy(cells).flatten()
+        else:
+            nearest = torch.addmm(self.centre_norms, x, self.centres.T, alpha=-2).topk(
+                self.nprobe, dim=1, largest=False, sorted=False
+            )
+            values, probes = nearest.values, nearest.indices.flatten()
         by_cell = torch.argsort(probes)
         query_of_pair = by_cell.div(self.nprobe, rounding_mode="floor")
         pairs_per_cell = torch.bincount(probes, minlength=self.cells).tolist()
-        return by_cell, query_of_pair, pairs_per_cell, nearest.values.flatten()[by_cell]
+        return by_cell, query_of_pair, pairs_per_cell, values.flatten()[by_cell]
 
     def _cell_scans(self, x: Tensor, query_of_pair: Tensor, pairs_per_cell: list[int]) -> Iterator[tuple[int, int, int, Tensor]]:
         """``(first pair, end of pairs, first row, ||v||^2 - 2 q.v)`` of each probed, non-empty cell."""
@@ -426,7 +453,10 @@ class NearestNeighbourIndex:
         #: Precision of the IVF k = 1 scan.
         self.scan_dtype = choose_scan_dtype(vectors.device, scan_dtype)
         self._cells = (
-            CellIndex(self._vectors, ivf_cells(self.size), nprobe, seed, self.scan_dtype) if kind == "ivf" else None
+            CellIndex(self._vectors, ivf_cells(self.size), nprobe, seed, self.scan_dtype,
+                      self.backend == "faiss-cpu" and vectors.device.type == "cpu")
+            if kind == "ivf"
+            else None
         )
         uses_faiss = kind == "hnsw" or (kind == "exact" and self.backend == "faiss-gpu")
         self._index = self._build_faiss(vectors) if uses_faiss else None
