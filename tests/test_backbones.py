@@ -268,6 +268,8 @@ def test_shared_tf_extractor_pads_without_copies(monkeypatch: pytest.MonkeyPatch
     shared, own = shared_feature_extractor(settings), create_extractor(settings)
     assert not any(isinstance(m, Conv2dSame) for m in shared.modules())
     assert sum(isinstance(m, backbones.SymmetricSameConv2d) for m in shared.modules()) == 4  # the stride-2 ones
+    if backbones._fused_convolution_available():  # and every ReLU6 runs inside its convolution
+        assert sum(isinstance(m, backbones.ConvActivation) for m in shared.modules()) == 22
     images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = own(images)
@@ -278,6 +280,70 @@ def test_shared_tf_extractor_pads_without_copies(monkeypatch: pytest.MonkeyPatch
     assert pads == []
     for found, expected in zip(mine, reference):
         assert float((found - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+needs_fused_convolution = pytest.mark.skipif(
+    not backbones._fused_convolution_available(), reason="torch built without oneDNN fused convolutions"
+)
+
+
+@needs_fused_convolution
+@pytest.mark.parametrize(("name", "layers"), [("efficientnet_lite0", ["blocks.2", "blocks.4"]), ("resnet18", ["layer2", "layer3"])])
+def test_fused_activations_give_the_same_maps(name: str, layers: list[str]) -> None:
+    weights = "offline" if name == "efficientnet_lite0" else "none"
+    original = create_feature_extractor(name, layers, weights)
+    fused = create_feature_extractor(name, layers, weights)
+    sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    backbones.fold_batch_norms(fused, sample)  # a convolution then its activation, as in a prepared backbone
+    backbones.symmetric_same_padding(fused)  # TF-"same" convolutions fuse once they pad symmetrically
+    merged = backbones.fuse_conv_activations(fused, sample)
+    assert merged == sum(isinstance(m, backbones.ConvActivation) for m in fused.modules()) > 0
+    if name == "efficientnet_lite0":  # every ReLU6 follows a convolution once the BatchNorms are folded
+        assert merged == sum(isinstance(m, torch.nn.ReLU6) for m in original.modules())
+    images = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(2))  # not the checked size
+    with torch.no_grad():
+        for mine, reference in zip(fused(images), original(images)):
+            assert float((mine - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+        # other dtypes and graphs that need gradients run the two modules
+        doubled = fused.double()(images.double())
+        fused.float()
+    grad_images = images.clone().requires_grad_()
+    with_grad = fused(grad_images)
+    with_grad[0].sum().backward()
+    assert grad_images.grad is not None and grad_images.grad.abs().sum() > 0
+    with torch.no_grad():
+        references = original(images)
+    for mine, reference, wide in zip(with_grad, references, doubled):
+        assert float((mine.detach() - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+        assert float((wide.float() - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+
+class _ActivationAndRawOutput(torch.nn.Module):
+    """A convolution whose output feeds a ReLU and, unactivated, the output too: fusion would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.act(y) + y
+
+
+@needs_fused_convolution
+def test_fusion_that_would_change_the_outputs_is_undone(caplog: pytest.LogCaptureFixture) -> None:
+    model = _ActivationAndRawOutput().eval()
+    sample = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(sample)
+    assert backbones.fuse_conv_activations(model, sample) == 0
+    assert "left unfused" in caplog.text
+    assert type(model.conv) is torch.nn.Conv2d and isinstance(model.act, torch.nn.ReLU)
+    with torch.no_grad():
+        torch.testing.assert_close(model(sample), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="post-operation"):
+        backbones.ConvActivation(model.conv, torch.nn.Tanhshrink())
 
 
 def test_folding_is_skipped_for_a_model_the_sample_does_not_fit(caplog: pytest.LogCaptureFixture) -> None:

@@ -451,17 +451,17 @@ def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[nn.Conv
     Found by running ``sample`` once with hooks: a BatchNorm whose input is the
     very tensor a convolution returned. Modules run more than once are left out.
     """
-    made_by: dict[int, nn.Conv2d] = {}
+    made_by: dict[int, tuple[nn.Conv2d, Tensor]] = {}  # the output is kept so that its id is not reused
     fed: dict[nn.BatchNorm2d, list[nn.Conv2d | None]] = {}
     calls: dict[nn.Module, int] = {}
     handles = []
 
     def after_conv(conv: nn.Module, _: Any, output: Tensor) -> None:
         calls[conv] = calls.get(conv, 0) + 1
-        made_by[id(output)] = conv
+        made_by[id(output)] = (conv, output)
 
     def before_norm(norm: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        fed.setdefault(norm, []).append(made_by.get(id(inputs[0])))
+        fed.setdefault(norm, []).append(made_by.get(id(inputs[0]), (None,))[0])
 
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -604,12 +604,17 @@ class SymmetricSameConv2d(nn.Conv2d):
             grown = F.pad(conv.weight.detach(), (columns, 0, rows, 0))
             self.register_buffer(f"_grown_{rows}{columns}", grown, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def weight_and_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The kernel (grown or not) and the symmetric padding that convolve ``x`` with TF "same" padding."""
         top, bottom = _same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
         left, right = _same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
         rows, columns = bottom - top, right - left
         weight = self.weight if rows == columns == 0 else getattr(self, f"_grown_{rows}{columns}")
-        return F.conv2d(x, weight, self.bias, self.stride, (bottom, right), 1, self.groups)
+        return weight, (bottom, right)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, padding = self.weight_and_padding(x)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, 1, self.groups)
 
 
 def symmetric_same_padding(model: nn.Module) -> int:
@@ -630,3 +635,143 @@ def symmetric_same_padding(model: nn.Module) -> int:
             setattr(parent, attribute, SymmetricSameConv2d(module))
             replaced += 1
     return replaced
+
+
+#: oneDNN post-operations (name, scalars) of the activations a frozen convolution can absorb.
+_FUSED_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.SiLU: "swish", nn.Hardswish: "hardswish", nn.Hardtanh: "hardtanh"}
+
+
+def _post_operation(activation: nn.Module) -> tuple[str, list[float]] | None:
+    """oneDNN's name and scalars for ``activation``, or ``None`` when it has none."""
+    for kind, name in _FUSED_ACTIVATIONS.items():
+        if isinstance(activation, kind):  # ReLU6 is a Hardtanh
+            scalars = [float(activation.min_val), float(activation.max_val)] if name == "hardtanh" else []
+            return name, scalars
+    return None
+
+
+def _fused_convolution_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class ConvActivation(nn.Module):
+    """A frozen convolution and the activation that follows it, in one oneDNN call on the CPU.
+
+    oneDNN applies the activation to each output block while it is still in the
+    cache (a "post-operation"), so the activation's own pass over the output
+    (read and write of every value) goes. Anywhere else (a GPU, another
+    dtype, a graph that needs gradients, tracing, ONNX export, ``torch.compile``)
+    the two modules run one after the other.
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module) -> None:
+        super().__init__()
+        operation = _post_operation(activation)
+        if operation is None:
+            raise ValueError(f"{type(activation).__name__} has no oneDNN post-operation")
+        self.conv, self.activation = conv, activation
+        self._operation, self._scalars = operation
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        if (
+            x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling()
+        ):
+            return self.activation(conv(x))
+        if isinstance(conv, SymmetricSameConv2d):
+            weight, padding = conv.weight_and_padding(x)
+        else:
+            weight, padding = conv.weight, conv.padding
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
+            self._operation, self._scalars, "",
+        )
+
+
+def _conv_activation_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[str, str]], Any]:
+    """``(convolution's name, activation's name)`` for each fusable activation fed directly by a
+    convolution (its very output, unchanged in place: not ResNet's ``x += shortcut``), each run once,
+    and the model's output on ``sample``."""
+    # the output is kept so that its id is not reused, and its version to see it changed in place since
+    made_by: dict[int, tuple[nn.Module, Tensor, int]] = {}
+    fed: dict[nn.Module, list[nn.Module | None]] = {}
+    calls: dict[nn.Module, int] = {}
+    handles = []
+
+    def after_conv(conv: nn.Module, _: Any, output: Tensor) -> None:
+        calls[conv] = calls.get(conv, 0) + 1
+        made_by[id(output)] = (conv, output, output._version)
+
+    def before_activation(activation: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        conv, _, version = made_by.get(id(inputs[0]), (None, None, None))
+        fed.setdefault(activation, []).append(conv if version == inputs[0]._version else None)
+
+    for module in model.modules():
+        fusable_conv = type(module) is nn.Conv2d or type(module) is SymmetricSameConv2d
+        if fusable_conv and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            handles.append(module.register_forward_hook(after_conv))
+        elif _post_operation(module) is not None:
+            handles.append(module.register_forward_pre_hook(before_activation))
+    try:
+        with torch.no_grad():
+            output = model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = {module: name for name, module in model.named_modules()}
+    pairs = [
+        (names[convs[0]], names[activation])
+        for activation, convs in fed.items()
+        if len(convs) == 1 and convs[0] is not None and calls.get(convs[0]) == 1
+    ]
+    return pairs, output
+
+
+def fuse_conv_activations(model: nn.Module, sample: Tensor) -> int:
+    """Merge each activation that directly follows a convolution into it (:class:`ConvActivation`); the number merged.
+
+    For frozen CPU backbones: EfficientNet-Lite0's 22 ReLU6 after its BatchNorms
+    were folded away, ResNets' ReLUs, EfficientNets' SiLUs. The outputs on
+    ``sample`` are compared before and after; if any differs by more than
+    :data:`FOLD_TOLERANCE` of the largest value (a convolution's output also
+    used before its activation, say) or oneDNN cannot run the fused call,
+    everything is undone and a warning says so.
+    """
+    if not _fused_convolution_available():
+        return 0
+    try:
+        pairs, before = _conv_activation_pairs(model, sample)
+    except Exception as error:  # noqa: BLE001 - a model that does not take the sample stays as it is
+        log.warning("convolution-activation fusion skipped: %s does not run on a %s sample (%s)",
+                    type(model).__name__, tuple(sample.shape), error)
+        return 0
+    undo = []
+    for conv_name, activation_name in pairs:
+        conv, activation = model.get_submodule(conv_name), model.get_submodule(activation_name)
+        for name, replacement in ((conv_name, ConvActivation(conv, activation)), (activation_name, nn.Identity())):
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            undo.append((parent, attribute, getattr(parent, attribute)))
+            setattr(parent, attribute, replacement)
+    if not pairs:
+        return 0
+    try:
+        with torch.no_grad():
+            after = model(sample)
+        expected = before if isinstance(before, (list, tuple)) else [before]
+        found = after if isinstance(after, (list, tuple)) else [after]
+        worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(found, expected))
+        problem = None if worst <= FOLD_TOLERANCE else f"changed the outputs by {worst:.2g} of their range"
+    except RuntimeError as error:  # oneDNN refused a convolution
+        problem = f"failed ({error})"
+    if problem is None:
+        return len(pairs)
+    for parent, attribute, module in reversed(undo):
+        setattr(parent, attribute, module)
+    log.warning("convolution-activation fusion %s in %s: left unfused", problem, type(model).__name__)
+    return 0
