@@ -444,37 +444,57 @@ def create_feature_extractor(
 FOLD_TOLERANCE = 1e-4
 
 
-def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[nn.Conv2d, str, nn.BatchNorm2d]], Any]:
-    """``(convolution, BatchNorm's qualified name, BatchNorm)`` for each BatchNorm fed directly by a convolution,
-    and the model's output on ``sample``.
+def _inputs_made_by_convolutions(
+    model: nn.Module, sample: Tensor, is_convolution: Any, is_consumer: Any
+) -> tuple[dict[nn.Module, list[nn.Module | None]], dict[nn.Module, int], dict[nn.Module, str], Any]:
+    """Run ``sample`` once with hooks and see which convolution made each consumer's input.
 
-    Found by running ``sample`` once with hooks: a BatchNorm whose input is the
-    very tensor a convolution returned. Modules run more than once are left out.
+    Returns, per consumer module (``is_consumer``), per call, the convolution
+    (``is_convolution``) whose very output it took, unchanged in place since
+    (not ResNet's ``x += shortcut``), or ``None``; the calls of each convolution;
+    the modules' names; the model's output. Each output is kept until the end so
+    that a freed tensor's id, reused by a later one, cannot pair the wrong modules.
     """
-    made_by: dict[int, tuple[nn.Conv2d, Tensor]] = {}  # the output is kept so that its id is not reused
-    fed: dict[nn.BatchNorm2d, list[nn.Conv2d | None]] = {}
+    made_by: dict[int, tuple[nn.Module, Tensor, int]] = {}
+    fed: dict[nn.Module, list[nn.Module | None]] = {}
     calls: dict[nn.Module, int] = {}
     handles = []
 
-    def after_conv(conv: nn.Module, _: Any, output: Tensor) -> None:
+    def after_convolution(conv: nn.Module, _: Any, output: Tensor) -> None:
         calls[conv] = calls.get(conv, 0) + 1
-        made_by[id(output)] = (conv, output)
+        made_by[id(output)] = (conv, output, output._version)
 
-    def before_norm(norm: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        fed.setdefault(norm, []).append(made_by.get(id(inputs[0]), (None,))[0])
+    def before_consumer(consumer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        conv, _, version = made_by.get(id(inputs[0]), (None, None, None))
+        fed.setdefault(consumer, []).append(conv if version == inputs[0]._version else None)
 
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(after_conv))
-        elif isinstance(module, nn.BatchNorm2d):
-            handles.append(module.register_forward_pre_hook(before_norm))
+        if is_convolution(module):
+            handles.append(module.register_forward_hook(after_convolution))
+        elif is_consumer(module):
+            handles.append(module.register_forward_pre_hook(before_consumer))
     try:
         with torch.no_grad():
             output = model(sample)
     finally:
         for handle in handles:
             handle.remove()
-    names = {module: name for name, module in model.named_modules()}
+    return fed, calls, {module: name for name, module in model.named_modules()}, output
+
+
+def _relative_change(before: Any, after: Any) -> float:
+    """Largest difference between two outputs (tensors or lists of them), relative to each one's largest value."""
+    expected = before if isinstance(before, (list, tuple)) else [before]
+    found = after if isinstance(after, (list, tuple)) else [after]
+    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(found, expected))
+
+
+def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[nn.Conv2d, str, nn.BatchNorm2d]], Any]:
+    """``(convolution, BatchNorm's qualified name, BatchNorm)`` for each BatchNorm fed directly by a convolution,
+    and the model's output on ``sample``. Modules run more than once are left out."""
+    fed, calls, names, output = _inputs_made_by_convolutions(
+        model, sample, lambda m: isinstance(m, nn.Conv2d), lambda m: isinstance(m, nn.BatchNorm2d)
+    )
     pairs = []
     for norm, convs in fed.items():
         conv = convs[0]
@@ -528,10 +548,7 @@ def fold_batch_norms(model: nn.Module, sample: Tensor) -> int:
             conv.weight.copy_((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype))
             conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
             setattr(parent, attribute, _activation_after(norm))
-        after = model(sample)
-    expected = before if isinstance(before, (list, tuple)) else [before]
-    found = after if isinstance(after, (list, tuple)) else [after]
-    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(found, expected))
+        worst = _relative_change(before, model(sample))
     if worst <= FOLD_TOLERANCE:
         return len(pairs)
     with torch.no_grad():
@@ -693,37 +710,18 @@ class ConvActivation(nn.Module):
         )
 
 
+def _fusable_convolution(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv2d or type(module) is SymmetricSameConv2d) and (
+        module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    )
+
+
 def _conv_activation_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[str, str]], Any]:
     """``(convolution's name, activation's name)`` for each fusable activation fed directly by a
-    convolution (its very output, unchanged in place: not ResNet's ``x += shortcut``), each run once,
-    and the model's output on ``sample``."""
-    # the output is kept so that its id is not reused, and its version to see it changed in place since
-    made_by: dict[int, tuple[nn.Module, Tensor, int]] = {}
-    fed: dict[nn.Module, list[nn.Module | None]] = {}
-    calls: dict[nn.Module, int] = {}
-    handles = []
-
-    def after_conv(conv: nn.Module, _: Any, output: Tensor) -> None:
-        calls[conv] = calls.get(conv, 0) + 1
-        made_by[id(output)] = (conv, output, output._version)
-
-    def before_activation(activation: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        conv, _, version = made_by.get(id(inputs[0]), (None, None, None))
-        fed.setdefault(activation, []).append(conv if version == inputs[0]._version else None)
-
-    for module in model.modules():
-        fusable_conv = type(module) is nn.Conv2d or type(module) is SymmetricSameConv2d
-        if fusable_conv and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-            handles.append(module.register_forward_hook(after_conv))
-        elif _post_operation(module) is not None:
-            handles.append(module.register_forward_pre_hook(before_activation))
-    try:
-        with torch.no_grad():
-            output = model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    names = {module: name for name, module in model.named_modules()}
+    convolution, each run once, and the model's output on ``sample``."""
+    fed, calls, names, output = _inputs_made_by_convolutions(
+        model, sample, _fusable_convolution, lambda m: _post_operation(m) is not None
+    )
     pairs = [
         (names[convs[0]], names[activation])
         for activation, convs in fed.items()
@@ -762,10 +760,7 @@ def fuse_conv_activations(model: nn.Module, sample: Tensor) -> int:
         return 0
     try:
         with torch.no_grad():
-            after = model(sample)
-        expected = before if isinstance(before, (list, tuple)) else [before]
-        found = after if isinstance(after, (list, tuple)) else [after]
-        worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(found, expected))
+            worst = _relative_change(before, model(sample))
         problem = None if worst <= FOLD_TOLERANCE else f"changed the outputs by {worst:.2g} of their range"
     except RuntimeError as error:  # oneDNN refused a convolution
         problem = f"failed ({error})"
