@@ -604,7 +604,9 @@ class SymmetricSameConv2d(nn.Conv2d):
     amount and growing the kernel by a leading row / column of zeros gives the
     same windows, hence the same output, straight from the convolution.
     The grown kernels (one per parity of the input's height and width) are
-    buffers, so they follow the module's device, dtype and memory format.
+    buffers, so they follow the module's device, dtype and memory format; they
+    are made from the weights at construction, so replace a convolution once
+    its weights are final (:func:`~hiad_pl.detectors.features.shared_feature_extractor` folds BatchNorms first).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:

@@ -28,7 +28,8 @@ Three backends, chosen from where the vectors live:
     chunked matrix products in torch; used on a GPU without faiss-gpu (faster
     than a round trip to the CPU) or when faiss is not installed.
 ``faiss-cpu``
-    the CPU with faiss installed: HNSW through faiss; exact search by chunked
+    the CPU with faiss installed: HNSW and the IVF cells' probes through faiss
+    (:class:`CellIndex` ``faiss_probe``); exact search by chunked
     matrix products in torch, which ran 1.4-2.2x faster than faiss's
     ``IndexFlatL2`` on 32,768 queries against 2,000-196,800 vectors (2 threads).
 """
