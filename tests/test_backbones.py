@@ -182,29 +182,30 @@ def test_folded_batch_norms_give_the_same_maps(name: str, layers: list[str]) -> 
             assert float((mine - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
 
 
-class _ReusedConvolution(torch.nn.Module):
-    """A convolution whose output feeds a BatchNorm and, unnormalised, the output too: folding would change it."""
+class _RawOutputAlsoUsed(torch.nn.Module):
+    """A convolution whose output feeds ``after`` and, as it is, the output too: folding or fusing ``after`` would change it."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: torch.nn.Module) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.norm = torch.nn.BatchNorm2d(4)
-        self.norm.running_mean.fill_(0.5)
-        self.norm.running_var.fill_(4.0)
+        self.after = after
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        return self.norm(y) + y
+        return self.after(y) + y
 
 
 def test_folding_that_would_change_the_outputs_is_undone(caplog: pytest.LogCaptureFixture) -> None:
-    model = _ReusedConvolution().eval()
+    norm = torch.nn.BatchNorm2d(4)
+    norm.running_mean.fill_(0.5)
+    norm.running_var.fill_(4.0)
+    model = _RawOutputAlsoUsed(norm).eval()
     sample = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         expected = model(sample)
     assert backbones.fold_batch_norms(model, sample) == 0
     assert "left unfolded" in caplog.text
-    assert isinstance(model.norm, torch.nn.BatchNorm2d) and model.conv.bias is not None
+    assert model.after is norm and model.conv.bias is not None
     with torch.no_grad():
         torch.testing.assert_close(model(sample), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="eval-mode"):
@@ -318,32 +319,26 @@ def test_fused_activations_give_the_same_maps(name: str, layers: list[str]) -> N
         assert float((wide.float() - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
 
 
-class _ActivationAndRawOutput(torch.nn.Module):
-    """A convolution whose output feeds a ReLU and, unactivated, the output too: fusion would change it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.act = torch.nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        return self.act(y) + y
-
-
 @needs_fused_convolution
 def test_fusion_that_would_change_the_outputs_is_undone(caplog: pytest.LogCaptureFixture) -> None:
-    model = _ActivationAndRawOutput().eval()
+    model = _RawOutputAlsoUsed(torch.nn.ReLU()).eval()
     sample = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         expected = model(sample)
     assert backbones.fuse_conv_activations(model, sample) == 0
     assert "left unfused" in caplog.text
-    assert type(model.conv) is torch.nn.Conv2d and isinstance(model.act, torch.nn.ReLU)
+    assert type(model.conv) is torch.nn.Conv2d and isinstance(model.after, torch.nn.ReLU)
     with torch.no_grad():
         torch.testing.assert_close(model(sample), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="post-operation"):
         backbones.ConvActivation(model.conv, torch.nn.Tanhshrink())
+
+
+@needs_fused_convolution
+def test_fusion_is_skipped_for_a_model_the_sample_does_not_fit(caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU()).eval()
+    assert backbones.fuse_conv_activations(model, torch.randn(1, 3, 8, 8)) == 0
+    assert "convolution-activation fusion skipped" in caplog.text and isinstance(model[1], torch.nn.ReLU)
 
 
 def test_folding_is_skipped_for_a_model_the_sample_does_not_fit(caplog: pytest.LogCaptureFixture) -> None:

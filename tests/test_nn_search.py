@@ -77,7 +77,7 @@ def test_nearest_distances_are_the_searched_neighbours_distances(nprobe: int) ->
 
 
 def _pairs_by_query_and_cell(index: CellIndex, queries: torch.Tensor) -> dict[tuple[int, int], float]:
-    """``(query, probed cell) -> ||c||^2 - 2 q.c`` of every pair ``index`` scans."""
+    """``(query, probed cell) -> ||q - c||^2`` of every pair ``index`` scans."""
     _, query_of_pair, per_cell, to_centre = index._pairs(queries)
     cells = [cell for cell, count in enumerate(per_cell) for _ in range(count)]
     return dict(zip(zip(query_of_pair.tolist(), cells), to_centre.tolist()))
@@ -96,6 +96,8 @@ def test_faiss_probe_finds_the_cells_torch_finds(scan_dtype: torch.dtype) -> Non
     assert len(mine) == len(queries) * 5 and mine.keys() == theirs.keys()  # the same (query, cell) pairs
     tolerance = 1e-5 * float(queries.square().sum(1).max())  # float32 rounding of ||q||^2
     assert max(abs(mine[pair] - theirs[pair]) for pair in mine) <= tolerance
+    true = torch.cdist(queries, with_faiss.centres).square()
+    assert max(abs(mine[query, cell] - float(true[query, cell])) for query, cell in mine) <= tolerance
     torch.testing.assert_close(with_faiss.nearest_distances(queries), with_torch.nearest_distances(queries),
                                rtol=0, atol=tolerance)
 

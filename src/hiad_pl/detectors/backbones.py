@@ -489,6 +489,24 @@ def _relative_change(before: Any, after: Any) -> float:
     return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(found, expected))
 
 
+def _replace_module(model: nn.Module, name: str, replacement: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """Put ``replacement`` where ``model``'s submodule ``name`` is; ``(parent, attribute, the module replaced)``."""
+    parent_name, _, attribute = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    replaced = getattr(parent, attribute)
+    setattr(parent, attribute, replacement)
+    return parent, attribute, replaced
+
+
+def _pairs_on_sample(find_pairs: Any, model: nn.Module, sample: Tensor, what: str) -> tuple[list, Any] | None:
+    """``find_pairs(model, sample)``, or ``None`` with a warning naming ``what`` when the model does not take the sample."""
+    try:
+        return find_pairs(model, sample)
+    except Exception as error:  # noqa: BLE001 - a model that does not take the sample stays as it is
+        log.warning("%s skipped: %s does not run on a %s sample (%s)", what, type(model).__name__, tuple(sample.shape), error)
+        return None
+
+
 def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[nn.Conv2d, str, nn.BatchNorm2d]], Any]:
     """``(convolution, BatchNorm's qualified name, BatchNorm)`` for each BatchNorm fed directly by a convolution,
     and the model's output on ``sample``. Modules run more than once are left out."""
@@ -526,20 +544,14 @@ def fold_batch_norms(model: nn.Module, sample: Tensor) -> int:
     """
     if model.training:
         raise ValueError("fold_batch_norms folds frozen (eval-mode) models only")
-    try:
-        pairs, before = _conv_bn_pairs(model, sample)
-    except Exception as error:  # noqa: BLE001 - a model that does not take the sample stays as it is
-        log.warning("BatchNorm folding skipped: %s does not run on a %s sample (%s)",
-                    type(model).__name__, tuple(sample.shape), error)
+    found = _pairs_on_sample(_conv_bn_pairs, model, sample, "BatchNorm folding")
+    if not found or not found[0]:
         return 0
-    if not pairs:
-        return 0
+    pairs, before = found
     undo = []
     with torch.no_grad():
         for conv, name, norm in pairs:
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            undo.append((conv, conv.weight.detach().clone(), conv.bias, parent, attribute, norm))
+            undo.append((conv.weight.detach().clone(), conv.bias))
             scale = norm.running_var.double().add(norm.eps).rsqrt()
             shift = -norm.running_mean.double() * scale
             if norm.affine:
@@ -547,15 +559,15 @@ def fold_batch_norms(model: nn.Module, sample: Tensor) -> int:
             bias = shift if conv.bias is None else conv.bias.double() * scale + shift
             conv.weight.copy_((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype))
             conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
-            setattr(parent, attribute, _activation_after(norm))
+            _replace_module(model, name, _activation_after(norm))
         worst = _relative_change(before, model(sample))
     if worst <= FOLD_TOLERANCE:
         return len(pairs)
     with torch.no_grad():
-        for conv, weight, bias, parent, attribute, norm in undo:
+        for (conv, name, norm), (weight, bias) in zip(pairs, undo):
             conv.weight.copy_(weight)
             conv.bias = bias
-            setattr(parent, attribute, norm)
+            _replace_module(model, name, norm)
     log.warning("BatchNorm folding changed %s's outputs by %.2g of their range: left unfolded", type(model).__name__, worst)
     return 0
 
@@ -649,14 +661,12 @@ def symmetric_same_padding(model: nn.Module) -> int:
     replaced = 0
     for name, module in list(model.named_modules()):
         if type(module) in (Conv2dSame, Conv2dSameExport) and module.dilation == (1, 1):
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attribute, SymmetricSameConv2d(module))
+            _replace_module(model, name, SymmetricSameConv2d(module))
             replaced += 1
     return replaced
 
 
-#: oneDNN post-operations (name, scalars) of the activations a frozen convolution can absorb.
+#: oneDNN post-operation names of the activations a frozen convolution can absorb (scalars: :func:`_post_operation`).
 _FUSED_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.SiLU: "swish", nn.Hardswish: "hardswish", nn.Hardtanh: "hardtanh"}
 
 
@@ -742,24 +752,17 @@ def fuse_conv_activations(model: nn.Module, sample: Tensor) -> int:
     used before its activation, say) or oneDNN cannot run the fused call,
     everything is undone and a warning says so.
     """
-    if not _fused_convolution_available():
+    found = _fused_convolution_available() and _pairs_on_sample(
+        _conv_activation_pairs, model, sample, "convolution-activation fusion"
+    )
+    if not found or not found[0]:
         return 0
-    try:
-        pairs, before = _conv_activation_pairs(model, sample)
-    except Exception as error:  # noqa: BLE001 - a model that does not take the sample stays as it is
-        log.warning("convolution-activation fusion skipped: %s does not run on a %s sample (%s)",
-                    type(model).__name__, tuple(sample.shape), error)
-        return 0
+    pairs, before = found
     undo = []
     for conv_name, activation_name in pairs:
         conv, activation = model.get_submodule(conv_name), model.get_submodule(activation_name)
-        for name, replacement in ((conv_name, ConvActivation(conv, activation)), (activation_name, nn.Identity())):
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            undo.append((parent, attribute, getattr(parent, attribute)))
-            setattr(parent, attribute, replacement)
-    if not pairs:
-        return 0
+        undo.append(_replace_module(model, conv_name, ConvActivation(conv, activation)))
+        undo.append(_replace_module(model, activation_name, nn.Identity()))
     try:
         with torch.no_grad():
             worst = _relative_change(before, model(sample))

@@ -293,18 +293,17 @@ class CellIndex:
         """(query, probed cell) pairs grouped by cell.
 
         Returns the pair order, the query of each pair, the pairs per cell and
-        ``||c||^2 - 2 q.c`` of each pair (its squared distance to the centre less ``||q||^2``).
+        ``||q - c||^2`` of each pair (the query's squared distance to the cell's centre).
         """
         if self._probe_index is not None:
             faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
             squared, cells = self._probe_index.search(_as_float32_numpy(x), self.nprobe)
-            values = torch.from_numpy(squared).sub_(x.square().sum(1, keepdim=True))
-            probes = torch.from_numpy(cells).flatten()
+            values, probes = torch.from_numpy(squared), torch.from_numpy(cells).flatten()
         else:
             nearest = torch.addmm(self.centre_norms, x, self.centres.T, alpha=-2).topk(
                 self.nprobe, dim=1, largest=False, sorted=False
             )
-            values, probes = nearest.values, nearest.indices.flatten()
+            values, probes = nearest.values.add_(x.square().sum(1, keepdim=True)), nearest.indices.flatten()
         by_cell = torch.argsort(probes)
         query_of_pair = by_cell.div(self.nprobe, rounding_mode="floor")
         pairs_per_cell = torch.bincount(probes, minlength=self.cells).tolist()
@@ -355,7 +354,9 @@ class CellIndex:
             for start, stop, _, partial in self._cell_scans(x, query_of_pair, pairs_per_cell):
                 best[start:stop] = partial.amin(1)
         nearest = torch.full((len(x),), math.inf, device=x.device).scatter_reduce_(0, query_of_pair, best, "amin")
-        return nearest.add_(x.square().sum(1)).clamp_min_(0)
+        if self.scan_dtype != torch.bfloat16:  # the float32 minima lack ||q||^2; the bfloat16 ones are whole
+            nearest.add_(x.square().sum(1))
+        return nearest.clamp_min_(0)
 
     def search(self, queries: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """Squared distances ``[N, k]`` (ascending) and positions ``[N, k]`` of each query's ``k`` nearest found.
