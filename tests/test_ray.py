@@ -32,7 +32,7 @@ class DyingFastFlow(HRFastFlow):
     def on_train_epoch_end(self) -> None:
         marker = Path(os.environ[KILL_MARKER_ENV])
         if self.current_epoch == 1 and not marker.exists():
-            marker.write_text(str(os.getpid()))
+            marker.write_text(str(self.trainer.logger.version))
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -111,9 +111,13 @@ def test_a_killed_worker_is_retried_and_resumes_without_refitting_final_tasks(
     for task, epoch in (line.split() for line in (cluster / "fits.log").read_text().splitlines()):
         epochs.setdefault(task, []).append(int(epoch))
     assert sorted(epochs) == sorted(p.stem for p in paths)
-    restarted = [task for task, seen in epochs.items() if seen != [0, 1, 2]]
-    # one task was killed at the end of its second epoch; its retry resumed there from the first epoch's checkpoint
-    assert len(restarted) == 1 and epochs[restarted[0]] == [0, 1, 1, 2]
+    killed = (cluster / "killed").read_text()
+    # the killed task died at the end of its second epoch; its retry resumed there from the first epoch's checkpoint
+    assert epochs[killed] == [0, 1, 1, 2]
+    # Ray may take down a sibling worker with it (its lease fails): that task resumes too, never going back
+    for task, seen in epochs.items():
+        assert seen[0] == 0 and seen[-1] == 2 and all(b - a in (0, 1) for a, b in zip(seen, seen[1:])), (task, seen)
+        assert len(seen) - len(set(seen)) <= 1, (task, seen)  # at most one retry each
 
     # a rerun skips every final task: nothing is fitted twice
     before = (cluster / "fits.log").read_text()
