@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from hiad_pl.data.tiling import (
     HRImageIndex,
+    coverage,
     MultiResolutionIndex,
     low_resolution_window,
     split,
@@ -114,3 +115,31 @@ def test_stitch_averages_overlaps():
     patches = torch.stack([torch.zeros(2, 4), torch.ones(2, 4)])
     out = stitch(patches, indexes, (6, 2))
     assert out[0].tolist() == [0, 0, 0.5, 0.5, 1, 1]
+
+
+def test_stitch_rejects_a_patch_off_the_image():
+    with pytest.raises(ValueError, match="runs off the 6 x 4 image"):
+        stitch(torch.zeros(2, 4, 4), [HRImageIndex(0, 0, 4, 4), HRImageIndex(3, 0, 4, 4)], (6, 4))
+
+
+def test_coverage_counts_on_the_grid_of_edges():
+    indexes = [HRImageIndex(0, 0, 4, 2), HRImageIndex(2, 0, 4, 2), HRImageIndex(0, 2, 6, 1)]
+    counts, rows, cols = coverage(indexes, (6, 3))
+    assert counts.tolist() == [[1, 2, 1], [1, 1, 1]]
+    assert rows.tolist() == [2, 1] and cols.tolist() == [2, 2, 2]
+    counts, _, _ = coverage(indexes[:2], (6, 3))
+    assert counts.min() == 0  # the bottom row is uncovered
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_stitch_equals_a_pixel_by_pixel_average(dtype):
+    rng = np.random.default_rng(3)
+    indexes = [HRImageIndex(x, y, 5, 4) for y in (0, 3, 6) for x in (0, 4, 7)]
+    patches = torch.from_numpy(rng.integers(0, 100, (len(indexes), 4, 5))).to(dtype)
+    total, count = np.zeros((10, 12)), np.zeros((10, 12))
+    for patch, index in zip(patches.double().numpy(), indexes):
+        total[index.slices] += patch
+        count[index.slices] += 1
+    out = stitch(patches, indexes, (12, 10))
+    assert out.dtype == (dtype if dtype.is_floating_point else torch.float64)
+    np.testing.assert_allclose(out.double().numpy(), total / count, rtol=1e-6)
