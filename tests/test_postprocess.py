@@ -1,10 +1,10 @@
-"""Post-processing: the separable blur against a plain 2-D convolution."""
+"""Post-processing: the separable blur against a plain 2-D convolution, the image score against an integral image."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hiad_pl.postprocess import gaussian_blur
+from hiad_pl.postprocess import gaussian_blur, image_score
 
 
 def reference_blur(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -40,3 +40,25 @@ def test_gaussian_blur_keeps_a_flat_map_and_spreads_a_point() -> None:
     assert abs(float(blurred.sum()) - 1.0) < 1e-5  # the mass stays (far from the borders)
     assert int(blurred.argmax()) == 32 * 65 + 32 and torch.allclose(blurred, blurred.T, atol=1e-7)
     assert gaussian_blur(point, 0.0) is point
+
+
+def integral_image_score(anomaly_map: torch.Tensor, window: int = 16) -> torch.Tensor:
+    """The reference image score: window means from a float64 integral image."""
+    maps = anomaly_map.double().reshape(-1, *anomaly_map.shape[-2:])
+    k_h, k_w = min(window, maps.shape[-2]), min(window, maps.shape[-1])
+    integral = F.pad(maps.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    sums = integral[:, k_h:, k_w:] - integral[:, :-k_h, k_w:] - integral[:, k_h:, :-k_w] + integral[:, :-k_h, :-k_w]
+    return (sums / (k_h * k_w)).amax(dim=(-2, -1)).reshape(anomaly_map.shape[:-2])
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (3, 100, 37), (5, 7), (1, 1), (2, 20, 3), (16, 16)])
+@pytest.mark.parametrize("offset", [0.0, 40.0])
+def test_image_score_is_the_largest_window_mean(shape: tuple[int, ...], offset: float) -> None:
+    torch.manual_seed(0)
+    maps = gaussian_blur(torch.rand(shape)) + offset
+    hot = maps.clone()
+    hot[..., : min(16, shape[-2]), : min(16, shape[-1])] += 5.0  # one window stands out: it must be found
+    for values in (maps, hot):
+        expected = integral_image_score(values)
+        torch.testing.assert_close(image_score(values).double(), expected, rtol=1e-6, atol=1e-6)
+    assert image_score(hot).shape == shape[:-2]
