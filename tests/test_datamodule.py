@@ -87,3 +87,30 @@ def test_image_tensor_round_trip():
     torch.testing.assert_close(tensor, expected)  # ImageNet normalisation, to float32 rounding
     np.testing.assert_array_equal(tensor_to_image(tensor), image)
     assert torch.is_floating_point(tensor)
+
+
+def test_image_patches_to_batch_equals_patch_by_patch_batches(tmp_path):
+    from hiad_pl.data.batch import PatchBatch
+    from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray((rng.random((96, 128)) > 0.9).astype(np.uint8) * 255).save(tmp_path / "a_mask.png")
+    sample = HRSample(tmp_path / "a.png", tmp_path / "a_mask.png", label=1, clsname="tile")
+    mains = [i.main_index for i in MultiResolutionHRImageSpliter((128, 96), 32, stride=24)]
+    with sample:
+        expected = PatchBatch.collate([patch_to_batch(sample[i], 7) for i in mains])
+        batch = image_patches_to_batch(sample.image.open(), mains, 7, sample.label, sample.clsname)
+    assert torch.equal(batch.image, expected.image)  # the same values, bit for bit
+    assert batch.image.is_contiguous(memory_format=torch.channels_last)
+    assert batch.mask.shape == expected.mask.shape and not batch.mask.any() and not any(batch.mask.stride())
+    for name in ("label", "index", "image_id"):
+        assert torch.equal(getattr(batch, name), getattr(expected, name)), name
+    assert batch.clsname == expected.clsname
+    # two images' batches: the broadcast masks stay broadcast, the rest is concatenated
+    both = PatchBatch.collate([batch, batch])
+    assert both.mask.shape == (2 * len(mains), 32, 32) and not any(both.mask.stride())
+    assert torch.equal(both.image[len(mains):], batch.image)
+    assert PatchBatch.collate([batch]) is batch
+    with pytest.raises(ValueError, match="share one size"):
+        image_patches_to_batch(sample.image.open(), [mains[0], mains[0].__class__(0, 0, 16, 32)])

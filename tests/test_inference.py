@@ -245,3 +245,30 @@ def test_images_decoded_before_an_unreadable_one_are_still_scored(images, tmp_pa
         for prediction in pipeline.predict(samples):
             scored.append(prediction.sample_id)
     assert scored == [0]  # the step of three was cut short: the first image is not lost
+
+
+def test_take_rows_slices_evenly_spaced_rows_and_gathers_others() -> None:
+    values = torch.arange(40.0).reshape(10, 4)
+    for rows in ([2, 3, 4], [1, 4, 7], [5], list(range(10))):
+        taken = inference.take_rows(values, rows)
+        assert torch.equal(taken, values[rows]) and taken.data_ptr() == values[rows[0]].data_ptr()  # a view
+    for rows in ([3, 1], [0, 1, 3], [2, 2]):
+        taken = inference.take_rows(values, rows)
+        assert torch.equal(taken, values[rows]) and taken.data_ptr() != values.data_ptr()
+
+
+def test_decoding_for_scoring_reads_the_image_alone(images, tmp_path: Path) -> None:
+    """The mask is ground truth for evaluation: scoring neither reads it nor needs it to be readable."""
+    source = images["test"][0].get_image_path()
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((IMAGE, IMAGE), np.uint8)).save(mask)
+    sample = HRSample(source, mask)
+    mask.write_bytes(b"not a png any more")
+    tasks = [Task("task_0", list(MultiResolutionHRImageSpliter(IMAGE, PATCH)))]
+    detectors = {"task_0": detector_for(tasks[0], None)}
+    fit(detectors["task_0"], tasks[0], images["train"])
+    pipeline = InferencePipeline(tasks, detectors, batch_size=4)
+    decoded = pipeline.decode(sample, 0)
+    assert len(decoded.patches) == 4 and sample.image.image is None  # the pixels are released
+    (prediction,) = pipeline.predict([sample])
+    assert prediction.anomaly_map.shape == (IMAGE, IMAGE)

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from hiad_pl.data.batch import PatchBatch
-from hiad_pl.data.datamodule import patch_to_batch
-from hiad_pl.data.sample import HRSample
+from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
+from hiad_pl.data.sample import HRSample, LRPatch
 from hiad_pl.data.tiling import MultiResolutionIndex, stitch
 from hiad_pl.errors import InputError
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
@@ -119,18 +119,29 @@ def share_frozen_backbones(
 
 
 def select_rows(batch: PatchBatch, rows: Sequence[int] | Tensor) -> PatchBatch:
-    """The patches of ``batch`` at ``rows`` (in that order)."""
-    positions = torch.as_tensor(rows, dtype=torch.long)
+    """The patches of ``batch`` at ``rows`` (in that order), as :func:`take_rows` takes them."""
+    positions = torch.as_tensor(rows, dtype=torch.long).cpu()
     values: dict[str, Any] = {}
     for f in fields(batch):
         value = getattr(batch, f.name)
         if isinstance(value, Tensor):
-            values[f.name] = value.index_select(0, positions.to(value.device))
+            values[f.name] = take_rows(value, positions)
         elif isinstance(value, list) and value:
             values[f.name] = [value[int(k)] for k in positions]
         else:
             values[f.name] = value
     return PatchBatch(**values)
+
+
+def take_rows(values: Tensor, rows: Sequence[int] | Tensor) -> Tensor:
+    """``values[rows]``: a view when the rows go up in one step (a chunk of a batch, or one
+    position's patches of several images), a gathered copy otherwise."""
+    positions = torch.as_tensor(rows, dtype=torch.long).cpu()
+    steps = positions[1:] - positions[:-1]
+    if len(positions) and (len(steps) == 0 or (steps[0] > 0 and bool((steps == steps[0]).all()))):
+        first, step = int(positions[0]), int(steps[0]) if len(steps) else 1
+        return values[first : first + step * (len(positions) - 1) + 1 : step]
+    return values.index_select(0, positions.to(values.device))
 
 
 def check_fits(sample: HRSample, indexes: Sequence[MultiResolutionIndex]) -> None:
@@ -199,6 +210,8 @@ class InferencePipeline:
             self.grid = retrieval_grid(self.patch_tasks)
         else:
             self.grid = list(dict.fromkeys(i for t in self.patch_tasks for i in t.indexes))
+        #: Whether the grid's patches carry low-resolution crops (cut by the sample, not from the decoded image).
+        self._low_resolution = any(i.low_resolution_indexes for i in self.grid)
         position = {index: k for k, index in enumerate(self.grid)}
         #: Grid positions of each positional task's indexes, in the task's order.
         self._task_rows = [[position[i] for i in t.indexes] for t in self.patch_tasks]
@@ -236,18 +249,39 @@ class InferencePipeline:
 
     # ------------------------------------------------------------------ decode
     def decode(self, sample: HRSample, sample_id: int) -> DecodedImage:
-        """Read one image and cut the grid's patches and the thumbnails."""
+        """Read one image and cut the grid's patches and the thumbnails.
+
+        Only the image file is read (a mask is ground truth for evaluation,
+        not an input), and the patches are written straight into one batch
+        (:func:`image_patches_to_batch`). A grid with low-resolution crops
+        (``ds_factors``) is cut by the sample.
+        """
         start = time.perf_counter()
-        with sample:
-            check_fits(sample, self.grid)
-            patches = None
-            if self.grid:
+        check_fits(sample, self.grid)
+        if self._low_resolution:
+            with sample:
                 patches = PatchBatch.collate([patch_to_batch(sample[i], sample_id) for i in self.grid])
-            thumbnails = [
-                patch_to_batch(sample.down_sampling_to_LR(t.thumbnail_size), sample_id) for t in self.thumbnail_tasks
-            ]
-            size = sample.image_size
-        return DecodedImage(sample_id, size, patches, thumbnails, time.perf_counter() - start)
+                thumbnails = [
+                    patch_to_batch(sample.down_sampling_to_LR(t.thumbnail_size), sample_id)
+                    for t in self.thumbnail_tasks
+                ]
+        else:
+            try:
+                pixels = sample.image.open()
+                patches = None
+                if self.grid:
+                    mains = [i.main_index for i in self.grid]
+                    patches = image_patches_to_batch(pixels, mains, sample_id, sample.label, sample.clsname)
+                thumbnails = [
+                    patch_to_batch(
+                        LRPatch(sample.image.resize(t.thumbnail_size), label=sample.label, clsname=sample.clsname),
+                        sample_id,
+                    )
+                    for t in self.thumbnail_tasks
+                ]
+            finally:
+                sample.image.close()
+        return DecodedImage(sample_id, sample.image_size, patches, thumbnails, time.perf_counter() - start)
 
     def _decoded(self, samples: Sequence[HRSample], skip_unreadable: bool) -> Iterator[DecodedImage]:
         """Decoded images in order, ``prefetch`` ahead in a background thread.
@@ -351,7 +385,7 @@ class InferencePipeline:
         scored: list[tuple[list[int], Tensor]] = []
         for task, rows in zip(self.patch_tasks, rows_of):
             if rows:
-                features = [layer[rows] for layer in embedding] if self.shares_features else None
+                features = [take_rows(layer, rows) for layer in embedding] if self.shares_features else None
                 scored.append((rows, self._head(task, select_rows(patches, rows), features)))
         self.times.heads += time.perf_counter() - start
 

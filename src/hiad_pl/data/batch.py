@@ -79,7 +79,14 @@ class PatchBatch:
 
     @staticmethod
     def collate(items: list["PatchBatch"]) -> "PatchBatch":
-        """Concatenate per-item batches (each of size 1 or more) into one."""
+        """Concatenate per-item batches (each of size 1 or more) into one.
+
+        A single batch is returned as it is. A field that is one constant
+        broadcast in every item (zero strides, as the masks of a scoring batch)
+        stays a broadcast view instead of being written out.
+        """
+        if len(items) == 1:
+            return items[0]
         merged = {}
         for f in fields(PatchBatch):
             values = [getattr(item, f.name) for item in items]
@@ -87,6 +94,18 @@ class PatchBatch:
                 merged[f.name] = [name for v in values for name in v]
             elif values[0] is None:
                 merged[f.name] = None
+            elif _same_constant(values):
+                merged[f.name] = values[0][:1].expand(sum(len(v) for v in values), *values[0].shape[1:])
             else:
                 merged[f.name] = torch.cat(values)
         return PatchBatch(**merged)
+
+
+def _same_constant(values: list[torch.Tensor]) -> bool:
+    """Whether every tensor is the same single value broadcast (all strides zero) over one shape."""
+    first = values[0]
+    return all(
+        v.ndim > 0 and not any(v.stride()) and v.shape[1:] == first.shape[1:] and v.dtype == first.dtype
+        and v.device == first.device and bool(v.reshape(-1)[:1].eq(first.reshape(-1)[:1]).all())
+        for v in values
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import lightning as L
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.sample import HRSample, LRPatch
-from hiad_pl.data.tiling import MultiResolutionIndex, Size, as_pair
+from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, Size, as_pair
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -58,6 +59,48 @@ def patch_to_batch(patch: LRPatch, image_id: int = 0, default_label: int = -1) -
         low_resolution_windows=low_windows,
         clsname=[patch.clsname or "unknown"],
         image_id=torch.tensor([image_id]),
+    )
+
+
+def image_patches_to_batch(
+    image: np.ndarray,
+    indexes: Sequence[HRImageIndex],
+    image_id: int = 0,
+    label: int | None = None,
+    clsname: str | None = None,
+) -> PatchBatch:
+    """The equal-size patches of one decoded ``[H, W, 3]`` uint8 image at ``indexes``, as one batch.
+
+    For scoring: each patch is converted straight into its place in a
+    channels-last ``[N, 3, h, w]`` float tensor (the layout the shared frozen
+    backbone runs in), then the whole batch is ImageNet-normalised in one
+    multiply-add, the same values :func:`patch_to_batch` gives patch by patch
+    without its per-patch copies and concatenation. The masks are a zero-stride
+    view of one zero (nothing is allocated for them): a scoring batch has no
+    ground truth.
+    """
+    if not indexes:
+        raise ValueError("no patch indexes")
+    h, w = indexes[0].height, indexes[0].width
+    if any((i.height, i.width) != (h, w) for i in indexes):
+        raise ValueError(f"patches of one batch must share one size; got {sorted({(i.width, i.height) for i in indexes})}")
+    with warnings.catch_warnings():  # decoded images are read-only arrays; they are only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        pixels = torch.from_numpy(image)
+    planes = torch.empty(len(indexes), h, w, 3)
+    for k, index in enumerate(indexes):
+        rows, cols = index.slices
+        planes[k].copy_(pixels[rows, cols])
+    images = planes.permute(0, 3, 1, 2)  # [N, 3, h, w], channels-last strides
+    torch.addcmul(_PIXEL_SHIFT, images, _PIXEL_SCALE, out=images)
+    count = len(indexes)
+    return PatchBatch(
+        image=images,
+        mask=torch.zeros(()).expand(count, h, w),
+        label=torch.full((count,), -1 if label is None else int(label)),
+        index=torch.tensor([[i.x, i.y, i.width, i.height] for i in indexes]),
+        clsname=[clsname or "unknown"] * count,
+        image_id=torch.full((count,), image_id),
     )
 
 
