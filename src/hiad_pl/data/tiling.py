@@ -214,8 +214,8 @@ def stitch(
     strided view, no index arithmetic per pixel); how many patches cover each
     pixel is counted on the small grid the rectangles' edges cut the image into
     (:func:`coverage`), so a layout without overlaps is never divided, and one
-    with overlaps builds its full-size count from that grid. A 2048-px map of 16
-    patches: 0.07-0.15 s with a scatter over flat pixel positions, ~0.01 s so.
+    with overlaps builds its full-size count from that grid (a 2048-px map of 16
+    patches: 0.005 s, against 0.025 s for a scatter over flat pixel positions).
     """
     import torch
 
