@@ -121,11 +121,12 @@ def share_frozen_backbones(
 def select_rows(batch: PatchBatch, rows: Sequence[int] | Tensor) -> PatchBatch:
     """The patches of ``batch`` at ``rows`` (in that order), as :func:`take_rows` takes them."""
     positions = torch.as_tensor(rows, dtype=torch.long).cpu()
+    chosen = _rows_as_slice(positions)
     values: dict[str, Any] = {}
     for f in fields(batch):
         value = getattr(batch, f.name)
         if isinstance(value, Tensor):
-            values[f.name] = take_rows(value, positions)
+            values[f.name] = value[chosen] if chosen is not None else value.index_select(0, positions.to(value.device))
         elif isinstance(value, list) and value:
             values[f.name] = [value[int(k)] for k in positions]
         else:
@@ -137,11 +138,20 @@ def take_rows(values: Tensor, rows: Sequence[int] | Tensor) -> Tensor:
     """``values[rows]``: a view when the rows go up in one step (a chunk of a batch, or one
     position's patches of several images), a gathered copy otherwise."""
     positions = torch.as_tensor(rows, dtype=torch.long).cpu()
+    chosen = _rows_as_slice(positions)
+    return values[chosen] if chosen is not None else values.index_select(0, positions.to(values.device))
+
+
+def _rows_as_slice(positions: Tensor) -> slice | None:
+    """The slice that takes ``positions`` when they go up in one step, else ``None``."""
+    if len(positions) == 0:
+        return None
     steps = positions[1:] - positions[:-1]
-    if len(positions) and (len(steps) == 0 or (steps[0] > 0 and bool((steps == steps[0]).all()))):
-        first, step = int(positions[0]), int(steps[0]) if len(steps) else 1
-        return values[first : first + step * (len(positions) - 1) + 1 : step]
-    return values.index_select(0, positions.to(values.device))
+    step = int(steps[0]) if len(steps) else 1
+    if step <= 0 or not bool((steps == step).all()):
+        return None
+    first = int(positions[0])
+    return slice(first, first + step * (len(positions) - 1) + 1, step)
 
 
 def check_fits(sample: HRSample, indexes: Sequence[MultiResolutionIndex]) -> None:
@@ -254,33 +264,27 @@ class InferencePipeline:
         Only the image file is read (a mask is ground truth for evaluation,
         not an input), and the patches are written straight into one batch
         (:func:`image_patches_to_batch`). A grid with low-resolution crops
-        (``ds_factors``) is cut by the sample.
+        (``ds_factors``) is cut by the sample (which also reads the mask).
         """
         start = time.perf_counter()
         check_fits(sample, self.grid)
-        if self._low_resolution:
-            with sample:
+        try:
+            pixels = sample.image.open()
+            patches = None
+            if self._low_resolution:  # each patch carries resized crops of its enclosing regions
                 patches = PatchBatch.collate([patch_to_batch(sample[i], sample_id) for i in self.grid])
-                thumbnails = [
-                    patch_to_batch(sample.down_sampling_to_LR(t.thumbnail_size), sample_id)
-                    for t in self.thumbnail_tasks
-                ]
-        else:
-            try:
-                pixels = sample.image.open()
-                patches = None
-                if self.grid:
-                    mains = [i.main_index for i in self.grid]
-                    patches = image_patches_to_batch(pixels, mains, sample_id, sample.label, sample.clsname)
-                thumbnails = [
-                    patch_to_batch(
-                        LRPatch(sample.image.resize(t.thumbnail_size), label=sample.label, clsname=sample.clsname),
-                        sample_id,
-                    )
-                    for t in self.thumbnail_tasks
-                ]
-            finally:
-                sample.image.close()
+            elif self.grid:
+                mains = [i.main_index for i in self.grid]
+                patches = image_patches_to_batch(pixels, mains, sample_id, sample.label, sample.clsname)
+            thumbnails = [
+                patch_to_batch(
+                    LRPatch(sample.image.resize(t.thumbnail_size), label=sample.label, clsname=sample.clsname),
+                    sample_id,
+                )
+                for t in self.thumbnail_tasks
+            ]
+        finally:
+            sample.close()
         return DecodedImage(sample_id, sample.image_size, patches, thumbnails, time.perf_counter() - start)
 
     def _decoded(self, samples: Sequence[HRSample], skip_unreadable: bool) -> Iterator[DecodedImage]:
