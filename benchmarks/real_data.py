@@ -1,67 +1,73 @@
-"""Real industrial defect data with pixel masks at 2048 px: build the sets, run the detectors, write a table.
+"""Real industrial defect benchmark: three public sets with pixel masks, detectors run on them, decisions.
 
-Two public data sets kept in git repositories (read from a local git directory or
-folder with ``--source NAME=PATH``, otherwise cloned with ``git clone --depth 1``
-into ``~/.cache/hiad-pl/real_data``; nothing is written inside the package):
+Every set is built from a public git repository at a pinned commit (``build``),
+cached outside the package (``~/.cache/hiad-pl/real_data``, never committed), in
+the MVTec layout that hiad-pl's ``discover`` and the original HiAD's peer runner
+both read::
 
-``mt_tile`` (texture-like)
-    Magnetic tile surface defects, Huang et al., "Surface defect saliency of
-    magnetic tile" (The Visual Computer, 2020), from
-    https://github.com/abin24/Magnetic-tile-defect-datasets. at commit
-    cc4eb530b57b9cb7225bf76023873043ffd50655. Grey images of 100-600 px
-    (``MT_<kind>/Imgs/<stem>.jpg``) with a pixel mask ``<stem>.png`` each.
-    Normal images come from ``MT_Free``, defects from ``MT_Blowhole``,
-    ``MT_Break``, ``MT_Crack``, ``MT_Fray`` and ``MT_Uneven`` (two of each kind).
-``bsd_screw`` (object-like)
-    Ball screw drive spindles with pitting, Schlagenhauf and Burghardt,
-    "Industrial Machine Tool Element Surface Defect Dataset" (CC BY-SA 4.0), from
-    https://github.com/2Obe/BSData at commit 7204b28a621733c01cd75899ed9ea27f6ea0b9e3.
-    Only BSD type 2 in its 1130 x 460 view, so that every image shows the same
-    part in the same pose. Images with a labelme annotation (``label/*.json``,
-    polygons of pitting) are defective, their masks are the filled polygons;
-    images without one are normal.
+    <out>/<set>/train/good/*.png
+    <out>/<set>/test/<kind>/*.png
+    <out>/<set>/ground_truth/<kind>/<stem>_mask.png
+    <out>/<set>/set.json        (source, commit, licence, sizes and every file, written last)
 
-Building (``build``): for each data set, the normal images are shuffled with a
-fixed seed (0); the first ``TEST_NORMAL`` go to ``test/good``, the following ones
-to ``train/good``; defective test images are drawn with the same seed. Every
-image is resized to 2048 x 2048 (bicubic, written as RGB PNG) and every mask to
-the same size (nearest neighbour, 0/255 PNG), in the MVTec layout that hiad-pl's
-``discover`` and ``run_hiad.py`` both read::
+Images stay at (or within 2.4% of) their native resolution and aspect; where the
+source's images are small, real cells are composed into larger panels. Splits
+are fixed by ``SEED``; every test set has >= 100 images, >= 40 of them defective.
 
-    <out>/train<N>/<set>/train/good/*.png
-    <out>/train<N>/<set>/test/<kind>/*.png
-    <out>/train<N>/<set>/ground_truth/<kind>/<stem>_mask.png
+``ksdd`` (object surface: electrical commutators, 512 x 1280)
+    KolektorSDD, Tabernik et al., "Segmentation-based deep-learning approach for
+    surface-defect detection" (J. Intell. Manuf. 2020), CC BY-NC-SA 4.0, as kept in
+    https://github.com/songpeixuan22/Unet-Defect-Detection-in-kolektorSSD (commit
+    50cf5720): ``data/kosNN/PartK.jpg`` with ``PartK_label.bmp`` (50 commutators, 8
+    views each, ~500 x 1260 px). Every image with a defect (52) is in the test set,
+    with 60 normal ones; 40 other normal images train. Images are resized to
+    512 x 1280 (bicubic; +2.4% / +1.5%), masks by nearest neighbour. Defects cover
+    0.1-1% of an image.
+``bsd_screw`` (machine element: ball-screw spindle, one camera view, 1130 x 460 native)
+    BSData, Schlagenhauf and Burghardt, "Industrial Machine Tool Element Surface
+    Defect Dataset" (2021), CC BY-SA 4.0, https://github.com/2Obe/BSData (commit
+    7204b28a). BSD type 2 in its 1130 x 460 view (the other view, 1540 x 645, has
+    22 normal images: too few to train and test); labelme polygons of pitting are
+    the masks. Every pitting image of the view (167) is in the test set, with 80
+    normal ones; 50 other normal images train. Native size, no resizing.
+``mt_panels`` (texture: magnetic tiles, 1024 x 1024 panels of 2 x 2 real tiles)
+    Magnetic tile defects, Huang et al., "Surface defect saliency of magnetic
+    tile" (The Visual Computer, 2020), https://github.com/abin24/Magnetic-tile-defect-datasets.
+    (commit cc4eb530; no licence stated: research use). The tiles are 100-600 px, so
+    four of them (each resized to 512 x 512, ~1.9x for the median tile) make one
+    panel: normal panels of four ``MT_Free`` tiles, defective panels with one
+    defective tile (blowhole, break, crack, fray, uneven: 20 each) at a random
+    position and three normal ones. 40 training panels, 60 normal and 100 defective
+    test panels; no tile is used twice.
 
-Two settings share one test set and differ in their training images:
-``train2`` (2 images, coreset 10%: the original HiAD's configs/patchcore.yaml)
-and ``train10`` (10 images, coreset 1%: the quick start's share). Ten training
-images are what a 2-core CPU with ~8 GB for one job affords today: one detector
-for all 16 patches of 10 images holds 655,360 features of 1024 values (2.7 GB)
-before the coreset (the original HiAD's greedy coreset over the 131,072 features
-of ``train2`` alone ran for over an hour on a loaded 2-core CPU); the data sets
-have hundreds of normal images (``--train`` takes more).
+``run`` fits and tests hiad-pl detectors on the built sets through the tutorial API
+(``HRTrainer``, one detector for all patches: A2O) in one subprocess per run (its
+peak RSS is its own), and keeps each run's per-image statistics
+(``real_stats.RunStats``: image scores, binned pixel histograms per image and per
+defect region) under ``<cache>/runs``; the table shows image AUROC with its 95%
+bootstrap interval, pixel AUROC, AUPRO (FPR 0.3), pixel AP, pixel F1-max, fit time,
+seconds per image and peak RSS. A finished run is not run again unless its
+settings change. ``compare`` gives paired bootstrap differences of two variants
+over the sets together; ``peer`` adds the original HiAD's maps (``hiad_peer.py``).
 
-Running (``run``): hiad-pl PatchCore, PaDiM and FastFlow through the tutorial
-API (``HRTrainer``), one detector for all patches of 512 px (A2O), the offline
-EfficientNet-Lite0 weights, layers blocks.2 + blocks.4; metrics as the peer
-runner computes them (image AUROC; pixel AUROC and AUPRO at 512 x 512, maps
-bilinear, masks nearest). Results accumulate in ``--results`` (JSON) and the
-Markdown table is rebuilt from it; ``--peer NAME=FILE`` adds the JSON that
-``run_hiad.py`` wrote for the same folder.
-
-    python benchmarks/real_data.py build --out ~/.cache/hiad-pl/real_data/built
-    python benchmarks/real_data.py run --data ~/.cache/hiad-pl/real_data/built --settings train2 \\
-        --detectors patchcore padim fastflow
+    python benchmarks/real_data.py build
+    python benchmarks/real_data.py run --detectors patchcore --variant default
+    python benchmarks/real_data.py run --detectors patchcore --variant hiad_features \\
+        --override aggregation='"neighbourhood"' layer_weighting='"equal"'
+    python benchmarks/real_data.py compare patchcore/hiad_features patchcore/default
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import os
 import random
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -69,41 +75,47 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
-CACHE = Path("~/.cache/hiad-pl/real_data").expanduser()
-IMAGE_SIZE = 2048
-PATCH_SIZE = 512
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_stats  # noqa: E402
+
+CACHE = Path(os.environ.get("HIAD_PL_REAL_DATA", "~/.cache/hiad-pl/real_data")).expanduser()
 SEED = 0
-TEST_NORMAL = 10
-TRAIN_SETTINGS = {"train2": 2, "train10": 10}
-#: Coreset share of each setting: the original's configs/patchcore.yaml (10%), the quick start's (1%).
-CORESET_SHARE = {"train2": 0.1, "train10": 0.01}
-METRIC_RESIZE = 512
+
+
+class BuildError(RuntimeError):
+    """A data set cannot be built: the message names the source and the problem."""
 
 
 @dataclass(frozen=True)
-class Origin:
-    """Where a data set comes from: repository and the commit it was built from."""
+class Source:
+    """A public repository a set is built from, pinned to a commit."""
 
     url: str
     commit: str
+    licence: str
 
 
-ORIGINS = {
-    "mt_tile": Origin("https://github.com/abin24/Magnetic-tile-defect-datasets.", "cc4eb530b57b9cb7225bf76023873043ffd50655"),
-    "bsd_screw": Origin("https://github.com/2Obe/BSData", "7204b28a621733c01cd75899ed9ea27f6ea0b9e3"),
+SOURCES = {
+    "kolektorsdd": Source("https://github.com/songpeixuan22/Unet-Defect-Detection-in-kolektorSSD",
+                          "50cf572a15d12bcd951dd2bdcbcf5356cc52d6bd", "CC BY-NC-SA 4.0 (KolektorSDD)"),
+    "bsdata": Source("https://github.com/2Obe/BSData", "7204b28a621733c01cd75899ed9ea27f6ea0b9e3", "CC BY-SA 4.0"),
+    "magnetic_tile": Source("https://github.com/abin24/Magnetic-tile-defect-datasets.",
+                            "cc4eb530b57b9cb7225bf76023873043ffd50655", "none stated (research use)"),
 }
 
 
 class SourceTree:
-    """Read-only files of a data set's repository: a (bare) git directory or a checked-out folder."""
+    """Read-only files of a source repository: a (bare) git directory, read at HEAD, or a plain folder."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
         self.path = path
         self.git_dir = self._git_dir(path)
         if self.git_dir is None and not path.is_dir():
-            raise FileNotFoundError(f"{path}: neither a folder nor a git directory")
+            raise BuildError(f"source {name}: {path} is neither a folder nor a git directory")
+        self._batch: subprocess.Popen[bytes] | None = None
 
     @staticmethod
     def _git_dir(path: Path) -> Path | None:
@@ -112,73 +124,147 @@ class SourceTree:
                 return candidate
         return None
 
+    def _git(self, *args: str) -> bytes:
+        done = subprocess.run(["git", "--git-dir", str(self.git_dir), *args], capture_output=True)
+        if done.returncode != 0:
+            raise BuildError(f"source {self.name} ({self.path}): git {' '.join(args)}: {done.stderr.decode().strip()}")
+        return done.stdout
+
     def commit(self) -> str | None:
         """The commit the files are read from (``None`` for a plain folder)."""
-        if self.git_dir is None:
-            return None
-        return self._git("rev-parse", "HEAD").decode().strip()
-
-    def _git(self, *args: str) -> bytes:
-        return subprocess.run(["git", "--git-dir", str(self.git_dir), *args], check=True, capture_output=True).stdout
+        return None if self.git_dir is None else self._git("rev-parse", "HEAD").decode().strip()
 
     def files(self) -> list[str]:
         """Every file path, relative to the repository root, sorted."""
         if self.git_dir is not None:
             return sorted(self._git("ls-tree", "-r", "--name-only", "HEAD").decode().splitlines())
-        return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file())
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
 
     def read(self, name: str) -> bytes:
-        """The bytes of one file."""
-        if self.git_dir is not None:
-            return self._git("show", f"HEAD:{name}")
-        return (self.path / name).read_bytes()
+        """The bytes of one file (one long-lived ``git cat-file --batch`` serves a git source)."""
+        if self.git_dir is None:
+            try:
+                return (self.path / name).read_bytes()
+            except OSError as error:
+                raise BuildError(f"source {self.name} ({self.path}): cannot read {name}: {error}") from error
+        if self._batch is None:
+            self._batch = subprocess.Popen(["git", "--git-dir", str(self.git_dir), "cat-file", "--batch"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._batch.stdin is not None and self._batch.stdout is not None
+        self._batch.stdin.write(f"HEAD:{name}\n".encode())
+        self._batch.stdin.flush()
+        header = self._batch.stdout.readline().decode().split()
+        if len(header) != 3:
+            raise BuildError(f"source {self.name} ({self.path}): {name} is not in the repository at HEAD")
+        data = self._batch.stdout.read(int(header[2]))
+        self._batch.stdout.read(1)
+        return data
+
+    def image(self, name: str, mode: str = "RGB") -> Image.Image:
+        """One image file, decoded; an unreadable file raises :class:`BuildError` naming it."""
+        try:
+            with Image.open(io.BytesIO(self.read(name))) as image:
+                return image.convert(mode)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+            raise BuildError(f"source {self.name} ({self.path}): {name}: unreadable image ({error})") from error
+
+    def close(self) -> None:
+        """Stop the reader process."""
+        if self._batch is not None:
+            self._batch.communicate()
+            self._batch = None
 
 
-def open_source(name: str, given: dict[str, Path]) -> SourceTree:
-    """The repository of data set ``name``: ``--source`` if given, else a shallow clone in the cache."""
+def open_source(name: str, given: dict[str, Path], any_commit: bool = False) -> SourceTree:
+    """The repository of source ``name``: ``--source`` if given, else a clone in the cache; its commit checked."""
+    source = SOURCES[name]
     if name in given:
-        return SourceTree(given[name])
-    clone = CACHE / "sources" / name
-    if not clone.exists():
-        clone.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "clone", "--depth", "1", ORIGINS[name].url, str(clone)], check=True)
-    return SourceTree(clone)
+        path = given[name]
+        if not path.exists():
+            raise BuildError(f"source {name}: {path} does not exist (a clone of {source.url} at {source.commit[:8]})")
+    else:
+        path = CACHE / "sources" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(["git", "clone", "--bare", source.url, str(path)], capture_output=True)
+            if done.returncode != 0:
+                raise BuildError(f"source {name}: cannot clone {source.url} ({done.stderr.decode().strip()}); "
+                                 f"clone it elsewhere and pass --source {name}=PATH")
+    tree = SourceTree(name, path)
+    commit = tree.commit()
+    if commit is not None and commit != source.commit and not any_commit:
+        raise BuildError(f"source {name}: {path} is at commit {commit[:8]}, the benchmark is pinned to "
+                         f"{source.commit[:8]} of {source.url}; check that commit out (or pass --any-commit)")
+    return tree
+
+
+# ------------------------------------------------------------------------------------------ set plans
 
 
 @dataclass
-class Item:
-    """One image of a data set: its name, defect kind (``good`` when normal) and how to read image and mask."""
+class Planned:
+    """One image of a built set: where it goes and how to draw it (and its mask)."""
 
+    split: str  # train | test
+    kind: str  # good or the defect kind
     stem: str
-    kind: str
-    image: Callable[[], Image.Image]
-    mask: Callable[[], Image.Image] | None = None
+    render: Callable[[], tuple[Image.Image, Image.Image | None]]
 
 
-def _image_reader(tree: SourceTree, name: str) -> Callable[[], Image.Image]:
-    return lambda: Image.open(io.BytesIO(tree.read(name))).convert("RGB")
+@dataclass(frozen=True)
+class SetSpec:
+    """A benchmark set: its source, how it is planned, and the geometry detectors run it at."""
+
+    source: str
+    plan: Callable[[SourceTree, "SetSpec"], list[Planned]]
+    image_size: tuple[int, int]  # (width, height) of every written image
+    patch_size: int
+    train: int
+    test_normal: int
+    notes: str = ""
 
 
-def mt_tile_items(tree: SourceTree) -> list[Item]:
-    """Magnetic tile images: ``MT_<kind>/Imgs/<stem>.jpg`` with masks ``<stem>.png``."""
-    items = []
-    for name in tree.files():
-        parts = name.split("/")
-        if len(parts) != 3 or parts[1] != "Imgs" or not name.endswith(".jpg"):
-            continue
-        kind = parts[0].removeprefix("MT_").lower()
-        stem = Path(parts[2]).stem
-        if kind == "free":
-            items.append(Item(stem, "good", _image_reader(tree, name)))
-        else:
-            mask_name = name[: -len(".jpg")] + ".png"
-            items.append(Item(stem, kind, _image_reader(tree, name),
-                              lambda n=mask_name: Image.open(io.BytesIO(tree.read(n))).convert("L")))
-    return items
+def _binary(mask: Image.Image) -> Image.Image:
+    return Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
 
 
-#: The BSData view kept: type 2 spindles imaged at this size.
-BSD_VIEW = (1130, 460)
+def _split_normals(names: list[str], spec: SetSpec) -> tuple[list[str], list[str]]:
+    """``(test, train)`` normal names: shuffled with ``SEED``, ``test_normal`` first, then ``train``."""
+    shuffled = sorted(names)
+    random.Random(SEED).shuffle(shuffled)
+    if len(shuffled) < spec.test_normal + spec.train:
+        raise BuildError(f"source {spec.source}: {len(shuffled)} normal images, the set needs "
+                         f"{spec.test_normal} test + {spec.train} training images")
+    return shuffled[: spec.test_normal], shuffled[spec.test_normal : spec.test_normal + spec.train]
+
+
+def plan_ksdd(tree: SourceTree, spec: SetSpec) -> list[Planned]:
+    """KolektorSDD: ``data/kosNN/PartK.jpg`` + ``PartK_label.bmp``; defective = a non-empty label."""
+    images = [n for n in tree.files() if n.endswith(".jpg") and n.startswith("data/kos") and n.count("/") == 2]
+    if not images:
+        raise BuildError(f"source {tree.name} ({tree.path}): no data/kosNN/PartK.jpg images")
+    size = spec.image_size
+    normal, defective = [], []
+    for name in images:
+        label = name[: -len(".jpg")] + "_label.bmp"
+        (defective if np.asarray(tree.image(label, "L")).any() else normal).append(name)
+
+    def stem(name: str) -> str:
+        return "_".join(name[: -len(".jpg")].split("/")[1:])
+
+    def render(name: str, with_mask: bool) -> Callable[[], tuple[Image.Image, Image.Image | None]]:
+        def draw() -> tuple[Image.Image, Image.Image | None]:
+            image = tree.image(name).resize(size, Image.BICUBIC)
+            if not with_mask:
+                return image, None
+            mask = tree.image(name[: -len(".jpg")] + "_label.bmp", "L").resize(size, Image.NEAREST)
+            return image, _binary(mask)
+        return draw
+
+    test_normal, train = _split_normals(normal, spec)
+    return ([Planned("train", "good", stem(n), render(n, False)) for n in train]
+            + [Planned("test", "good", stem(n), render(n, False)) for n in test_normal]
+            + [Planned("test", "defect", stem(n), render(n, True)) for n in sorted(defective)])
 
 
 def _polygon_mask(annotation: dict[str, Any]) -> Image.Image:
@@ -191,150 +277,350 @@ def _polygon_mask(annotation: dict[str, Any]) -> Image.Image:
     return mask
 
 
-def bsd_screw_items(tree: SourceTree) -> list[Item]:
-    """BSData type-2 spindles of one view; labelme polygons of pitting are the masks."""
-    records = json.loads(tree.read("image_data.json"))["images"]
-    items = []
+def plan_bsd(tree: SourceTree, spec: SetSpec) -> list[Planned]:
+    """BSData type 2 in one view (``spec.image_size``); labelme polygons of pitting are the masks."""
+    try:
+        records = json.loads(tree.read("image_data.json"))["images"]
+    except (ValueError, KeyError) as error:
+        raise BuildError(f"source {tree.name} ({tree.path}): image_data.json unreadable ({error})") from error
+    normal, defective = [], {}
     for record in records:
-        if record["type"] != 2:
+        if record.get("type") != 2:
             continue
         name = f"data/{record['filename']}"
-        stem = Path(record["filename"]).stem
-        if record["annotations"]:
+        if record.get("annotations"):
             annotation = json.loads(tree.read(f"label/{record['annotations']}"))
-            if (annotation["imageWidth"], annotation["imageHeight"]) != BSD_VIEW or not annotation["shapes"]:
-                continue
-            items.append(Item(stem, "pitting", _image_reader(tree, name), lambda a=annotation: _polygon_mask(a)))
-        else:
-            with Image.open(io.BytesIO(tree.read(name))) as probe:
-                if probe.size != BSD_VIEW:
-                    continue
-            items.append(Item(stem, "good", _image_reader(tree, name)))
-    return items
+            if (annotation["imageWidth"], annotation["imageHeight"]) == spec.image_size and annotation["shapes"]:
+                defective[name] = annotation
+        elif tree.image(name).size == spec.image_size:
+            normal.append(name)
+
+    def render(name: str) -> Callable[[], tuple[Image.Image, Image.Image | None]]:
+        def draw() -> tuple[Image.Image, Image.Image | None]:
+            image = tree.image(name)
+            if image.size != spec.image_size:
+                raise BuildError(f"source {tree.name}: {name} is {image.size}, expected {spec.image_size}")
+            return image, (_polygon_mask(defective[name]) if name in defective else None)
+        return draw
+
+    test_normal, train = _split_normals(normal, spec)
+    stem = lambda n: Path(n).stem  # noqa: E731
+    return ([Planned("train", "good", stem(n), render(n)) for n in train]
+            + [Planned("test", "good", stem(n), render(n)) for n in test_normal]
+            + [Planned("test", "pitting", stem(n), render(n)) for n in sorted(defective)])
 
 
-BUILDERS: dict[str, tuple[Callable[[SourceTree], list[Item]], int]] = {
-    # data set: (its items, defective test images per defect kind)
-    "mt_tile": (mt_tile_items, 2),
-    "bsd_screw": (bsd_screw_items, 10),
+#: Magnetic-tile panels: tiles per side, tile side (px), defective test panels per defect kind.
+MT_GRID, MT_TILE, MT_PER_KIND = 2, 512, 20
+
+
+def plan_mt_panels(tree: SourceTree, spec: SetSpec) -> list[Planned]:
+    """Panels of ``MT_GRID x MT_GRID`` real magnetic tiles; a defective panel holds one defective tile."""
+    tiles: dict[str, list[str]] = {}
+    for name in tree.files():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[1] == "Imgs" and name.endswith(".jpg") and parts[0].startswith("MT_"):
+            tiles.setdefault(parts[0].removeprefix("MT_").lower(), []).append(name)
+    if "free" not in tiles:
+        raise BuildError(f"source {tree.name} ({tree.path}): no MT_Free/Imgs/*.jpg tiles")
+    rng = random.Random(SEED)
+    free = sorted(tiles.pop("free"))
+    rng.shuffle(free)
+    per_panel = MT_GRID * MT_GRID
+    kinds = sorted(tiles)
+    panels: list[tuple[str, str, list[str], int | None]] = []  # split, kind, tiles, defective slot
+    needed = (spec.train + spec.test_normal) * per_panel + MT_PER_KIND * len(kinds) * (per_panel - 1)
+    if len(free) < needed:
+        raise BuildError(f"source {tree.name}: {len(free)} normal tiles, the panels need {needed}")
+    take = iter(free)
+    for split, count in (("train", spec.train), ("test", spec.test_normal)):
+        panels += [(split, "good", [next(take) for _ in range(per_panel)], None) for _ in range(count)]
+    for kind in kinds:
+        chosen = rng.sample(sorted(tiles[kind]), MT_PER_KIND)
+        for tile in chosen:
+            slot = rng.randrange(per_panel)
+            cells = [next(take) for _ in range(per_panel - 1)]
+            cells.insert(slot, tile)
+            panels.append(("test", kind, cells, slot))
+
+    def render(cells: list[str], slot: int | None) -> Callable[[], tuple[Image.Image, Image.Image | None]]:
+        def draw() -> tuple[Image.Image, Image.Image | None]:
+            side = MT_GRID * MT_TILE
+            image = Image.new("RGB", (side, side))
+            mask = Image.new("L", (side, side), 0) if slot is not None else None
+            for position, cell in enumerate(cells):
+                corner = ((position % MT_GRID) * MT_TILE, (position // MT_GRID) * MT_TILE)
+                image.paste(tree.image(cell).resize((MT_TILE, MT_TILE), Image.BICUBIC), corner)
+                if mask is not None and position == slot:
+                    tile_mask = tree.image(cell[: -len(".jpg")] + ".png", "L")
+                    mask.paste(_binary(tile_mask.resize((MT_TILE, MT_TILE), Image.NEAREST)), corner)
+            return image, mask
+        return draw
+
+    return [Planned(split, kind, f"panel_{index:03d}", render(cells, slot))
+            for index, (split, kind, cells, slot) in enumerate(panels)]
+
+
+SETS: dict[str, SetSpec] = {
+    "ksdd": SetSpec("kolektorsdd", plan_ksdd, (512, 1280), 256, train=40, test_normal=60),
+    "bsd_screw": SetSpec("bsdata", plan_bsd, (1130, 460), 256, train=50, test_normal=80),
+    "mt_panels": SetSpec("magnetic_tile", plan_mt_panels, (MT_GRID * MT_TILE,) * 2, 256, train=40, test_normal=60),
 }
+
+
+def _spec_record(name: str, spec: SetSpec, commit: str | None) -> dict[str, Any]:
+    source = SOURCES[spec.source]
+    return {"set": name, "source": spec.source, "url": source.url, "pinned_commit": source.commit,
+            "commit": commit, "licence": source.licence, "image_size": list(spec.image_size),
+            "patch_size": spec.patch_size, "train": spec.train, "test_normal": spec.test_normal, "seed": SEED}
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp.png")
     image.save(tmp)
     tmp.replace(path)
 
 
-def _write_item(item: Item, folder: Path, split: str) -> None:
-    """Resize one item to 2048 px (bicubic image, nearest mask) into ``folder``'s MVTec layout."""
-    target = folder / split / item.kind / f"{item.stem}.png"
-    if target.exists():
-        return
-    if item.mask is not None:
-        mask = item.mask().resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
-        mask = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
-        _save_png(mask, folder / "ground_truth" / item.kind / f"{item.stem}_mask.png")
-    _save_png(item.image().resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC), target)
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
 
 
-def split_items(items: list[Item], per_kind: int, max_train: int) -> tuple[list[Item], list[Item]]:
-    """Fixed split (seed 0): ``(train, test)`` with ``TEST_NORMAL`` normal and ``per_kind`` defects per kind in test."""
-    rng = random.Random(SEED)
-    normal = sorted((i for i in items if i.kind == "good"), key=lambda i: i.stem)
-    rng.shuffle(normal)
-    test = normal[:TEST_NORMAL]
-    for kind in sorted({i.kind for i in items} - {"good"}):
-        defects = sorted((i for i in items if i.kind == kind), key=lambda i: i.stem)
-        test += rng.sample(defects, min(per_kind, len(defects)))
-    return normal[TEST_NORMAL : TEST_NORMAL + max_train], test
-
-
-def build(out: Path, sources: dict[str, Path], names: Iterable[str], settings: dict[str, int]) -> dict[str, Any]:
-    """Write every data set under ``out/<setting>/<set>``; returns and writes ``out/sources.json``."""
-    record: dict[str, Any] = {}
-    for name in names:
-        tree = open_source(name, sources)
-        items_of, per_kind = BUILDERS[name]
-        train, test = split_items(items_of(tree), per_kind, max(settings.values()))
-        for setting, count in settings.items():
-            folder = out / setting / name
-            for item in test:
-                _write_item(item, folder, "test")
-            for item in train[:count]:
-                _write_item(item, folder, "train")
-        record[name] = {"url": ORIGINS[name].url, "commit": tree.commit() or ORIGINS[name].commit,
-                        "train": [i.stem for i in train], "test": [f"{i.kind}/{i.stem}" for i in test]}
-        print(f"{name}: {len(test)} test images ({sum(i.kind != 'good' for i in test)} defective), "
-              f"up to {len(train)} training images, from {record[name]['commit']}")
-    (out / "sources.json").write_text(json.dumps(record, indent=1))
+def build_set(out: Path, name: str, tree: SourceTree) -> dict[str, Any]:
+    """Write set ``name`` under ``out/name``; a half-built folder of the same plan is completed, not restarted."""
+    spec = SETS[name]
+    folder = out / name
+    record = _spec_record(name, spec, tree.commit())
+    done = folder / "set.json"
+    started = folder / ".plan.json"
+    for marker in (done, started):
+        if marker.exists():
+            previous = {k: v for k, v in json.loads(marker.read_text()).items() if k in record}
+            if previous != record:
+                changed = sorted(k for k in record if previous.get(k) != record[k])
+                raise BuildError(f"{folder} was built from other settings or another commit ({', '.join(changed)}): "
+                                 "remove it, or build into another --out")
+    if done.exists():
+        print(f"{name}: already built ({folder})")
+        return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(started, record)
+    planned = spec.plan(tree, spec)
+    written = 0
+    for item in planned:
+        target = folder / item.split / item.kind / f"{item.stem}.png"
+        if target.exists():
+            continue
+        image, mask = item.render()
+        if mask is not None:
+            _save_png(mask, folder / "ground_truth" / item.kind / f"{item.stem}_mask.png")
+        _save_png(image, target)
+        written += 1
+    record["files"] = {split: sorted(f"{i.kind}/{i.stem}" for i in planned if i.split == split) for split in ("train", "test")}
+    record["test_defective"] = sum(i.split == "test" and i.kind != "good" for i in planned)
+    _write_json(done, record)
+    started.unlink()
+    print(f"{name}: {len(record['files']['test'])} test images ({record['test_defective']} defective), "
+          f"{len(record['files']['train'])} training, {spec.image_size[0]} x {spec.image_size[1]} px "
+          f"({written} written now) from {tree.name} at {record['commit'][:8] if record['commit'] else 'a plain folder'}")
     return record
+
+
+def build(out: Path, sources: dict[str, Path], names: Iterable[str], any_commit: bool = False) -> dict[str, Any]:
+    """Build every set in ``names`` under ``out``; returns their records."""
+    records = {}
+    trees: dict[str, SourceTree] = {}
+    try:
+        for name in names:
+            if name not in SETS:
+                raise BuildError(f"unknown set {name!r}; known: {', '.join(SETS)}")
+            source = SETS[name].source
+            if source not in trees:
+                trees[source] = open_source(source, sources, any_commit)
+            records[name] = build_set(out, name, trees[source])
+    finally:
+        for tree in trees.values():
+            tree.close()
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- running
 
 BACKBONE = {"backbone_name": "efficientnet_lite0", "weights": "offline", "layers_to_extract_from": ["blocks.2", "blocks.4"]}
 
+#: Detector class and the settings the original HiAD runs it with (the offline Lite0 backbone).
+DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "patchcore": ("hiad_pl.detectors.HRPatchCore", {**BACKBONE, "merge_size": 3, "percentage": 0.1,
+                                                    "pretrain_embed_dimension": 1024, "target_embed_dimension": 1024,
+                                                    "num_neighbors": 1}),
+    "padim": ("hiad_pl.detectors.HRPaDiM", {**BACKBONE}),
+    "fastflow": ("hiad_pl.detectors.HRFastFlow", {**BACKBONE, "flow_steps": 8, "epochs": 10}),
+}
 
-def detector_setups(setting: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Detector class name and config of each detector, with the settings the original HiAD runs."""
-    patchcore = {**BACKBONE, "merge_size": 3, "percentage": CORESET_SHARE[setting], "pretrain_embed_dimension": 1024,
-                 "target_embed_dimension": 1024, "num_neighbors": 1, "coreset_max_candidates": None}
-    return {
-        "patchcore": ("HRPatchCore", patchcore),
-        "padim": ("HRPaDiM", {**BACKBONE}),
-        "fastflow": ("HRFastFlow", {**BACKBONE, "flow_steps": 4, "epochs": 2}),  # the quick start's
-    }
+#: Image-score rules evaluated on every run's maps besides the pipeline's own (window mean maximum).
+SCORE_RULES = ("max", "top100_mean", "window32", "window64")
 
 
-def run_one(
-    category_root: Path,
-    detector: str,
-    setting: str,
-    overrides: dict[str, Any],
-    image_size: int = IMAGE_SIZE,
-    patch_size: int = PATCH_SIZE,
-) -> dict[str, Any]:
-    """Fit and test one detector on one category folder; metrics as the peer runner computes them.
+def rule_scores(maps: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """Image scores of each rule in :data:`SCORE_RULES` from full-resolution maps."""
+    import torch
 
-    ``image_size`` / ``patch_size`` below 2048 / 512 make cheap probes on the same images.
+    from hiad_pl.postprocess import image_score
+
+    out: dict[str, list[float]] = {rule: [] for rule in SCORE_RULES}
+    for m in maps:
+        t = torch.from_numpy(np.asarray(m, np.float32))
+        out["max"].append(float(t.max()))
+        out["top100_mean"].append(float(t.flatten().topk(min(100, t.numel())).values.mean()))
+        out["window32"].append(float(image_score(t, 32)))
+        out["window64"].append(float(image_score(t, 64)))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def config_hash(value: Any) -> str:
+    """Short stable hash of a JSON-able value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_key(set_name: str, detector: str, variant: str) -> str:
+    """Key of one run in the results: ``set|detector/variant``."""
+    return f"{set_name}|{detector}/{variant}"
+
+
+def stats_path(runs: Path, set_name: str, detector: str, variant: str) -> Path:
+    """Where a run's per-image statistics are kept."""
+    return runs / set_name / f"{detector}__{variant}.npz"
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process (GB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def run_one(set_root: Path, detector: str, overrides: dict[str, Any], stats_file: Path,
+            control: bool = False, threads: int = 2) -> dict[str, Any]:
+    """Fit and test one detector on one built set; per-image statistics to ``stats_file``, the summary returned.
+
+    ``control`` scores with the trainable parts at their initialisation (the fit's
+    training steps are skipped: ``epochs`` 0), the untrained control of a trained detector.
     """
     import torch
 
-    from hiad_pl import detectors
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_inference import backbone_floor
+
     from hiad_pl.data.discovery import discover
+    from hiad_pl.orchestrator import TaskOrchestrator, collect
     from hiad_pl.task import A2OTaskGenerator
-    from hiad_pl.trainer import HRTrainer
-    from hiad_pl.utils import metrics
     from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
 
+    torch.set_num_threads(threads)
     torch.manual_seed(SEED)
-    (split,) = discover(str(category_root.parent), categories=[category_root.name], image_size=image_size)
-    class_name, config = detector_setups(setting)[detector]
-    config = {**config, **overrides, "patch_size": patch_size}
+    record = json.loads((set_root / "set.json").read_text())
+    image_size, patch_size = tuple(record["image_size"]), int(record["patch_size"])
+    (split,) = discover(str(set_root.parent), categories=[set_root.name], image_size=image_size)
+    class_path, config = DETECTORS[detector]
+    config = {**config, **overrides, "input_size": patch_size}
+    if control:
+        config["epochs"] = 0
     indexes = MultiResolutionHRImageSpliter(image_size=image_size, patch_size=patch_size)
     tasks = A2OTaskGenerator().create_tasks(split.train, indexes)
-    work = Path(tempfile.mkdtemp(prefix="hiad_pl_real_"))
-    trainer = HRTrainer(batch_size=4, tasks=tasks, detector_class=getattr(detectors, class_name),
-                        config={"patch": config}, checkpoint_root=str(work / "ckpt"), log_root=str(work / "logs"),
-                        vis_root=str(work / "vis"))
-    start = time.perf_counter()
-    trainer.train(train_samples=split.train, gpu_ids=[])
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    scores, maps = trainer.inference(split.test, gpu_ids=[], return_results_only=True)
-    per_image_s = (time.perf_counter() - start) / len(split.test)
-    labels = [s.label for s in split.test]
+    with tempfile.TemporaryDirectory(prefix="hiad_pl_real_") as work:
+        orchestrator = TaskOrchestrator(class_path, config, tasks, work, batch_size=8)
+        start = time.perf_counter()
+        orchestrator.fit(split.train, [])
+        fit_s = time.perf_counter() - start
+        orchestrator.load("cpu")
+        pipeline = orchestrator.pipeline("cpu")
+        start = time.perf_counter()
+        scores, maps = collect(pipeline.predict(split.test), len(split.test))
+        per_image_s = (time.perf_counter() - start) / len(split.test)
+        floor_s = backbone_floor(pipeline, split, 5)
+        full = [np.asarray(m, np.float32) for m in maps]
+    keys = [f"{s.label_name}/{Path(s.get_image_path()).stem}" for s in split.test]
+    labels = [int(s.label) for s in split.test]
     masks = [s.full_mask() if s.mask is not None else None for s in split.test]
-    result = {"detector": f"hiad-pl {class_name}", "setting": setting, "data": category_root.name, "image_size": image_size,
-              "overrides": overrides, "train_images": len(split.train), "test_images": len(split.test),
-              "fit_s": fit_s, "inference_s_per_image": per_image_s}
-    result.update(metrics.compute_imagewise_metrics(scores, labels))
-    result.update(metrics.compute_pixelwise_metrics_resize(scores, labels, maps, masks, resize=METRIC_RESIZE))
-    result["aupro"] = metrics.compute_pro_resize(scores, labels, maps, masks, resize=METRIC_RESIZE)["pro"]
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    stats = real_stats.collect(keys, labels, [float(v) for v in scores], full, masks)
+    stats.rule_scores = rule_scores(full)
+    stats.save(stats_file)
+    row = {"set": set_root.name, "detector": detector, "class_path": class_path, "config": config,
+           "control": control, "image_size": list(image_size), "patch_size": patch_size,
+           "train_images": len(split.train), "test_images": len(split.test), "test_defective": int(sum(labels)),
+           "fit_s": fit_s, "inference_s_per_image": per_image_s, "floor_s_per_image": floor_s,
+           "peak_rss_gb": peak_rss_gb()}
+    row.update(real_stats.summary(stats))
+    return row
+
+
+def _run_in_child(args: list[str]) -> dict[str, Any]:
+    """Run ``run-one`` in a fresh interpreter (its peak RSS and time are its own); its JSON row."""
+    done = subprocess.run([sys.executable, __file__, "run-one", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"run-one {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    """Accumulated results (by run key) of earlier runs."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(path: Path, results: dict[str, dict[str, Any]]) -> None:
+    """Write the results atomically."""
+    _write_json(path, dict(sorted(results.items())))
+
+
+def _interval(row: dict[str, Any], metric: str) -> str:
+    if metric not in row:
+        return "-"
+    if f"{metric}_lo" in row:
+        return f"{row[metric]:.3f} [{row[f'{metric}_lo']:.3f}, {row[f'{metric}_hi']:.3f}]"
+    return f"{row[metric]:.3f}"
+
+
+def table(results: Iterable[dict[str, Any]]) -> str:
+    """Markdown table: set x detector/variant, metrics with 95% bootstrap intervals, cost."""
+    lines = ["| set | detector / variant | image AUROC [95% CI] | pixel AUROC [95% CI] | AUPRO | pixel AP | pixel F1-max "
+             "| fit s | s/image | floor s/image | peak RSS GB |",
+             "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in sorted(results, key=lambda r: (r["set"], r["detector"], r["variant"])):
+        cost = (f"{r['fit_s']:.0f} | {r['inference_s_per_image']:.2f} | {r['floor_s_per_image']:.2f} | {r['peak_rss_gb']:.1f}"
+                if "fit_s" in r else "- | - | - | -")
+        lines.append(f"| {r['set']} | {r['detector']} / {r['variant']} | {_interval(r, 'image_auroc')} | "
+                     f"{_interval(r, 'pixel_auroc')} | {_interval(r, 'aupro')} | {r.get('pixel_ap', float('nan')):.3f} | "
+                     f"{r.get('pixel_f1_max', float('nan')):.3f} | {cost} |")
+    return "\n".join(lines)
+
+
+def comparison_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table of paired differences (A - B, mean over the sets) with intervals."""
+    lines = ["| A - B | image AUROC | pixel AUROC | AUPRO | pixel AP |", "|:--|--:|--:|--:|--:|"]
+    for label, diff in rows.items():
+        cells = []
+        for metric in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap"):
+            d = diff.get(metric)
+            cells.append("-" if d is None else f"{d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(runs: Path, a: str, b: str, sets: Iterable[str], rule_a: str | None = None,
+            rule_b: str | None = None) -> dict[str, dict[str, float]]:
+    """Paired bootstrap of run ``a`` minus run ``b`` (``detector/variant``) over ``sets`` together."""
+    pairs = []
+    for set_name in sets:
+        files = [stats_path(runs, set_name, *name.split("/", 1)) for name in (a, b)]
+        if all(f.exists() for f in files):
+            sa, sb = (real_stats.RunStats.load(f) for f in files)
+            pairs.append((sa.with_rule(rule_a), sb.with_rule(rule_b)))
+    if not pairs:
+        raise SystemExit(f"no set has both {a} and {b}")
+    result = real_stats.paired(pairs)
+    for value in result.values():
+        value["sets"] = len(pairs)
     return result
 
 
@@ -374,22 +660,6 @@ def feature_offsets(architecture: str, size: int = 256) -> dict[str, tuple[float
     return {layer: tuple(float(v) for v in np.mean(values, axis=0)) for layer, values in offsets.items()}
 
 
-def _row_key(result: dict[str, Any]) -> str:
-    overrides = ",".join(f"{k}={v}" for k, v in sorted(result.get("overrides", {}).items()))
-    return f"{result['data']}|{result['setting']}|{result['detector']}|{overrides}"
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """Markdown table of the results, grouped by data set and setting."""
-    lines = ["| data | setting | detector | image AUROC | pixel AUROC | AUPRO | fit s | s/image | peak RSS GB |",
-             "|:--|:--|:--|--:|--:|--:|--:|--:|--:|"]
-    for r in sorted(results, key=lambda r: (r["data"], r["setting"], r["detector"])):
-        label = r["detector"] + (f" ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})" if r.get("overrides") else "")
-        lines.append(f"| {r['data']} | {r['setting']} | {label} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | "
-                     f"{r['aupro']:.4f} | {r['fit_s']:.0f} | {r['inference_s_per_image']:.1f} | {r['peak_rss_gb']:.1f} |")
-    return "\n".join(lines)
-
-
 #: Heading of the section this script owns in docs/results.md (demo_results.py keeps it when it rebuilds the file).
 SECTION = "## Real data"
 
@@ -404,27 +674,6 @@ def write_section(path: Path, body: str) -> None:
     tmp.replace(path)
 
 
-def load_results(path: Path) -> dict[str, dict[str, Any]]:
-    """Accumulated results (by row key) of earlier runs."""
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_results(path: Path, results: dict[str, dict[str, Any]]) -> None:
-    """Write the results atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
-def peer_result(setting: str, path: Path) -> dict[str, Any]:
-    """A ``run_hiad.py`` result in this table's terms."""
-    peer = json.loads(path.read_text())
-    return {"detector": "HiAD 0.2.1 HRPatchCore", "setting": setting, "data": Path(peer["data"]).name, "overrides": {},
-            "image_auroc": peer["image_auroc"], "pixel_auroc": peer["pixel_auroc"], "aupro": peer["aupro"],
-            "fit_s": peer["fit_s"], "inference_s_per_image": peer["inference_s_per_image"],
-            "peak_rss_gb": peer["peak_rss_gb"], "train_images": peer["train_images"], "test_images": peer["test_images"]}
-
-
 def _pairs(values: list[str]) -> dict[str, str]:
     out = {}
     for value in values:
@@ -436,54 +685,85 @@ def _pairs(values: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
-    """Command line: ``build`` the data sets, ``run`` detectors on them, ``alignment`` of the backbone variants."""
+    """Command line: ``build`` the sets, ``run`` detectors on them, ``compare`` two runs, ``table``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="write the data sets at 2048 px in the MVTec layout")
+    b = sub.add_parser("build", help="write the sets in the MVTec layout")
     b.add_argument("--out", type=Path, default=CACHE / "built")
-    b.add_argument("--source", nargs="*", default=[], help="NAME=PATH: a git directory or folder of data set NAME")
-    b.add_argument("--sets", nargs="*", default=list(BUILDERS))
-    b.add_argument("--train", nargs="*", default=[f"{k}={v}" for k, v in TRAIN_SETTINGS.items()],
-                   help="SETTING=N: settings and their number of training images")
-    sub.add_parser("alignment", help="where the offline Lite0's features sit in tf_ and symmetric-padding timm models")
-    r = sub.add_parser("run", help="fit and test hiad-pl detectors, update the results and the table")
+    b.add_argument("--source", nargs="*", default=[], help="SOURCE=PATH: a git directory or folder of a source")
+    b.add_argument("--sets", nargs="*", default=list(SETS))
+    b.add_argument("--any-commit", action="store_true", help="build from a source at another commit than the pinned one")
+    r = sub.add_parser("run", help="fit and test detectors on the built sets, update the results and the table")
     r.add_argument("--data", type=Path, default=CACHE / "built")
-    r.add_argument("--sets", nargs="*", default=list(BUILDERS))
-    r.add_argument("--settings", nargs="*", default=list(TRAIN_SETTINGS))
-    r.add_argument("--detectors", nargs="*", default=["patchcore", "padim", "fastflow"])
+    r.add_argument("--runs", type=Path, default=CACHE / "runs", help="per-image statistics of every run")
+    r.add_argument("--sets", nargs="*", default=list(SETS))
+    r.add_argument("--detectors", nargs="*", default=["patchcore"])
+    r.add_argument("--variant", default="default", help="name of these settings in the results")
     r.add_argument("--override", nargs="*", default=[], help="KEY=JSON: detector config overrides")
+    r.add_argument("--control", action="store_true", help="the untrained control (no training steps)")
+    r.add_argument("--force", action="store_true", help="run again even if a result with these settings exists")
     r.add_argument("--results", type=Path, default=Path("docs/real_data.json"))
-    r.add_argument("--peer", nargs="*", default=[], help="SETTING/SET=FILE: a run_hiad.py result to add")
-    r.add_argument("--table", type=Path, default=None,
-                   help="also write the table as the '## Real data' section of this Markdown file (docs/results.md)")
+    r.add_argument("--table", type=Path, default=None, help="also write the table into this Markdown file's '## Real data'")
+    one = sub.add_parser("run-one", help=argparse.SUPPRESS)
+    one.add_argument("set_root", type=Path)
+    one.add_argument("detector")
+    one.add_argument("overrides")
+    one.add_argument("stats_file", type=Path)
+    one.add_argument("--control", action="store_true")
+    sub.add_parser("alignment", help="where the offline Lite0's features sit in tf_ and symmetric-padding timm models")
+    c = sub.add_parser("compare", help="paired bootstrap of A - B over the sets together")
+    c.add_argument("a", help="DETECTOR/VARIANT[:RULE]")
+    c.add_argument("b", help="DETECTOR/VARIANT[:RULE]")
+    c.add_argument("--runs", type=Path, default=CACHE / "runs")
+    c.add_argument("--sets", nargs="*", default=list(SETS))
     args = parser.parse_args()
     if args.command == "build":
-        settings = {k: int(v) for k, v in _pairs(args.train).items()}
-        build(args.out.expanduser(), {k: Path(v).expanduser() for k, v in _pairs(args.source).items()}, args.sets, settings)
+        try:
+            build(args.out.expanduser(), {k: Path(v).expanduser() for k, v in _pairs(args.source).items()}, args.sets,
+                  args.any_commit)
+        except BuildError as error:
+            raise SystemExit(f"error: {error}") from None
         return
     if args.command == "alignment":
         for architecture in ("tf_efficientnet_lite0", "efficientnet_lite0"):
             for layer, (x, y) in feature_offsets(architecture).items():
                 print(f"{architecture} {layer}: offset x {x:+.1f} px, y {y:+.1f} px")
         return
+    if args.command == "run-one":
+        row = run_one(args.set_root, args.detector, json.loads(args.overrides), args.stats_file, args.control)
+        print(json.dumps(row), flush=True)
+        return
+    if args.command == "compare":
+        (a, rule_a), (b, rule_b) = ((name.partition(":")[0], name.partition(":")[2] or None) for name in (args.a, args.b))
+        result = compare(args.runs, a, b, args.sets, rule_a, rule_b)
+        print(json.dumps(result, indent=1))
+        print(comparison_table({f"{args.a} - {args.b}": result}))
+        return
     results = load_results(args.results)
-    for key, file in _pairs(args.peer).items():
-        setting = key.split("/")[0]
-        peer = peer_result(setting, Path(file))
-        results[_row_key(peer)] = peer
     overrides = {k: json.loads(v) for k, v in _pairs(args.override).items()}
-    for setting in args.settings:
-        for name in args.sets:
-            for detector in args.detectors:
-                result = run_one(args.data.expanduser() / setting / name, detector, setting, overrides)
-                print(json.dumps(result), flush=True)
-                results[_row_key(result)] = result
-                save_results(args.results, results)
-    save_results(args.results, results)
-    text = table(list(results.values()))
+    for set_name in args.sets:
+        for detector in args.detectors:
+            variant = args.variant + ("_control" if args.control else "")
+            key = run_key(set_name, detector, variant)
+            settings = {"overrides": overrides, "control": args.control, "base": DETECTORS[detector][1],
+                        "set": json.loads((args.data / set_name / "set.json").read_text())["commit"]}
+            stats_file = stats_path(args.runs, set_name, detector, variant)
+            if (not args.force and key in results and results[key].get("settings_hash") == config_hash(settings)
+                    and stats_file.exists()):
+                print(f"{key}: done before with these settings (--force runs it again)")
+                continue
+            row = _run_in_child([str(args.data / set_name), detector, json.dumps(overrides), str(stats_file)]
+                                + (["--control"] if args.control else []))
+            row.update(variant=variant, overrides=overrides, settings_hash=config_hash(settings))
+            results[key] = row
+            save_results(args.results, results)
+            print(f"{key}: image AUROC {_interval(row, 'image_auroc')}, pixel AUROC {_interval(row, 'pixel_auroc')}, "
+                  f"AUPRO {_interval(row, 'aupro')}, fit {row['fit_s']:.0f} s, {row['inference_s_per_image']:.2f} s/image",
+                  flush=True)
+    text = table(results.values())
     print(text)
     if args.table is not None:
-        write_section(args.table, f"Built and measured by `benchmarks/real_data.py` (sources and settings in its docstring).\n\n{text}")
+        write_section(args.table, f"Built and measured by `benchmarks/real_data.py` (sources in its docstring).\n\n{text}")
 
 
 if __name__ == "__main__":
