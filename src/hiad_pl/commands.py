@@ -40,9 +40,9 @@ from hiad_pl.utils.array_store import ArrayStore, Picked
 log = logging.getLogger("hiad_pl")
 
 
-def splits_of(config: RunConfig) -> list[CategorySplit]:
-    """The data set's categories."""
-    return discover(config.data.root, config.data.categories, config.data.image_size)
+def splits_of(config: RunConfig, test: bool = False) -> list[CategorySplit]:
+    """The data set's categories: their training images, and their test images with ``test``."""
+    return discover(config.data.root, config.data.categories, config.data.image_size, test=test)
 
 
 def make_indexes(config: RunConfig) -> list:
@@ -131,7 +131,7 @@ def test(config: RunConfig) -> dict[str, dict]:
     launcher = make_launcher(config.launcher, devices, config.ray)
     samples: list[HRSample] = []
     scores: list[float] = []
-    splits = splits_of(config)
+    splits = splits_of(config, test=True)
     for split in splits:
         if not split.test:
             raise ValueError(f"{config.data.root}: category {split.name!r} has no test images")
