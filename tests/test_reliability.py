@@ -58,11 +58,11 @@ def test_a_refit_with_other_settings_is_refused_naming_them_unless_asked(small_d
     fitted, saved_config = final.stat().st_mtime_ns, (run / "config.yaml").read_text()
     capsys.readouterr()
 
-    changed = ["fit", "--config", str(config), "--detector.init_args.percentage", "0.2", "--data.image_size", "256"]
+    changed = ["fit", "--config", str(config), "--detector.init_args.percentage", "0.2", "--tasks.init_args.num_groups_width", "1"]
     assert main(changed) == 2
     err = capsys.readouterr().err
     assert "was fitted with other settings" in err and "--refit true" in err
-    assert "detector.init_args.percentage: 0.1 -> 0.2" in err and "data.image_size: 512 -> 256" in err
+    assert "detector.init_args.percentage: 0.1 -> 0.2" in err and "tasks.init_args.num_groups_width: 2 -> 1" in err
     assert final.stat().st_mtime_ns == fitted and (run / "config.yaml").read_text() == saved_config
 
     # settings that do not change the models resume (nothing to fit: the final checkpoints are kept)
@@ -89,12 +89,12 @@ FASTFLOW = {
     "class_path": "hiad_pl.detectors.HRFastFlow",
     "init_args": {"backbone_name": "resnet18", "layers_to_extract_from": ["layer1"], "weights": "none", "flow_steps": 1},
 }
-EPOCHS = 8
+EPOCHS = 4
 
 
 def slow_fastflow_config(tmp_path: Path, root: Path) -> Path:
-    """FastFlow (random-init backbone) on 512-px images cut into 256-px patches: four steps an epoch."""
-    data = {"root": str(root), "categories": ["texture"], "image_size": 512, "patch_size": 256, "batch_size": 4}
+    """FastFlow (random-init backbone) on the texture images at 256 px: one step an epoch, about a second."""
+    data = {"root": str(root), "categories": ["texture"], "image_size": 256, "patch_size": 256, "batch_size": 4}
     return write_config(
         tmp_path, root, data=data, detector=FASTFLOW, tasks={"class_path": "hiad_pl.tasks.A2OTaskGenerator"},
         trainer={"max_epochs": EPOCHS},
@@ -186,7 +186,7 @@ def test_epoch_checkpoints_are_named_epoch_nnn_and_old_named_folders_resume(smal
     from hiad_pl import callbacks
 
     config = slow_fastflow_config(tmp_path, small_demo)
-    config.write_text(config.read_text().replace(f"max_epochs: {EPOCHS}", "max_epochs: 3").replace("image_size: 512", "image_size: 256"))
+    config.write_text(config.read_text().replace(f"max_epochs: {EPOCHS}", "max_epochs: 3"))
     epochs = tmp_path / "run" / "texture" / "checkpoints" / "task_0"
 
     def old_naming(dirpath, validated):  # the previous release's callback
