@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("hiad_pl").setLevel(logging.INFO)
-    if not cfg.verbose:  # device banners and tips from Lightning on every task
+    if not cfg.verbose:  # Lightning's device banners on every task (its product tips are dropped at their source)
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     command = cfg.subcommand
@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def stopped_line(command: str, signal_name: str, argv: list[str] | None, sub: Namespace) -> str:
     """The one line of a command stopped by a signal: what was kept and the command to continue."""
-    rerun = rerun_command(argv if argv is not None else sys.argv[1:], refit_in_config=bool(getattr(sub, "refit", False)))
+    args = argv if argv is not None else sys.argv[1:]
+    rerun = rerun_command(args, refit_in_config=bool(getattr(sub, "refit", False)))
     if command == "fit":
         return (
             f"hiad-pl fit: stopped by {signal_name}; the fitted tasks and the last epoch checkpoints are kept; "
