@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from hiad_pl.data.discovery import DatasetError, discover
+from hiad_pl.errors import ImageReadError
 
 
 def _img(path, size=(32, 32), value=100):
@@ -85,6 +86,30 @@ def test_errors(tmp_path):
     make_mvtec(tmp_path / "m")
     with pytest.raises(DatasetError, match="categories"):
         discover(tmp_path / "m", categories=["zzz"])
-    (tmp_path / "m" / "a" / "ground_truth" / "scratch" / "000_mask.png").unlink()
-    with pytest.raises(DatasetError, match="without a mask"):
-        discover(tmp_path / "m")
+
+
+def test_defective_images_without_masks_are_known_by_their_label(tmp_path):
+    make_mvtec(tmp_path)
+    (tmp_path / "a" / "ground_truth" / "scratch" / "000_mask.png").unlink()
+    _img(tmp_path / "a" / "test" / "dent" / "000.png")  # no ground_truth/dent folder at all
+    a = discover(tmp_path, categories=["a"])[0]
+    assert sorted((s.label_name, s.label, s.mask is None) for s in a.test) == [
+        ("dent", 1, True), ("good", 0, True), ("scratch", 1, True)
+    ]
+    lines = [{"image": "a/test/dent/000.png", "label": 1, "clsname": "x"}, {"image": "a/train/good/000.png", "clsname": "x"}]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    (split,) = discover(tmp_path / "list.jsonl")
+    assert [(s.label, s.mask) for s in split.test] == [(1, None)]
+
+
+def test_without_test_only_the_training_images_are_read(tmp_path):
+    make_mvtec(tmp_path)
+    (tmp_path / "a" / "test" / "scratch" / "001.png").write_bytes(b"not an image")  # and no mask either
+    (split,) = discover(tmp_path, categories=["a"], test=False)
+    assert len(split.train) == 3 and split.test == []
+    with pytest.raises(ImageReadError, match="001.png: unreadable image"):
+        discover(tmp_path, categories=["a"])  # the test split is checked where it is used
+    lines = [{"image": "a/train/good/000.png", "clsname": "x"}, {"image": "missing.png", "label": 1, "clsname": "x"}]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    (split,) = discover(tmp_path / "list.jsonl", test=False)
+    assert len(split.train) == 1 and split.test == []

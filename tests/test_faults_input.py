@@ -110,7 +110,9 @@ def test_mask_of_another_size_names_both_files(small_demo: Path, tmp_path: Path,
     root = category_copy(small_demo, tmp_path)
     mask = root / "texture" / "ground_truth" / "spot" / "000_mask.png"
     Image.new("L", (100, 80)).save(mask)
-    status = main(["fit", "--config", str(write_config(tmp_path, root))])
+    config = str(write_config(tmp_path, root))
+    assert main(["fit", "--config", config]) == 0  # fit reads no test image and no mask
+    status = main(["test", "--config", config])  # test, which reads them, names the bad one
     assert_user_error(status, capsys.readouterr().err, str(mask), "100x80", "512x512")
 
 

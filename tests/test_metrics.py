@@ -549,3 +549,38 @@ def test_torchmetrics_is_pinned_to_the_tested_release() -> None:
     assert str(requirement.specifier) == str(Requirement(f"torchmetrics{TORCHMETRICS_TESTED}").specifier)
     assert any(spec.operator == "<" for spec in requirement.specifier)
     assert requirement.specifier.contains(torchmetrics.__version__)
+
+
+# ------------------------------------------------------------- image labels only
+
+
+def test_defective_images_without_masks_count_in_image_metrics_only(caplog) -> None:
+    maps, masks = _random_set(count=8)
+    scores = [float(score.max()) for score in maps]
+    labels = [0, 1] * 4
+    partial = list(masks)
+    partial[1] = partial[3] = None  # two of the four defective images are known by their label only
+    with caplog.at_level("INFO", logger="hiad_pl"):
+        report = evaluate(default_evaluators(), scores, labels, maps, partial, ["bottle"] * 8)
+    known = [0, 2, 4, 5, 6, 7]
+    expected = pixel_metrics([maps[k] for k in known], [masks[k] for k in known])
+    assert report["bottle"]["pixel_auroc"] == pytest.approx(expected["pixel_auroc"])
+    assert report["bottle"]["pro"] == pytest.approx(pro_metric([maps[k] for k in known], [masks[k] for k in known])["pro"])
+    assert report["bottle"]["image_auroc"] == pytest.approx(image_metrics(scores, labels)["image_auroc"])  # all 8 images
+    line = "pixel metrics over the 6 test images with pixel ground truth: 2 of 4 defective test images have no mask (image labels only)"
+    assert [r.getMessage() for r in caplog.records] == [f"bottle: {line}"]
+    assert report.notes["bottle"]["pixel_auroc"] == line and "image_auroc" not in report.notes.get("bottle", {})
+
+    caplog.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UndefinedMetricWarning)  # skipped by design: no warning per metric
+        with caplog.at_level("INFO", logger="hiad_pl"):
+            report = evaluate(default_evaluators(), scores, labels, maps, [None] * 8, ["bottle"] * 8)
+    skipped = "pixel metrics skipped: 4 of 4 defective test images have no mask (image labels only)"
+    assert [r.getMessage() for r in caplog.records] == [f"bottle: {skipped}"]
+    assert report["bottle"]["image_auroc"] == pytest.approx(image_metrics(scores, labels)["image_auroc"])
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1", "seg_threshold", "pro"):
+        assert report["bottle"][key] is None and report.notes["bottle"][key] == skipped
+    assert report.pixel_ground_truth["bottle"] == {
+        "defective_images": 4, "defective_without_mask": 4, "pixel_metrics": "skipped"
+    }

@@ -148,7 +148,7 @@ class SelectionEarlyStopping(EarlyStopping):
 
 
 def epoch_checkpoint(dirpath: str | Path, validated: bool) -> ModelCheckpoint:
-    """Epoch checkpoints of a gradient-trained detector: ``last.ckpt`` to resume and, when
+    """Epoch checkpoints of a gradient-trained detector: ``last.ckpt`` to resume, ``epoch=NNN.ckpt`` and, when
     ``validated``, ``best-epoch<NNN>.ckpt`` with the best :data:`SELECTION_METRIC` so far
     (among the validations the detector is :func:`ready_for_selection` for)."""
     if validated:
@@ -161,7 +161,10 @@ def epoch_checkpoint(dirpath: str | Path, validated: bool) -> ModelCheckpoint:
             save_last=True,
             auto_insert_metric_name=False,
         )
-    return ModelCheckpoint(dirpath=dirpath, filename="epoch{epoch:03d}", save_last=True, save_top_k=1)
+    # "epoch=NNN.ckpt"; Lightning would insert the metric name itself ("epochepoch=NNN") without auto_insert_metric_name=False
+    return ModelCheckpoint(
+        dirpath=dirpath, filename="epoch={epoch:03d}", save_last=True, save_top_k=1, auto_insert_metric_name=False
+    )
 
 
 def best_checkpoint_path(trainer: L.Trainer) -> str | None:

@@ -10,7 +10,9 @@ detector files (``configs/patchcore.yaml``); ``--print_config`` shows the resolv
 
 Exit status: 0 done, 2 bad input, configuration or environment (one line naming
 the file or key; see :mod:`hiad_pl.errors`), 1 internal error (the traceback
-with ``--verbose true``), 130 interrupted.
+with ``--verbose true``), 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM;
+a stopped command prints one line with the command that resumes or reruns it
+(see :mod:`hiad_pl.interrupts`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import inspect
 import io
 import logging
 import re
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -126,6 +129,7 @@ class RunConfigFile(ActionConfigFile):
         else:
             self.apply_config(parser, cfg, self.dest, yaml.safe_dump(run))
 from hiad_pl.errors import UserError
+from hiad_pl.interrupts import Interrupted, stop_on_signals
 from hiad_pl.launchers import RayOptions
 from hiad_pl.utils.allocator import keep_freed_memory
 
@@ -193,6 +197,11 @@ def build_parser() -> ArgumentParser:
     ):
         sub = HiadArgumentParser(allow_abbrev=False, description=help_text)
         _run_arguments(sub)
+        if name == "fit":
+            sub.add_argument(
+                "--refit", type=bool, default=False,
+                help="Discard the run folder's models and results and fit again (needed when settings changed)",
+            )
         commands.add_subcommand(name, sub, help=help_text)
 
     predict = HiadArgumentParser(allow_abbrev=False, description="Score new images with a fitted run")
@@ -251,6 +260,7 @@ def save_config(cfg: Namespace, run_dir: Path) -> None:
 
     plain = cfg.as_dict()
     plain.pop("config", None)
+    plain.pop("refit", None)  # an order to this run, not a setting: the saved config must not refit again
     atomic_write(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
 
 
@@ -260,71 +270,114 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("hiad_pl").setLevel(logging.INFO)
-    if not cfg.verbose:  # device banners and tips from Lightning on every task
+    if not cfg.verbose:  # Lightning's device banners on every task (its product tips are dropped at their source)
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     command = cfg.subcommand
     sub = cfg[command]
     keep_freed_memory()
+    # the HTTP server handles its own signals (a graceful shutdown)
+    stopping = contextlib.nullcontext() if command == "serve" else stop_on_signals()
     try:
-        if command == "demo-data":
-            from hiad_pl.data.demo import make_demo_dataset
-
-            summary = make_demo_dataset(
-                sub.root, categories=as_list(sub.categories), image_size=sub.image_size, seed=sub.seed,
-                overwrite=sub.overwrite,
-            )
-            for name, info in summary["categories"].items():
-                state = "already present" if info["skipped"] else "written"
-                defects = sum(info["test_defect"].values())
-                print(f"{sub.root}/{name}: {info['train']} train, {info['test_good']} good + {defects} defective test images ({state})")
-        elif command == "detectors":
-            from hiad_pl import commands
-
-            print("\n".join(commands.list_detectors(sub.modules)))
-        elif command == "predict":
-            if (sub.run_dir is None) == (sub.export is None):
-                raise ValueError("give either --run_dir (a fitted run) or --export (an exported model)")
-            if sub.export is not None:
-                from hiad_pl.deploy.predictor import predict_export
-
-                out = predict_export(Path(sub.export), sub.input, Path(sub.output))
-            else:
-                from hiad_pl import commands
-
-                out = commands.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
-            print(f"predictions written to {out}")
-        elif command == "serve":
-            from hiad_pl.serve import serve_command
-
-            serve_command(sub)
-        elif command == "export":
-            from hiad_pl.deploy.export import export_command
-
-            print(f"exported to {export_command(sub)}")
-        else:
-            from hiad_pl import commands
-
-            config = to_run_config(sub)
-            if command == "tasks":
-                commands.print_tasks(config)
-            elif command == "fit":
-                from hiad_pl.io import run_folder_lock
-
-                with run_folder_lock(config.run_dir):
-                    save_config(sub, config.run_dir)
-                    run_dir = commands.fit(config)
-                print(f"run folder: {run_dir}")
-            elif command == "test":
-                commands.test(config)
-                print(f"metrics written to {config.run_dir / 'metrics.md'}")
+        with stopping:
+            return _run(command, sub)
     except USER_ERRORS as error:
         return report_error(command, error, verbose=cfg.verbose, internal=False)
+    except Interrupted as stop:
+        print(stopped_line(command, stop.signal_name, argv, sub), file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
-        print(f"hiad-pl {command}: interrupted (a rerun resumes)", file=sys.stderr)
+        print(stopped_line(command, "SIGINT", argv, sub), file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - the last resort of the entry point
         return report_error(command, error, verbose=cfg.verbose, internal=True)
+
+
+def stopped_line(command: str, signal_name: str, argv: list[str] | None, sub: Namespace) -> str:
+    """The one line of a command stopped by a signal: what was kept and the command to continue."""
+    args = argv if argv is not None else sys.argv[1:]
+    rerun = rerun_command(args, refit_in_config=bool(getattr(sub, "refit", False)))
+    if command == "fit":
+        return (
+            f"hiad-pl fit: stopped by {signal_name}; the fitted tasks and the last epoch checkpoints are kept; "
+            f"resume with: {rerun}"
+        )
+    return f"hiad-pl {command}: stopped by {signal_name}; rerun with: {rerun}"
+
+
+def rerun_command(args: list[str], refit_in_config: bool = False) -> str:
+    """``hiad-pl`` with ``args`` less ``--refit`` / ``--resume`` (a resumed fit must not discard or refuse what was done)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+            if arg.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                continue
+        name = arg.split("=", 1)[0]
+        if name in ("--refit", "--resume"):
+            skip_value = "=" not in arg
+            continue
+        kept.append(arg)
+    if refit_in_config:
+        kept += ["--refit", "false"]
+    return shlex.join(["hiad-pl", *kept])
+
+
+def _run(command: str, sub: Namespace) -> int:
+    """Run one subcommand; exceptions are reported by :func:`main`."""
+    if command == "demo-data":
+        from hiad_pl.data.demo import make_demo_dataset
+
+        summary = make_demo_dataset(
+            sub.root, categories=as_list(sub.categories), image_size=sub.image_size, seed=sub.seed,
+            overwrite=sub.overwrite,
+        )
+        for name, info in summary["categories"].items():
+            state = "already present" if info["skipped"] else "written"
+            defects = sum(info["test_defect"].values())
+            print(f"{sub.root}/{name}: {info['train']} train, {info['test_good']} good + {defects} defective test images ({state})")
+    elif command == "detectors":
+        from hiad_pl import commands
+
+        print("\n".join(commands.list_detectors(sub.modules)))
+    elif command == "predict":
+        if (sub.run_dir is None) == (sub.export is None):
+            raise ValueError("give either --run_dir (a fitted run) or --export (an exported model)")
+        if sub.export is not None:
+            from hiad_pl.deploy.predictor import predict_export
+
+            out = predict_export(Path(sub.export), sub.input, Path(sub.output))
+        else:
+            from hiad_pl import commands
+
+            out = commands.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
+        print(f"predictions written to {out}")
+    elif command == "serve":
+        from hiad_pl.serve import serve_command
+
+        serve_command(sub)
+    elif command == "export":
+        from hiad_pl.deploy.export import export_command
+
+        print(f"exported to {export_command(sub)}")
+    else:
+        from hiad_pl import commands
+
+        config = to_run_config(sub)
+        if command == "tasks":
+            commands.print_tasks(config)
+        elif command == "fit":
+            from hiad_pl.io import run_folder_lock
+
+            with run_folder_lock(config.run_dir):
+                commands.check_fit(config)  # a refused fit leaves the folder's config.yaml as it was
+                save_config(sub, config.run_dir)
+                run_dir = commands.fit(config)
+            print(f"run folder: {run_dir}")
+        elif command == "test":
+            commands.test(config)
+            print(f"metrics written to {config.run_dir / 'metrics.md'}")
     return 0
 
 

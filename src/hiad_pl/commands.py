@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from hiad_pl import fit_settings
 from hiad_pl.config import RunConfig, import_class, instantiate
 from hiad_pl.data.discovery import CategorySplit, discover
 from hiad_pl.data.sample import HRSample
@@ -40,9 +41,9 @@ from hiad_pl.utils.array_store import ArrayStore, Picked
 log = logging.getLogger("hiad_pl")
 
 
-def splits_of(config: RunConfig) -> list[CategorySplit]:
-    """The data set's categories."""
-    return discover(config.data.root, config.data.categories, config.data.image_size)
+def splits_of(config: RunConfig, test: bool = False) -> list[CategorySplit]:
+    """The data set's categories: their training images, and their test images with ``test``."""
+    return discover(config.data.root, config.data.categories, config.data.image_size, test=test)
 
 
 def make_indexes(config: RunConfig) -> list:
@@ -105,16 +106,59 @@ def validation_config(config: RunConfig) -> ValidationConfig | None:
     return ValidationConfig.from_any(section)
 
 
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings of the CLI config that decide the models besides the orchestrator's own:
+    data geometry and the task generator (see :mod:`hiad_pl.fit_settings`)."""
+    data = config.data
+    tasks = dict(config.tasks.get("init_args") or {})
+    return {
+        "data.image_size": data.image_size,
+        "data.patch_size": data.patch_size,
+        "data.stride": data.stride,
+        "data.ds_factors": data.ds_factors,
+        "tasks.class_path": config.tasks["class_path"],
+        **fit_settings.flatten(
+            "tasks.init_args", {k: v for k, v in tasks.items() if k not in fit_settings.LINKED_TASK_OPTIONS}
+        ),
+    }
+
+
+def check_fit(config: RunConfig, splits: Sequence[CategorySplit] | None = None) -> None:
+    """Refuse, before any work, a fit whose run folder was fitted with other settings (unless ``config.refit``)."""
+    if config.refit:
+        return
+    val_config = validation_config(config)
+    for split in splits_of(config) if splits is None else splits:
+        orchestrator = orchestrator_for(config, split)
+        orchestrator.check_settings(orchestrator.fit_settings(split.train, val_config, run_settings(config)))
+
+
 def fit(config: RunConfig) -> Path:
-    """Fit every category; returns the run folder. A rerun resumes."""
+    """Fit every category; returns the run folder. A rerun with the same settings resumes;
+    other settings are refused (:func:`check_fit`) unless ``config.refit`` asks to fit again."""
     splits = splits_of(config)
     val_config = validation_config(config)
+    check_fit(config, splits)  # before the task generators run (feature generators embed every training patch)
     for split in splits:
+        if config.refit:  # the results of the models about to be discarded
+            remove_results(config.run_dir, split.name)
         tasks = create_tasks(config, split)
         orchestrator = orchestrator_for(config, split, tasks)
         log.info("fitting %s: %d task(s), %d training images", split.name, len(orchestrator.tasks), len(split.train))
-        orchestrator.fit(split.train, config.devices, val_config, resume=config.resume, launcher=config.launcher, ray=config.ray)
+        orchestrator.fit(
+            split.train, config.devices, val_config, resume=config.resume, launcher=config.launcher, ray=config.ray,
+            refit=config.refit, settings=run_settings(config),
+        )
     return config.run_dir
+
+
+def remove_results(run_dir: Path, category: str) -> None:
+    """Delete the evaluation results that describe a category's discarded models (metrics, visualisations)."""
+    import shutil
+
+    for name in ("metrics.json", "metrics.md"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "visualizations" / category, ignore_errors=True)
 
 
 def test(config: RunConfig) -> dict[str, dict]:
@@ -131,7 +175,7 @@ def test(config: RunConfig) -> dict[str, dict]:
     launcher = make_launcher(config.launcher, devices, config.ray)
     samples: list[HRSample] = []
     scores: list[float] = []
-    splits = splits_of(config)
+    splits = splits_of(config, test=True)
     for split in splits:
         if not split.test:
             raise ValueError(f"{config.data.root}: category {split.name!r} has no test images")

@@ -480,6 +480,7 @@ class RunConfig:
     fusion_weights: list[float] | None = None
     early_stop_epochs: int = -1
     resume: bool = True
+    refit: bool = False
     launcher: str = "local"
     ray: RayOptions = field(default_factory=RayOptions)
 
@@ -513,6 +514,7 @@ class RunConfig:
             fusion_weights=plain.get("fusion_weights"),
             early_stop_epochs=plain.get("early_stop_epochs", -1),
             resume=plain.get("resume", True),
+            refit=plain.get("refit", False),
             launcher=plain.get("launcher", "local"),
             ray=plain.get("ray") or {},
         )

@@ -40,6 +40,7 @@ import functools
 import importlib
 import inspect
 import json
+import logging
 import math
 import os
 import warnings
@@ -118,6 +119,8 @@ __all__ = [
     "resolve_evaluator",
     "save_report",
 ]
+
+log = logging.getLogger("hiad_pl")
 
 ArrayLike = Union[np.ndarray, Tensor]
 Device = Union[torch.device, str, None]
@@ -921,12 +924,74 @@ class MetricReport(dict[str, MetricValues]):
     """Metrics per class name plus a ``'mean'`` row; ``None`` marks an undefined value.
 
     ``notes[clsname][metric]`` says why a value is ``None`` (or what a mean
-    left out).
+    left out, or over which images a pixel metric was computed).
+    ``pixel_ground_truth[clsname]`` describes, for the classes where some
+    defective images have no mask, how the pixel metrics were computed.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.notes: dict[str, dict[str, str]] = {}
+        self.pixel_ground_truth: dict[str, dict[str, Any]] = {}
+
+
+#: Evaluators that read image scores and labels only: they see every image, masks or not.
+_IMAGE_EVALUATORS = ("compute_imagewise_metrics", "compute_imagewise_metrics_gpu")
+
+
+#: The metrics of this module's pixel evaluators, by name prefix (recorded as skipped without calling them).
+_PIXEL_EVALUATOR_KEYS = {"compute_pixelwise_metrics": _PIXEL_METRICS, "compute_pro": ("pro",)}
+
+
+def _own_name(evaluator: Evaluator) -> str | None:
+    """The name of ``evaluator`` (or of the function a partial binds) when it is defined in this module."""
+    while isinstance(evaluator, functools.partial):
+        evaluator = evaluator.func
+    return getattr(evaluator, "__name__", None) if getattr(evaluator, "__module__", None) == __name__ else None
+
+
+def _is_image_evaluator(evaluator: Evaluator) -> bool:
+    """Whether ``evaluator`` is one of :data:`_IMAGE_EVALUATORS`."""
+    return _own_name(evaluator) in _IMAGE_EVALUATORS
+
+
+def _skipped_keys(evaluator: Evaluator, name: str) -> tuple[str, ...]:
+    """The metrics a pixel evaluator would produce (its name for an evaluator of another module)."""
+    own = _own_name(evaluator) or ""
+    return next((keys for prefix, keys in _PIXEL_EVALUATOR_KEYS.items() if own.startswith(prefix)), (name,))
+
+
+@dataclass
+class _PixelTruth:
+    """Which of a class's images have pixel ground truth: normal images, and defective images with a mask."""
+
+    known: list[int]
+    defective: int
+    unlabelled: int
+
+    @property
+    def complete(self) -> bool:
+        return self.unlabelled == 0
+
+    @property
+    def skipped(self) -> bool:
+        """No defective image has a mask: pixel metrics cannot be computed at all."""
+        return 0 < self.unlabelled == self.defective
+
+    def reason(self) -> str:
+        """Why pixel metrics are skipped or partial, for notes and the log."""
+        missing = f"{self.unlabelled} of {self.defective} defective test images have no mask (image labels only)"
+        if self.skipped:
+            return f"pixel metrics skipped: {missing}"
+        return f"pixel metrics over the {len(self.known)} test images with pixel ground truth: {missing}"
+
+    def summary(self) -> dict[str, Any]:
+        """The ``metrics.json`` entry of this class."""
+        return {
+            "defective_images": self.defective,
+            "defective_without_mask": self.unlabelled,
+            "pixel_metrics": "skipped" if self.skipped else f"over {len(self.known)} images with pixel ground truth",
+        }
 
 
 def evaluate(
@@ -937,12 +1002,22 @@ def evaluate(
     masks: Sequence[ArrayLike | None] | None,
     clsnames: Sequence[str] | None = None,
     device: Device = None,
+    has_mask: Sequence[bool] | None = None,
 ) -> MetricReport:
     """Run every evaluator on each class's images, then add the ``'mean'`` row.
 
     ``clsnames`` gives each image's class (default: all ``'unknown'``). A metric
     that a class's data cannot define (one image class only, no defect pixel)
     is recorded as ``None`` with its reason in ``notes``, and warned about.
+
+    A defective image (label 1) without a mask has a known label but unknown
+    defect pixels (``has_mask`` says which images have a mask; default: those
+    whose entry in ``masks`` is not ``None``). The image evaluators
+    (:func:`compute_imagewise_metrics` and its GPU twin) see every image; every
+    other evaluator sees only the images with pixel ground truth (the normal
+    images and the defective ones with a mask). When no defective image of a
+    class has a mask, its pixel metrics are recorded as ``None`` ("skipped");
+    either way one log line per class and ``notes`` say so.
     """
     resolved = [resolve_evaluator(spec) for spec in evaluators]
     count = len(maps)
@@ -950,7 +1025,12 @@ def evaluate(
     masks = [None] * count if masks is None else masks
     scores = np.asarray(image_scores, dtype=np.float64).reshape(-1)
     targets = np.asarray(labels).reshape(-1)
-    sizes = {"image_scores": scores.size, "labels": targets.size, "masks": len(masks), "clsnames": len(names)}
+    if has_mask is None:
+        has_mask = [masks[index] is not None for index in range(count)]
+    sizes = {
+        "image_scores": scores.size, "labels": targets.size, "masks": len(masks), "clsnames": len(names),
+        "has_mask": len(has_mask),
+    }
     for what, size in sizes.items():
         if size != count:
             raise ValueError(f"{what} has {size} entries but maps has {count}")
@@ -959,11 +1039,17 @@ def evaluate(
     report = MetricReport()
     for clsname in sorted(set(names)):
         chosen = [index for index, name in enumerate(names) if name == clsname]
+        defective = [index for index in chosen if targets[index] == 1]
+        truth = _PixelTruth(
+            known=[index for index in chosen if targets[index] != 1 or has_mask[index]],
+            defective=len(defective),
+            unlabelled=sum(1 for index in defective if not has_mask[index]),
+        )
+        if not truth.complete:
+            log.info("%s: %s", clsname, truth.reason())
+            report.pixel_ground_truth[clsname] = truth.summary()
         values, notes = _evaluate_class(
-            resolved,
-            clsname,
-            (scores[chosen], targets[chosen], Picked(maps, chosen), Picked(masks, chosen)),
-            device,
+            resolved, clsname, (scores, targets, maps, masks), chosen, truth, device
         )
         report[clsname] = values
         if notes:
@@ -973,28 +1059,47 @@ def evaluate(
 
 
 def _evaluate_class(
-    evaluators: Sequence[Evaluator], clsname: str, inputs: tuple[Any, Any, Any, Any], device: Device
+    evaluators: Sequence[Evaluator],
+    clsname: str,
+    inputs: tuple[Any, Any, Any, Any],
+    chosen: list[int],
+    truth: _PixelTruth,
+    device: Device,
 ) -> tuple[MetricValues, dict[str, str]]:
-    """One class's metrics and the reasons for those left undefined."""
+    """One class's metrics (the images ``chosen`` of ``inputs``) and the reasons for those left undefined."""
     values: MetricValues = {}
     notes: dict[str, str] = {}
+    scores, targets, maps, masks = inputs
 
-    def record(key: str, value: float | None, evaluator: str, reason: str | None = None) -> None:
+    def subset(indexes: list[int]) -> tuple[Any, Any, Any, Any]:
+        return scores[indexes], targets[indexes], Picked(maps, indexes), Picked(masks, indexes)
+
+    every_image = subset(chosen)
+    pixel_images = every_image if truth.complete else subset(truth.known)
+
+    def record(key: str, value: float | None, evaluator: str, reason: str | None = None, warn: bool = True) -> None:
         if key in values:
             raise ValueError(f"metric {key!r} of class {clsname!r} is produced twice (again by {evaluator})")
         values[key] = value
         if reason is not None:
             notes[key] = reason
-            warnings.warn(
-                f"class {clsname!r}: {key} is undefined ({reason}); recorded as null",
-                UndefinedMetricWarning,
-                stacklevel=4,
-            )
+            if warn:
+                warnings.warn(
+                    f"class {clsname!r}: {key} is undefined ({reason}); recorded as null",
+                    UndefinedMetricWarning,
+                    stacklevel=4,
+                )
 
     for evaluator in evaluators:
         name = _evaluator_name(evaluator)
+        image_level = _is_image_evaluator(evaluator)
+        if truth.skipped and not image_level:
+            # skipped by design, not undefined: the class's one log line said so (no warning per metric)
+            for key in _skipped_keys(evaluator, name):
+                record(key, None, name, truth.reason(), warn=False)
+            continue
         try:
-            produced = evaluator(*inputs, device=device)
+            produced = evaluator(*(every_image if image_level else pixel_images), device=device)
         except UndefinedMetricError as error:
             for key in error.metrics or (name,):
                 record(key, None, name, error.reason)
@@ -1005,6 +1110,8 @@ def _evaluate_class(
             number = _as_float(value, key, name)
             if math.isfinite(number):
                 record(key, number, name)
+                if not image_level and not truth.complete:
+                    notes[key] = truth.reason()
             else:
                 record(key, None, name, f"{name} returned {number}")
     return values, notes
@@ -1070,7 +1177,8 @@ def format_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
 def save_report(
     results: Mapping[str, Mapping[str, float | None]], run_dir: str | os.PathLike[str]
 ) -> tuple[Path, Path]:
-    """Write ``metrics.json`` (values, thresholds, notes) and ``metrics.md`` atomically.
+    """Write ``metrics.json`` (values, thresholds, notes and, where some defective images have no
+    mask, ``pixel_ground_truth``) and ``metrics.md`` atomically.
 
     Returns both paths. Undefined or non-finite values are written as null.
     """
@@ -1080,7 +1188,10 @@ def save_report(
         name: {key: _finite_or_none(value) for key, value in values.items()}
         for name, values in results.items()
     }
-    payload = {"metrics": metrics, "notes": getattr(results, "notes", {})}
+    payload: dict[str, Any] = {"metrics": metrics, "notes": getattr(results, "notes", {})}
+    pixel_ground_truth = getattr(results, "pixel_ground_truth", {})
+    if pixel_ground_truth:
+        payload["pixel_ground_truth"] = pixel_ground_truth
     json_path, table_path = folder / "metrics.json", folder / "metrics.md"
     atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
     atomic_write(table_path, format_table(results) + "\n")

@@ -8,16 +8,21 @@ A model folder holds everything inference needs::
     <root>/tensorboard/<task>/        one TensorBoard run per task (or <log_root>/<task>/)
     <root>/retrieval/                 routing of the training patches to retrieval tasks (computed once)
 
-A rerun skips tasks whose final checkpoint exists and resumes interrupted ones.
+A rerun skips tasks whose final checkpoint exists and resumes interrupted ones,
+when it has the settings the folder was fitted with (``fit_settings.json``, see
+:mod:`hiad_pl.fit_settings`); other settings are refused unless a refit is asked for.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
 import logging
+import shutil
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +45,11 @@ from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResData
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
 from hiad_pl.checkpoint_io import AtomicCheckpointIO
+from hiad_pl import fit_settings
 from hiad_pl.errors import ConfigError
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
-from hiad_pl.io import atomic_write, check_checkpoint, load_checkpoint, locks_root, remove_stale_temporaries
+from hiad_pl.interrupts import lightning_stop
+from hiad_pl.io import LOCK_NAME, atomic_write, check_checkpoint, load_checkpoint, locks_root, remove_stale_temporaries
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
@@ -66,6 +73,25 @@ QUIET_WARNINGS = (
 )
 #: Trainer options built fresh for every task from their specs.
 PER_TASK_TRAINER_KEYS = ("logger", "callbacks")
+#: Loggers through which Lightning prints its advertising tips ("💡 Tip: ... try installing litlogger").
+LIGHTNING_TIP_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+#: Where a refit moves a model folder's old contents before deleting them (left over only by a crash).
+DISCARDED_PREFIX = ".discarded-"
+
+
+class _LightningTipFilter(logging.Filter):
+    """Drops Lightning's advertising tips (records starting with "💡 Tip:"); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning_tips() -> None:
+    """Silence Lightning's product tips at the loggers that print them (once per process)."""
+    for name in LIGHTNING_TIP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _LightningTipFilter) for f in logger.filters):
+            logger.addFilter(_LightningTipFilter())
 
 
 def resolve_devices(devices: Sequence[int | str] | int | str | None) -> list[str]:
@@ -144,6 +170,15 @@ class ValidationConfig:
         if "anomaly_syn_fn" not in value:
             raise ValueError("val_config needs 'anomaly_syn_fn' (a synthesiser from hiad_pl.syn)")
         return ValidationConfig(**value)
+
+
+def _callable_name(function: Any) -> str:
+    """``module.name`` of an evaluator (a partial with its bound keywords), stable across processes."""
+    if isinstance(function, functools.partial):
+        bound = ", ".join(f"{k}={v!r}" for k, v in sorted(function.keywords.items()))
+        return f"{_callable_name(function.func)}({bound})"
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return f"{getattr(function, '__module__', type(function).__module__)}.{name}"
 
 
 def default_validation() -> ValidationConfig:
@@ -267,6 +302,99 @@ class TaskOrchestrator:
         """Tasks without a final checkpoint."""
         return [t for t in self.tasks if not self.checkpoint_path(t).is_file()]
 
+    @property
+    def settings_path(self) -> Path:
+        """``fit_settings.json``: the settings the folder's models were fitted with."""
+        return self.root / fit_settings.SETTINGS_NAME
+
+    def fit_settings(
+        self,
+        train_samples: Sequence[HRSample],
+        val_config: ValidationConfig | dict | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The settings that decide this folder's models (see :mod:`hiad_pl.fit_settings`), plus ``extra``."""
+        val_config = ValidationConfig.from_any(val_config)
+        patch, thumbnail = self.detectors.patch, self.detectors.thumbnail
+        settings: dict[str, Any] = {
+            "detector.class_path": class_path(self.detector_class),
+            **fit_settings.flatten("detector.init_args", patch.options),
+            "detector.patch_size": patch.size,
+            "detector.trainer": patch.trainer,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "fusion_weights": self.fusion_weights,
+            "early_stop_epochs": self.early_stop_epochs,
+            **fit_settings.flatten(
+                "trainer",
+                {k: v for k, v in self.trainer_kwargs.items() if k not in fit_settings.NON_MODEL_TRAINER_KEYS},
+            ),
+            "training_images": fit_settings.training_images(s.get_image_path() for s in train_samples),
+        }
+        if thumbnail is not None:
+            settings.update(
+                {
+                    "thumbnail.thumbnail_size": thumbnail.size,
+                    **fit_settings.flatten("thumbnail.init_args", thumbnail.options),
+                    "thumbnail.trainer": thumbnail.trainer,
+                }
+            )
+        if val_config is not None:
+            synthesizer = val_config.anomaly_syn_fn
+            settings.update(
+                {
+                    "validation.anomaly_syn_fn": class_path(type(synthesizer)),
+                    **fit_settings.flatten("validation.anomaly_syn_fn", fit_settings.public_state(synthesizer)),
+                    "validation.val_sample_ratio": val_config.val_sample_ratio,
+                    "validation.max_patch_number": val_config.max_patch_number,
+                    "validation.normalization": val_config.normalization,
+                    "validation.evaluators": [_callable_name(e) for e in val_config.evaluators],
+                }
+            )
+        settings.update(extra or {})
+        return fit_settings.plain(settings)
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Refuse (:class:`~hiad_pl.fit_settings.SettingsChangedError`) when the folder was fitted with other ``settings``."""
+        saved = fit_settings.load(self.settings_path)
+        if saved is None:
+            if self.tasks_path.is_file():
+                log.warning(
+                    "%s was fitted by an earlier hiad-pl without %s: its settings cannot be compared; resuming "
+                    "with this run's settings (fit with --refit true to start again)", self.root, fit_settings.SETTINGS_NAME
+                )
+            return
+        changed = fit_settings.differences(saved, settings)
+        if changed:
+            raise fit_settings.SettingsChangedError(
+                f"{self.root} was fitted with other settings ({'; '.join(changed)}); its models are kept: "
+                "rerun with --refit true (fit(refit=True)) to discard them and fit again, or use another run folder"
+            )
+
+    def discard_fitted(self) -> None:
+        """Remove everything the folder holds (models, tasks, routing, logs) before a refit.
+
+        The old contents are first renamed into one hidden folder (each rename is atomic),
+        the new settings file replaces the old one only after that, and the hidden folder is
+        deleted last; the old settings file goes only after every model has gone: a crash
+        leaves old models under their own settings, or none, never old models under new settings. A leftover hidden folder is deleted by the next fit.
+        """
+        if not self.root.is_dir():
+            return
+        keep = {fit_settings.SETTINGS_NAME, LOCK_NAME}
+        trash = self.root / f"{DISCARDED_PREFIX}{uuid.uuid4().hex[:8]}"
+        entries = [p for p in self.root.iterdir() if p.name not in keep and not p.name.startswith(DISCARDED_PREFIX)]
+        if entries:
+            trash.mkdir()
+            for entry in entries:
+                entry.replace(trash / entry.name)
+            log.info("%s: discarded %d old entries for the refit", self.root, len(entries))
+        self.settings_path.unlink(missing_ok=True)
+
+    def _remove_discarded(self) -> None:
+        for leftover in self.root.glob(f"{DISCARDED_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
     @locks_root
     def fit(
         self,
@@ -276,12 +404,17 @@ class TaskOrchestrator:
         resume: bool = True,
         launcher: "str | Launcher" = "local",
         ray: "RayOptions | dict | None" = None,
+        refit: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> list[Path]:
         """Fit every pending task; returns the final checkpoints of all tasks.
 
         With ``resume`` (the default) fitted tasks are skipped and interrupted
         gradient-trained tasks continue from their last epoch; without it, a
         model folder that already holds checkpoints is an error, never overwritten.
+        A folder fitted with other settings (:meth:`fit_settings`, with ``settings``
+        added by the caller) is refused with the differences listed; with ``refit``
+        its models are discarded and every task is fitted again.
         A model folder that another live process is fitting is refused.
         ``launcher`` says where the fits run (``local`` processes or ``ray``, see
         :mod:`hiad_pl.launchers`; ``ray`` takes :class:`~hiad_pl.launchers.RayOptions`).
@@ -298,17 +431,26 @@ class TaskOrchestrator:
                 "with synthetic boxes (RandomBoxSynthesizer)", 100 * val_config.val_sample_ratio
             )
         self.check()
+        current = self.fit_settings(train_samples, val_config, settings)
+        if refit:
+            self.discard_fitted()
+        else:
+            self.check_settings(current)
         if not resume and any((self.root / "checkpoints").glob("**/*.ckpt")):
-            raise ValueError(f"{self.root} already holds checkpoints: resume, or choose another run folder")
+            raise ValueError(
+                f"{self.root} already holds checkpoints: resume, refit (--refit true), or choose another run folder"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.root)
         if self.tasks_path.is_file():
             saved = [t.todict() for t in load_tasks(self.tasks_path)]
             if saved != [t.todict() for t in self.tasks]:
-                raise ValueError(
-                    f"{self.tasks_path}: this model folder was fitted with other tasks; "
-                    "use a new run folder or delete the old one"
+                raise fit_settings.SettingsChangedError(
+                    f"{self.tasks_path}: this model folder was fitted with other tasks ({len(saved)} -> "
+                    f"{len(self.tasks)} tasks); rerun with --refit true to fit again, or use another run folder"
                 )
+        atomic_write(self.settings_path, fit_settings.dumps(current))
+        self._remove_discarded()
         save_tasks(self.tasks, self.tasks_path)
         pending = self.pending_tasks()
         done = len(self.tasks) - len(pending)
@@ -380,6 +522,7 @@ class TaskOrchestrator:
         options.update(detector.trainer_defaults())
         options.update(self.detectors.branch(task.is_thumbnail).trainer)
         options.update({k: v for k, v in self.trainer_kwargs.items() if k not in PER_TASK_TRAINER_KEYS})
+        quiet_lightning_tips()
         trainer = L.Trainer(
             **options,
             **lightning_device(device),
@@ -397,12 +540,15 @@ class TaskOrchestrator:
             for message in QUIET_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             if gradient:
-                trainer.fit(detector, datamodule=data, ckpt_path=resume)
+                with lightning_stop(trainer):
+                    trainer.fit(detector, datamodule=data, ckpt_path=resume)
             else:
                 # one pass: the memory bank is built at the end of the epoch, so validate after fitting
-                trainer.fit(detector, train_dataloaders=data.train_dataloader())
+                with lightning_stop(trainer):
+                    trainer.fit(detector, train_dataloaders=data.train_dataloader())
                 if data.has_validation:
-                    trainer.validate(detector, dataloaders=data.val_dataloader(), verbose=False)
+                    with lightning_stop(trainer):
+                        trainer.validate(detector, dataloaders=data.val_dataloader(), verbose=False)
         self._finish_fit(trainer, detector, data)
         path = self.checkpoint_path(task)
         atomic_save_checkpoint(trainer, path)

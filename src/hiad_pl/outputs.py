@@ -61,7 +61,10 @@ def evaluate_predictions(
     maps: Sequence[np.ndarray],
     evaluators: Sequence[Callable[..., dict]],
 ) -> dict[str, dict]:
-    """Per-class metrics (plus a ``mean`` row) of predictions against the samples' labels and masks."""
+    """Per-class metrics (plus a ``mean`` row) of predictions against the samples' labels and masks.
+
+    Defective samples without a mask count in the image metrics only (see :func:`hiad_pl.metrics.evaluate`).
+    """
     from hiad_pl.metrics import evaluate
 
     labels = np.array([s.resolved_label() for s in samples])
@@ -78,7 +81,8 @@ def evaluate_predictions(
                 sample.mask.close()
     clsnames = [s.clsname or "unknown" for s in samples]
     try:
-        return evaluate(evaluators, scores, labels, maps, _MaskSlots(masks), clsnames)
+        has_mask = [s.mask is not None for s in samples]
+        return evaluate(evaluators, scores, labels, maps, _MaskSlots(masks), clsnames, has_mask=has_mask)
     finally:
         masks.close()
 

@@ -1,7 +1,13 @@
 """Finding samples on disk: MVTec-style folders, flat folders, JSON-lines lists.
 
 All three layouts give the same thing: per category, training samples (normal)
-and test samples (with labels and, for defects, masks).
+and test samples (with labels and, for defects, masks where there are any).
+
+A defective test image without a mask is accepted: its label is known, its
+defect pixels are not (a set labelled per image, common on a production line).
+Image metrics use it; pixel metrics leave it out (see :func:`hiad_pl.metrics.evaluate`).
+Discovery reads the test split only when asked (``test=True``): fitting never
+opens a test image or mask.
 """
 
 from __future__ import annotations
@@ -44,8 +50,11 @@ def is_mvtec_category(path: Path) -> bool:
     return (path / "train" / GOOD).is_dir()
 
 
-def discover_mvtec(root: Path, category: str, image_size: Size | None) -> CategorySplit:
-    """Read ``root/category/{train/good, test/<kind>, ground_truth/<kind>}``."""
+def discover_mvtec(root: Path, category: str, image_size: Size | None, test: bool = True) -> CategorySplit:
+    """Read ``root/category/{train/good, test/<kind>, ground_truth/<kind>}`` (the test folders only with ``test``).
+
+    A defective image without ``ground_truth/<kind>/<stem>_mask.*`` gets no mask (image label only).
+    """
     base = root / category
     if not is_mvtec_category(base):
         raise DatasetError(f"{base}: not an MVTec-style category (no train/good folder)")
@@ -55,29 +64,25 @@ def discover_mvtec(root: Path, category: str, image_size: Size | None) -> Catego
         raise DatasetError(f"{base / 'train' / GOOD}: no training images ({', '.join(IMAGE_SUFFIXES)})")
     split.train = [HRSample(p, image_size=image_size, label=0, clsname=category, label_name=GOOD) for p in train_images]
     test_root = base / "test"
-    if test_root.is_dir():
+    if test and test_root.is_dir():
         for kind_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
             kind = kind_dir.name
             for path in _images(kind_dir):
-                mask = None
-                if kind != GOOD:
-                    mask = _find_mask(base / "ground_truth" / kind, path.stem)
-                    if mask is None:
-                        raise DatasetError(f"{path}: defective test image without a mask in {base / 'ground_truth' / kind}")
+                mask = None if kind == GOOD else _find_mask(base / "ground_truth" / kind, path.stem)
                 split.test.append(
                     HRSample(path, mask=mask, image_size=image_size, label=int(kind != GOOD), clsname=category, label_name=kind)
                 )
     return split
 
 
-def discover_flat(folder: Path, image_size: Size | None, clsname: str) -> CategorySplit:
-    """Tutorial quick-start layout: ``train*.jpg``, ``test*.jpg`` and ``test*_mask.*`` in one folder."""
+def discover_flat(folder: Path, image_size: Size | None, clsname: str, test: bool = True) -> CategorySplit:
+    """Tutorial quick-start layout: ``train*.jpg``, ``test*.jpg`` and ``test*_mask.*`` in one folder (``test*`` only with ``test``)."""
     split = CategorySplit(clsname)
     images = [p for p in _images(folder) if not p.stem.endswith("_mask")]
     for path in images:
         if path.name.startswith("train"):
             split.train.append(HRSample(path, image_size=image_size, label=0, clsname=clsname))
-        elif path.name.startswith("test"):
+        elif test and path.name.startswith("test"):
             mask = _find_mask(folder, f"{path.stem}")
             mask = mask if mask is not None and mask != path else None
             split.test.append(HRSample(path, mask=mask, image_size=image_size, label=int(mask is not None), clsname=clsname))
@@ -86,11 +91,13 @@ def discover_flat(folder: Path, image_size: Size | None, clsname: str) -> Catego
     return split
 
 
-def discover_jsonl(path: Path, image_size: Size | None) -> list[CategorySplit]:
+def discover_jsonl(path: Path, image_size: Size | None, test: bool = True) -> list[CategorySplit]:
     """A JSON-lines list: ``{"image", "mask", "label", "clsname", "split"}`` per line.
 
     Relative paths are relative to the list's folder. ``split`` is ``train`` or
-    ``test``; without it, normal images without a mask go to ``train``.
+    ``test``; without it, normal images without a mask go to ``train``. A line
+    with ``"label": 1`` and no mask is a defective image known by its label only.
+    Without ``test`` the test lines are checked as lines but their files are not opened.
     """
     splits: dict[str, CategorySplit] = {}
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -110,13 +117,16 @@ def discover_jsonl(path: Path, image_size: Size | None) -> list[CategorySplit]:
         which = record.get("split", "test" if label or mask else "train")
         if which not in ("train", "test"):
             raise DatasetError(f"{path}:{number}: split must be 'train' or 'test', got {which!r}")
+        split = splits.setdefault(clsname, CategorySplit(clsname))
+        if which == "test" and not test:
+            continue
         try:
             sample = HRSample(
                 image, mask=None if mask is None else path.parent / mask, image_size=image_size, label=label, clsname=clsname
             )
         except ImageReadError as error:
             raise DatasetError(f"{path}:{number}: {error}") from error
-        getattr(splits.setdefault(clsname, CategorySplit(clsname)), which).append(sample)
+        getattr(split, which).append(sample)
     if not splits:
         raise DatasetError(f"{path}: the list has no samples")
     for split in splits.values():
@@ -125,29 +135,31 @@ def discover_jsonl(path: Path, image_size: Size | None) -> list[CategorySplit]:
     return list(splits.values())
 
 
-def discover(root: str | Path, categories: Sequence[str] | None = None, image_size: Size | None = None) -> list[CategorySplit]:
+def discover(
+    root: str | Path, categories: Sequence[str] | None = None, image_size: Size | None = None, test: bool = True
+) -> list[CategorySplit]:
     """Find the samples under ``root`` in any supported layout.
 
     ``root`` may be a JSON-lines file, an MVTec-style category, a folder of
     MVTec-style categories (``categories`` picks some; default all), or a flat
-    tutorial folder.
+    tutorial folder. Without ``test`` only the training images are read (what fitting uses).
     """
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: data set path not found")
     if root.is_file():
-        splits = discover_jsonl(root, image_size)
+        splits = discover_jsonl(root, image_size, test)
     elif is_mvtec_category(root):
-        splits = [discover_mvtec(root.parent, root.name, image_size)]
+        splits = [discover_mvtec(root.parent, root.name, image_size, test)]
     else:
         found = sorted(d.name for d in root.iterdir() if d.is_dir() and is_mvtec_category(d))
         if found:
             missing = sorted(set(categories or []) - set(found))
             if missing:
                 raise DatasetError(f"{root}: categories {missing} not found; available: {found}")
-            splits = [discover_mvtec(root, c, image_size) for c in (categories or found)]
+            splits = [discover_mvtec(root, c, image_size, test) for c in (categories or found)]
         elif any(p.name.startswith("train") for p in _images(root)):
-            splits = [discover_flat(root, image_size, clsname="unknown")]
+            splits = [discover_flat(root, image_size, clsname="unknown", test=test)]
         else:
             raise DatasetError(
                 f"{root}: empty or unrecognised data set (expected <category>/train/good/, "
