@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,7 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
     for name, row in rows.items():
         lines += [f"### `configs/{name}`", "", f"{_text(row['title'])}. Original: {_text(row['source'])}."]
         if "command" in row:
-            lines += ["", "Run as: `hiad-pl fit " + " ".join(command(name, row)) + "`"]
+            lines += ["", "Run as: `hiad-pl fit " + shlex.join(command(name, row)) + "`"]
         lines += ["", "| setting | original | here | why |", "|---|---|---|---|"]
         differences = row.get("differences", {})
         original = row["original"]
