@@ -18,7 +18,7 @@ TEMPLE_CLASSES = {442, 497, 538, 663, 698, 832}  # bell cote, church, dome, mona
 
 
 def test_tutorial_alias_resolves_to_timm_name() -> None:
-    assert resolve_backbone_name("wideresnet50") == "wide_resnet50_2"
+    assert resolve_backbone_name("wideresnet50") == "wide_resnet50_2.tv_in1k"
     assert resolve_backbone_name("resnet18") == "resnet18"
 
 

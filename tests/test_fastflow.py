@@ -86,9 +86,17 @@ def test_flow_log_det_is_exact_after_the_layer_norm() -> None:
     assert torch.allclose(inverse, normalised, atol=1e-10)
 
 
-def test_negative_log_likelihood_is_per_position() -> None:
+def test_negative_log_likelihood_is_summed_per_sample_as_the_reference() -> None:
     z, log_det = torch.ones(2, 3, 4, 4), torch.full((2, 4, 4), 0.5)
-    assert torch.isclose(negative_log_likelihood(z, log_det), torch.tensor(0.5 * 3 - 0.5))
+    # 16 positions of (0.5 * 3 - 0.5) per sample, averaged over the 2 samples
+    assert torch.isclose(negative_log_likelihood(z, log_det), torch.tensor(16.0))
+    generator = torch.Generator().manual_seed(0)
+    z, log_det = torch.randn(3, 5, 6, 7, generator=generator), torch.randn(3, 6, 7, generator=generator)
+    # the reference: per sample 0.5 * sum over (C, H, W) of z^2 minus its log-determinant summed over positions
+    reference = torch.mean(0.5 * torch.sum(z**2, dim=(1, 2, 3)) - log_det.sum(dim=(1, 2)))
+    torch.testing.assert_close(negative_log_likelihood(z, log_det), reference)
+    # a position-averaged loss would be 42 (= 6 x 7 positions) times smaller, and so its gradient
+    torch.testing.assert_close(negative_log_likelihood(z, log_det) / 42, (0.5 * z.square().sum(1) - log_det).mean())
 
 
 class LossRecorder(Callback):

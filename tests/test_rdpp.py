@@ -17,6 +17,7 @@ from hiad_pl.detectors import DETECTORS, HRRDPP
 from hiad_pl.detectors.rdpp import (
     SINKHORN_OPTIONS,
     OneClassBottleneck,
+    ResidualBottleneck,
     ReverseDecoder,
     optimal_transport_loss,
     sinkhorn_loss,
@@ -51,6 +52,40 @@ def test_decoder_mirrors_wideresnet50_shapes(layers: list[str]) -> None:
     assert bottleneck.out_channels == 2048
     assert [f.shape for f in rebuilt] == [f.shape for f in features]
     assert [tuple(f.shape[1:]) for f in features][-1] == (1024, 16, 16)
+
+
+#: Parameters of the official RD++ / RD4AD decoder (de_wide_resnet50_2) per stage, deepest first:
+#: 3 bottlenecks 2048 -> 1024, 4 bottlenecks 1024 -> 512, 6 bottlenecks 512 -> 256.
+OFFICIAL_STAGE_PARAMETERS = [17_840_128, 5_317_632, 1_759_744]
+
+
+def test_decoder_stages_are_the_official_de_resnet_stages() -> None:
+    with torch.device("meta"):
+        decoder = ReverseDecoder([256, 512, 1024], [4, 8, 16], in_channels=2048)
+    assert [len(stage) for stage in decoder.stages] == [3, 4, 6]
+    for stage, (c_in, c_out) in zip(decoder.stages, [(2048, 1024), (1024, 512), (512, 256)]):
+        assert all(isinstance(block, ResidualBottleneck) for block in stage)  # no plain layer before the blocks
+        first, *rest = stage
+        transposed = [m for m in first.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+        # the first block upsamples in its body (width -> width) and in its shortcut (c_in -> c_out), 2x2 stride 2
+        assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in transposed] == [
+            (c_out // 2, c_out // 2, (2, 2), (2, 2)), (c_in, c_out, (2, 2), (2, 2))
+        ]
+        assert not any(isinstance(m, torch.nn.ConvTranspose2d) for block in rest for m in block.modules())
+    assert [sum(p.numel() for p in stage.parameters()) for stage in decoder.stages] == OFFICIAL_STAGE_PARAMETERS
+
+
+def test_decoder_blocks_default_to_the_official_counts_for_fewer_layers() -> None:
+    with torch.device("meta"):
+        deepest = ReverseDecoder([1024], [16], in_channels=2048)  # HiAD's patch branch: layer3 only
+        two = ReverseDecoder([512, 1024], [8, 16], in_channels=2048)  # its thumbnail branch: layer2 + layer3
+        uniform = ReverseDecoder([512, 1024], [8, 16], in_channels=2048, blocks=1)
+    assert [len(s) for s in deepest.stages] == [3] and [len(s) for s in two.stages] == [3, 4]
+    assert sum(p.numel() for p in deepest.parameters()) == OFFICIAL_STAGE_PARAMETERS[0]
+    assert [len(s) for s in uniform.stages] == [1, 1]
+    small = ReverseDecoder([8, 16], [8, 16], in_channels=32, blocks=1)
+    rebuilt = small(torch.randn(1, 32, 2, 2), [(8, 8), (4, 4)])
+    assert [tuple(r.shape) for r in rebuilt] == [(1, 8, 8, 8), (1, 16, 4, 4)]
 
 
 def test_decoder_mirrors_lite0_shapes_on_any_patch_size() -> None:

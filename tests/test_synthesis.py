@@ -52,7 +52,8 @@ def factory(request: pytest.FixtureRequest, texture_folder: Path) -> Factory:
         "blend_self": lambda **kw: ImageBlendingSynthesizer(anomaly_source="self", **kw),
         "blend_procedural": lambda **kw: ImageBlendingSynthesizer(**kw),
         "simplex": lambda **kw: SimplexNoiseSynthesizer(box_size=(0.2, 0.5), **kw),
-        "box": lambda **kw: RandomeBoxSynthesizer(**kw),
+        # uniform noise differs from any grey by >= 64 levels on average: widen the original's 20-60
+        "box": lambda **kw: RandomeBoxSynthesizer(diff_threshold=(20, 128), **kw),
         "cutpaste": lambda **kw: CutPasteAnomalySynthesizer(**kw),
         "scar": lambda **kw: CutPasteAnomalySynthesizer(variant="scar", **kw),
         "color_perlin": lambda **kw: ColorShiftSynthesizer(**kw),
@@ -187,9 +188,73 @@ def test_window_outside_crop_is_an_error() -> None:
 
 def test_probability_is_respected() -> None:
     synth = RandomBoxSynthesizer(p=0.5, seed=0)
-    patch = LRPatch(image=np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    patch = grey_patch(0, size=64)
     labels = [synth(patch).label for _ in range(200)]
     assert 0.38 < np.mean(labels) < 0.62
+
+
+def grey_patch(seed: int, size: int = 256) -> LRPatch:
+    """A mid-grey textured patch (grey levels 80-179), as industrial surfaces rather than uniform noise."""
+    return LRPatch(image=np.random.default_rng(seed).integers(80, 180, (size, size, 3), dtype=np.uint8))
+
+
+class RecordingBoxes(RandomeBoxSynthesizer):
+    """Records every accepted box with the image it was painted on."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[list[tuple[slice, slice, np.ndarray, np.ndarray]]] = []
+
+    def synthesize(self, image: np.ndarray, rng: np.random.Generator):
+        self.calls.append([])
+        return super().synthesize(image, rng)
+
+    def _box(self, image: np.ndarray, rng: np.random.Generator):
+        before = image.copy()
+        box = super()._box(image, rng)
+        if box is not None:
+            self.calls[-1].append((*box, before, image.copy()))
+        return box
+
+
+def test_boxes_follow_the_original_rule() -> None:
+    synth = RecordingBoxes(p=1.0, diff_threshold=(20, 50), seed=0)
+    assert (synth.max_patch_num, synth.anomaly_sizes) == (5, [(16.0, 40.0), (80.0, 100.0)])
+    for seed in range(150):
+        synth(grey_patch(seed))
+    counts = [len(boxes) for boxes in synth.calls]
+    # the first box always, each of 4 more with probability 1/2: 1 + Binomial(4, 1/2), mean 3
+    assert set(counts) == {1, 2, 3, 4, 5} and 2.7 < np.mean(counts) < 3.3
+    classes = []
+    for rows, cols, before, after in (box for boxes in synth.calls for box in boxes):
+        sides = (rows.stop - rows.start, cols.stop - cols.start)
+        small = all(16 <= s < 40 for s in sides)
+        assert small or all(80 <= s < 100 for s in sides)  # height and width from the same range
+        classes.append(small)
+        region = after[rows, cols].reshape(-1, 3)
+        assert len(np.unique(region)) == 1  # one grey value, equal in the three channels
+        difference = np.abs(before[rows, cols].astype(np.float32) - region[0, 0]).mean()
+        assert 20 <= difference <= 50  # the threshold decided the box
+    assert 0.4 < np.mean(classes) < 0.6
+
+
+def test_box_mask_is_the_changed_pixels() -> None:
+    synth = RandomeBoxSynthesizer(p=1.0, seed=3)
+    for seed in range(10):
+        patch = grey_patch(seed, size=128)
+        out = synth(patch)
+        changed = (out.image != patch.image).any(-1)
+        assert out.label == 1 and np.array_equal(out.mask.astype(bool), changed)
+
+
+def test_box_threshold_and_patch_size_can_leave_a_patch_normal() -> None:
+    flat = LRPatch(image=np.full((128, 128, 3), 128, np.uint8))
+    # no grey differs from 128 by 200 levels: every box is refused and the patch stays normal
+    out = RandomeBoxSynthesizer(p=1.0, diff_threshold=(200, 255), seed=0)(flat)
+    assert out.label == 0 and not out.mask.any()
+    tiny = RandomeBoxSynthesizer(p=1.0, seed=0)(grey_patch(0, size=12))  # no box of 16 px fits
+    assert tiny.label == 0
+    assert RandomBoxSynthesizer is RandomeBoxSynthesizer
 
 
 def test_invisible_change_is_not_an_anomaly() -> None:
@@ -197,21 +262,6 @@ def test_invisible_change_is_not_an_anomaly() -> None:
     out = CutPasteAnomalySynthesizer(p=1.0, color_jitter=0.0, seed=0)(flat)
     assert out.label == 0 and not out.mask.any()
     np.testing.assert_array_equal(out.image, flat.image)
-
-
-def test_box_sizes_in_pixels() -> None:
-    synth = RandomeBoxSynthesizer(p=1.0, box_size=(6, 10), num_boxes=(1, 1), seed=2, min_change=1)
-    assert RandomBoxSynthesizer is RandomeBoxSynthesizer
-    for seed in range(5):
-        out = synth(noisy_patch(seed))
-        ys, xs = np.nonzero(out.mask)
-        assert 6 <= ys.max() - ys.min() + 1 <= 10 and 6 <= xs.max() - xs.min() + 1 <= 10
-
-
-def test_box_colour_is_uniform() -> None:
-    out = RandomeBoxSynthesizer(p=1.0, num_boxes=(1, 1), seed=1, min_change=1)(noisy_patch(0))
-    colours = np.unique(out.image[out.mask.astype(bool)], axis=0)
-    assert len(colours) == 1
 
 
 def test_blending_reads_textures_recursively(texture_folder: Path) -> None:
@@ -236,7 +286,9 @@ def test_blending_source_errors(tmp_path: Path) -> None:
     "build",
     [
         lambda: RandomeBoxSynthesizer(p=1.5),
-        lambda: RandomeBoxSynthesizer(box_size=(0.3, 0.1)),
+        lambda: RandomeBoxSynthesizer(anomaly_sizes=[(40, 16)]),
+        lambda: RandomeBoxSynthesizer(diff_threshold=(60, 20)),
+        lambda: RandomeBoxSynthesizer(max_patch_num=0),
         lambda: CutPasteAnomalySynthesizer(variant="deep"),
         lambda: ColorShiftSynthesizer(region="square"),
         lambda: ImageBlendingSynthesizer(blend_factor=(0.5, 2.0)),
@@ -254,7 +306,7 @@ def test_bad_image_is_named() -> None:
 
 
 def test_anomaly_synthesize_alias() -> None:
-    out = RandomeBoxSynthesizer(p=1.0, seed=0).anomaly_synthesize(noisy_patch(0))
+    out = RandomeBoxSynthesizer(p=1.0, seed=0).anomaly_synthesize(grey_patch(0, size=64))
     assert out.label == 1 and out.mask.any()
 
 
@@ -286,10 +338,26 @@ def test_configurable_from_yaml_dict() -> None:
         {
             "synthesizer": {
                 "class_path": "hiad_pl.syn.RandomeBoxSynthesizer",
-                "init_args": {"p": 1.0, "box_size": [4, 12], "num_boxes": [1, 2], "seed": 3},
+                "init_args": {"p": 1.0, "anomaly_sizes": [[4, 12]], "max_patch_num": 2, "diff_threshold": [20, 50], "seed": 3},
             }
         }
     )
     synth = parser.instantiate_classes(config).synthesizer
     assert isinstance(synth, RandomeBoxSynthesizer)
-    assert synth.box_size == (4.0, 12.0) and synth.num_boxes == (1, 2) and synth.seed == 3
+    assert synth.anomaly_sizes == [(4.0, 12.0)] and synth.max_patch_num == 2 and synth.diff_threshold == (20.0, 50.0)
+    assert synth.seed == 3
+
+
+def test_procedural_fallback_is_logged_once(texture_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from hiad_pl.data import synthesis
+
+    synthesis._warn_procedural_fallback.cache_clear()
+    with caplog.at_level("WARNING", logger="hiad_pl.data.synthesis"):
+        ImageBlendingSynthesizer(anomaly_source=texture_folder)
+        ImageBlendingSynthesizer(anomaly_source="procedural")  # chosen by name: nothing to warn about
+        assert not caplog.records
+        first = ImageBlendingSynthesizer()
+        ImageBlendingSynthesizer(p=1.0)
+    assert first.texture_source == "procedural"
+    assert len(caplog.records) == 1 and "procedural textures, not DTD" in caplog.records[0].getMessage()
+    assert "images/<category>/*.jpg" in caplog.records[0].getMessage()

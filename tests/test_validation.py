@@ -69,6 +69,15 @@ def test_normalised_scores_in_unit_range_and_statistics_from_validation_only(tex
     assert torch.load(checkpoint_path, weights_only=True)[RUN_INFO_KEY]["normalization"] == stats
 
 
+def standout_boxes() -> RandomeBoxSynthesizer:
+    """Boxes far from the texture's grey levels (mean difference >= 80), so :class:`FlippingDetector`'s map finds them.
+
+    With the original's 20-60 levels a flat grey box can sit nearer the patch mean than the
+    texture around it, and the toy's good epoch then scores no better than its bad ones.
+    """
+    return RandomeBoxSynthesizer(p=0.5, diff_threshold=(80, 255), seed=0)
+
+
 class FlippingDetector(HRDetector):
     """A toy detector whose quality is scheduled: good at epoch ``good_epoch`` only.
 
@@ -105,7 +114,7 @@ def test_best_checkpoint_is_kept_and_early_stopping_ends_on_time(texture, tmp_pa
         trainer_kwargs={"max_epochs": 10},
         early_stop_epochs=2,
     )
-    val_config = {"anomaly_syn_fn": RandomeBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25}
+    val_config = {"anomaly_syn_fn": standout_boxes(), "val_sample_ratio": 0.25}
     orchestrator.fit(texture.train, [], val_config)
     checkpoint = torch.load(orchestrator.checkpoint_path(tasks[0]), weights_only=True)
     assert checkpoint["state_dict"]["sign"].item() == 1.0  # the weights of the good epoch
@@ -142,7 +151,7 @@ def test_validations_before_the_detector_is_ready_neither_select_nor_stop(textur
     orchestrator = TaskOrchestrator(
         WarmingUpDetector, {}, tasks, tmp_path / "models", batch_size=8, trainer_kwargs={"max_epochs": 10}, early_stop_epochs=1
     )
-    val_config = {"anomaly_syn_fn": RandomeBoxSynthesizer(p=0.5, seed=0), "val_sample_ratio": 0.25}
+    val_config = {"anomaly_syn_fn": standout_boxes(), "val_sample_ratio": 0.25}
     orchestrator.fit(texture.train, [], val_config)
     checkpoint = torch.load(orchestrator.checkpoint_path(tasks[0]), weights_only=True)
     # epoch 0 is good but not ready: the weights kept are those of epoch 3, the good one after warm-up

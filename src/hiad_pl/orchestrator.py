@@ -185,7 +185,9 @@ def default_validation() -> ValidationConfig:
     """Validation set used when one is needed (thumbnail branch) but none was configured."""
     from hiad_pl.syn import RandomBoxSynthesizer
 
-    return ValidationConfig(RandomBoxSynthesizer(p=0.5, seed=0), val_sample_ratio=0.2, max_patch_number=200)
+    # the original run scripts' validation set: grey boxes on half of the patches, mean difference 20-50 levels
+    synthesizer = RandomBoxSynthesizer(p=0.5, diff_threshold=(20, 50), seed=0)
+    return ValidationConfig(synthesizer, val_sample_ratio=0.2, max_patch_number=200)
 
 
 class TaskOrchestrator:

@@ -23,7 +23,9 @@ init_args}`` or the original project's ``{name, kwargs}``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import logging
 import math
 import random
 from abc import ABC, abstractmethod
@@ -39,6 +41,8 @@ from hiad_pl.data.tiling import HRImageIndex
 
 Range = tuple[float, float]
 Synthesis = tuple[np.ndarray, np.ndarray]
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AnomalySynthesizer",
@@ -388,17 +392,28 @@ def _source_augmentations() -> list[A.BasicTransform]:
     ]
 
 
+@functools.cache
+def _warn_procedural_fallback() -> None:
+    """Say once per process that blended textures are procedural, not the papers' DTD images."""
+    log.warning(
+        "anomaly_source is not set: training anomalies blend built-in procedural textures, not DTD images "
+        "as the papers do; set anomaly_source to a DTD folder (<folder>/images/<category>/*.jpg) for the papers' setting"
+    )
+
+
 class ImageBlendingSynthesizer(AnomalySynthesizer):
     """Blend a texture into Perlin-noise blobs of the patch (DRAEM-style).
 
     The texture source (``anomaly_source``) is one of:
 
     a folder
-        a random image from it (searched recursively; the papers use the DTD
-        data set), resized to the patch;
-    ``None`` or ``"procedural"`` (the default)
+        a random image from it (searched recursively), resized to the patch. The
+        papers and the original project use the Describable Textures Dataset (DTD):
+        unpack it so that its images lie in ``<folder>/images/<category>/*.jpg``
+        (e.g. ``data/dtd/images/banded/banded_0002.jpg``) and give ``<folder>``;
+    ``None`` (the default) or ``"procedural"``
         a built-in procedural texture (:func:`procedural_texture`), so that
-        synthesis runs offline;
+        synthesis runs offline; ``None`` logs one warning per process saying so;
     ``"self"``
         the patch itself (subtler defects, no extra data).
 
@@ -426,6 +441,8 @@ class ImageBlendingSynthesizer(AnomalySynthesizer):
         ``transparency_range``: the original project's name of ``blend_factor`` (wins when given)."""
         super().__init__(p, seed, min_change)
         source = None if anomaly_source is None else str(anomaly_source)
+        if source is None:
+            _warn_procedural_fallback()
         self.anomaly_source = source
         in_built = source in (None, "procedural", "self")
         self.anomaly_files = [] if in_built else _list_images(source)  # type: ignore[arg-type]
@@ -467,40 +484,85 @@ class ImageBlendingSynthesizer(AnomalySynthesizer):
 
 
 class RandomeBoxSynthesizer(AnomalySynthesizer):
-    """Paint ``num_boxes`` rectangles, each of one random colour (albumentations CoarseDropout).
+    """Paint up to ``max_patch_num`` rectangles of one grey value each, as the original project's validation boxes.
 
-    ``box_size`` bounds each side: fractions of the patch side when both
-    values are at most 1, pixels otherwise. The spelling follows the original
-    project; :data:`RandomBoxSynthesizer` is the same class.
+    The first box is always tried, each further one with probability 1/2 (so 1 to
+    ``max_patch_num`` boxes, 3 on average for 5). A box picks one of ``anomaly_sizes``
+    ranges at random and draws its height and width independently from it; a grey
+    value (0-255, the same in the three channels) and a position wholly inside the
+    patch are drawn until the mean absolute difference between the box and the
+    pixels it covers lies within ``diff_threshold`` (grey levels, over the box's
+    pixels and channels), at most ``max_attempts_per_box`` times; a box that finds
+    none, or does not fit in the patch, is left out. Each box sees the earlier ones.
+    The mask is every pixel the boxes changed by at least ``min_change`` grey levels
+    (1 by default: the whole box but the pixels that already had its grey value).
+
+    Sizes are pixels of the patch (fractions of its side when both values of a range
+    are at most 1). The spelling follows the original project; :data:`RandomBoxSynthesizer`
+    is the same class. The original's run scripts pass ``diff_threshold=(20, 50)``.
     """
+
+    #: boxes of 16 px are smaller than the base class's smallest defect on 512-px patches
+    min_area: float = 0.0
+    #: grey values and positions drawn per box before it is left out (the original's 50)
+    max_attempts_per_box: int = 50
 
     def __init__(
         self,
         p: float = 0.5,
-        box_size: tuple[float, float] = (0.05, 0.3),
-        num_boxes: tuple[int, int] = (1, 3),
+        max_patch_num: int = 5,
+        anomaly_sizes: Sequence[Sequence[float]] = ((16, 40), (80, 100)),
+        diff_threshold: tuple[float, float] = (20, 60),
         seed: int | None = None,
-        min_change: int = 10,
+        min_change: int = 1,
     ):
-        """``box_size``: (min, max) side of a box; ``num_boxes``: (min, max) boxes per patch."""
+        """``max_patch_num``: most boxes per patch; ``anomaly_sizes``: (min, max) side ranges, one drawn per box;
+        ``diff_threshold``: (min, max) mean grey-level difference a box must make."""
         super().__init__(p, seed, min_change)
-        self.box_size = _check_range(box_size, "box_size", low=1e-6)
-        low, high = _check_range(num_boxes, "num_boxes", low=1)
-        self.num_boxes = (int(low), int(high))
-        sides = self.box_size if _is_fraction(self.box_size) else tuple(int(round(s)) for s in self.box_size)
-        self._boxes = A.CoarseDropout(
-            num_holes_range=self.num_boxes,
-            hole_height_range=sides,
-            hole_width_range=sides,
-            fill="random_uniform",
-            fill_mask=1,
-            p=1.0,
-        )
+        if not isinstance(max_patch_num, int) or max_patch_num < 1:
+            raise ValueError(f"max_patch_num must be a positive integer, got {max_patch_num!r}")
+        self.max_patch_num = max_patch_num
+        sizes = np.asarray(anomaly_sizes, dtype=float)
+        ranges = [sizes.tolist()] if sizes.ndim == 1 else sizes.tolist()
+        self.anomaly_sizes = [_check_range(r, "anomaly_sizes", low=1e-6) for r in ranges]
+        self.diff_threshold = _check_range(diff_threshold, "diff_threshold")
+        if self.diff_threshold[1] > 255:
+            raise ValueError(f"diff_threshold must lie in [0, 255] grey levels, got {tuple(diff_threshold)!r}")
+
+    def _side(self, size_range: Range, side: int, rng: np.random.Generator) -> int:
+        """A box side drawn uniformly from ``size_range`` (pixels, or fractions of ``side``)."""
+        low, high = (v * side for v in size_range) if _is_fraction(size_range) else size_range
+        return max(1, int(rng.uniform(low, high)))
+
+    def _box(self, image: np.ndarray, rng: np.random.Generator) -> tuple[slice, slice] | None:
+        """Paint one box into ``image`` in place; its rows and columns, or ``None`` when none was accepted."""
+        height, width = image.shape[:2]
+        size_range = self.anomaly_sizes[int(rng.integers(len(self.anomaly_sizes)))]
+        box_h, box_w = self._side(size_range, height, rng), self._side(size_range, width, rng)
+        if box_h > height or box_w > width:
+            return None
+        low, high = self.diff_threshold
+        for _ in range(self.max_attempts_per_box):
+            grey = int(rng.integers(256))
+            top, left = int(rng.integers(height - box_h + 1)), int(rng.integers(width - box_w + 1))
+            rows, cols = slice(top, top + box_h), slice(left, left + box_w)
+            difference = float(np.abs(image[rows, cols].astype(np.float32) - grey).mean())
+            if low <= difference <= high:
+                image[rows, cols] = grey
+                return rows, cols
+        return None
 
     def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> Synthesis:
-        """Rectangles of random colours and their mask."""
-        out = _seeded(self._boxes, rng)(image=image, mask=np.zeros(image.shape[:2], np.uint8))
-        return out["image"], out["mask"]
+        """One to ``max_patch_num`` grey boxes and their mask."""
+        out = image.copy()
+        mask = np.zeros(image.shape[:2], np.uint8)
+        for i in range(self.max_patch_num):
+            if i > 0 and rng.random() < 0.5:
+                continue
+            box = self._box(out, rng)
+            if box is not None:
+                mask[box] = 1
+        return out, mask
 
 
 RandomBoxSynthesizer = RandomeBoxSynthesizer

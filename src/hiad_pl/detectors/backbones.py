@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 #: Short names of the tutorial's configs and the timm models they stand for.
 BACKBONE_ALIASES: dict[str, str] = {
-    "wideresnet50": "wide_resnet50_2",
+    "wideresnet50": "wide_resnet50_2.tv_in1k",  # torchvision's weights, as the original project's models.wide_resnet50_2
     "wideresnet101": "wide_resnet101_2",
     "resnext101": "resnext101_32x8d",
     "efficientnet_b1": "tf_efficientnet_b1",

@@ -5,7 +5,9 @@ Normalizing Flows" (2021). Each chosen backbone layer gets its own flow: a
 layer norm over the feature map, then ``flow_steps`` steps, each an affine
 coupling block (3x3 and 1x1 convolution subnetworks in turn), a learned
 per-channel affine map and a fixed channel permutation. Training minimises the
-negative log-likelihood of the features under the flow; a test position scores
+negative log-likelihood of the features under the flow, summed over each sample's
+positions and channels and averaged over the batch (the reference code's
+reduction, which sets the balance of Adam's weight decay); a test position scores
 ``-exp(-0.5 * mean_c z^2)`` (minus its likelihood as a probability), averaged
 over layers after upsampling to the patch size.
 """
@@ -132,8 +134,13 @@ class FeatureFlow(nn.Module):
 
 
 def negative_log_likelihood(z: Tensor, log_det: Tensor) -> Tensor:
-    """Mean over batch and positions of ``0.5 * ||z||^2 - log |det J|`` (constants dropped)."""
-    return (0.5 * z.square().sum(1) - log_det).mean()
+    """``0.5 * ||z||^2 - log |det J|`` (constants dropped), summed over each sample's channels and positions, batch mean.
+
+    The reference FastFlow's (and anomalib's) reduction. Averaging over positions too would
+    divide the gradient by ``h * w`` (1,024-4,096 on 512-px patches) and so multiply Adam's
+    weight decay relative to it by as much.
+    """
+    return (0.5 * z.square().sum(1) - log_det).flatten(1).sum(1).mean()
 
 
 def likelihood_map(z: Tensor) -> Tensor:

@@ -34,9 +34,11 @@ power-of-two strides works: WideResNet-50 (the paper) and the offline
 EfficientNet-Lite0 alike. Each layer is brought to the deepest layer's stride
 by stride-2 convolutions doubling the channels; the concatenation passes
 ``ocbe_blocks`` residual bottleneck blocks (the first with stride 2) to
-``2 x C_deepest`` channels. Each decoder stage upsamples by 2x2 transposed
-convolutions to the next layer's stride and channels, then runs residual
-bottleneck blocks (``decoder_blocks`` per stage, deepest stage first).
+``2 x C_deepest`` channels. Each decoder stage is ``decoder_blocks`` residual
+bottleneck blocks (deepest stage first) whose first block upsamples by 2 with
+2x2 transposed convolutions in its body and its shortcut, as in the official
+de-ResNet (WideResNet-50's stages: 3, 4 and 6 blocks, 17.84 M, 5.32 M and 1.76 M
+parameters).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ CONTRAST_MARGIN = 0.5
 SINKHORN_OPTIONS: dict[str, Any] = {"loss": "sinkhorn", "p": 2, "blur": 0.05, "scaling": 0.95, "diameter": 1e7, "truncate": 10}
 #: Adam betas of both optimisers.
 ADAM_BETAS = (0.5, 0.999)
+#: Residual blocks per decoder stage, deepest first, of the official WideResNet-50 decoder (de_wide_resnet50_2).
+OFFICIAL_DECODER_BLOCKS = (3, 4, 6)
 
 
 class ProjectionLayer(nn.Module):
@@ -79,23 +83,39 @@ class ProjectionLayer(nn.Module):
 
 
 class ResidualBottleneck(nn.Module):
-    """ResNet bottleneck ``1x1 -> 3x3 (stride) -> 1x1`` with batch norm and a projected shortcut when shapes change."""
+    """ResNet bottleneck ``1x1 -> 3x3 (stride) -> 1x1`` with batch norm and a projected shortcut when shapes change.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    With ``upsample`` it is the reverse decoder's first block of a stage (RD4AD / RD++'s
+    de-ResNet): the middle convolution is a 2x2 transposed convolution of stride 2 and the
+    shortcut a 2x2 transposed convolution with batch norm, so the block doubles the map's sides.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, upsample: bool = False) -> None:
         super().__init__()
+        if upsample and stride != 1:
+            raise ValueError("an upsampling block has stride 1 (it doubles the sides by its transposed convolution)")
         width = max(1, out_channels // 2)  # wide bottlenecks, as in WideResNet-50's
+        middle: nn.Module = (
+            nn.ConvTranspose2d(width, width, 2, stride=2, bias=False)
+            if upsample
+            else nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        )
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, width, 1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
+            middle,
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
             nn.Conv2d(width, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
         )
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
+        if upsample:
+            self.shortcut = nn.Sequential(
+                nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        elif stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
             )
@@ -171,14 +191,24 @@ class ReverseDecoder(nn.Module):
         channels: channels of each encoder layer (shallow to deep).
         reductions: stride of each encoder layer.
         in_channels: channels of the embedding (at twice the deepest stride).
-        blocks: residual blocks per stage, deepest stage first (one int for all).
+        blocks: residual blocks per stage, deepest stage first (one int for all); ``None``:
+            the official WideResNet-50 decoder's 3, 4, 6 (6 for any further stage).
     """
 
     def __init__(
-        self, channels: Sequence[int], reductions: Sequence[int], in_channels: int, blocks: int | Sequence[int] = 3
+        self,
+        channels: Sequence[int],
+        reductions: Sequence[int],
+        in_channels: int,
+        blocks: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        per_stage = [int(blocks)] * len(channels) if isinstance(blocks, int) else [int(b) for b in blocks]
+        if blocks is None:
+            per_stage = [OFFICIAL_DECODER_BLOCKS[min(i, len(OFFICIAL_DECODER_BLOCKS) - 1)] for i in range(len(channels))]
+        elif isinstance(blocks, int):
+            per_stage = [int(blocks)] * len(channels)
+        else:
+            per_stage = [int(b) for b in blocks]
         if len(per_stage) != len(channels) or min(per_stage) < 1:
             raise ValueError(f"decoder_blocks needs one positive count per layer ({len(channels)}), got {blocks!r}")
         # strides walked backwards: the embedding sits one factor 2 below the deepest layer.
@@ -187,13 +217,13 @@ class ReverseDecoder(nn.Module):
         self.stages = nn.ModuleList()
         previous = in_channels
         for step, c, count in zip(steps, reversed(list(channels)), per_stage):
-            layers: list[nn.Module] = []
-            for k in range(step):
-                c_in = previous if k == 0 else c
-                layers += [nn.ConvTranspose2d(c_in, c, 2, stride=2, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            # As the official de-ResNet: the stage's first block(s) upsample inside the residual
+            # block (one per factor 2), the rest keep the size; a stage at an unchanged stride
+            # starts with a plain block whose shortcut projects the channels.
+            layers: list[nn.Module] = [ResidualBottleneck(previous if k == 0 else c, c, upsample=True) for k in range(step)]
             if step == 0:
-                layers.append(conv_bn_relu(previous, c))
-            layers += [ResidualBottleneck(c, c) for _ in range(count)]
+                layers.append(ResidualBottleneck(previous, c))
+            layers += [ResidualBottleneck(c, c) for _ in range(count - len(layers))]
             self.stages.append(nn.Sequential(*layers))
             previous = c
 
@@ -273,7 +303,8 @@ class HRRDPP(HRDetector):
         weight_proj: weight of the projection loss.
         accumulate_batches: batches whose gradients are summed per optimiser step.
         ocbe_blocks: residual blocks of the bottleneck.
-        decoder_blocks: residual blocks per decoder stage (one int, or one per layer, deepest first).
+        decoder_blocks: residual blocks per decoder stage (one int, or one per layer, deepest first);
+            ``None``: the official decoder's 3, 4, 6 (WideResNet-50's layer3, layer2, layer1 stages).
         synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``);
             default: the paper's simplex noise (:class:`SimplexNoiseSynthesizer`, p 1).
     """
@@ -293,7 +324,7 @@ class HRRDPP(HRDetector):
         weight_proj: float = 0.2,
         accumulate_batches: int = 2,
         ocbe_blocks: int = 3,
-        decoder_blocks: int | list[int] = 3,
+        decoder_blocks: int | list[int] | None = None,
         synthesizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(

@@ -463,7 +463,8 @@ class HRRealNet(HRDetector):
     """RealNet on high-resolution patches: AFS, per-block reconstruction UNets and RRS on a frozen CNN.
 
     Args:
-        backbone_name: the frozen CNN (timm name or alias; ``wideresnet50`` in the original project).
+        backbone_name: the frozen CNN (timm name or alias); the original's is timm's
+            ``wide_resnet50_2`` with timm's own weights (``wide_resnet50_2.racm_in1k``).
         layers_to_extract_from: backbone layers, one block each (``[layer2, layer3]``).
         weights: backbone weights: ``hub``, ``offline``, ``none`` or a file path.
         input_size: ``(width, height)`` or one int: patch size the detector sees.
@@ -489,7 +490,7 @@ class HRRealNet(HRDetector):
 
     def __init__(
         self,
-        backbone_name: str = "wideresnet50",
+        backbone_name: str = "wide_resnet50_2.racm_in1k",
         layers_to_extract_from: Sequence[str] = ("layer2", "layer3"),
         weights: str = "hub",
         input_size: int | tuple[int, int] = 512,
