@@ -49,7 +49,7 @@ def test_vit_block_names_are_checked() -> None:
         create_extractor(FeatureSettings.of("vit_small_patch16_224", ["blocks.12"], "none"))
     with pytest.raises(ValueError, match="not a block name"):
         create_extractor(FeatureSettings.of("vit_small_patch16_224", ["head"], "none"))
-    with pytest.raises(ValueError, match="only available for backbone_name 'efficientnet_lite0'"):
+    with pytest.raises(ValueError, match="only available for backbone_name efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"):
         create_extractor(FeatureSettings.of("vit_small_patch16_224", ["blocks.1"], "offline"))
 
 

@@ -282,14 +282,38 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return _strip_prefixes(tensors)
 
 
+def _timm_converted(state: Mapping[str, Tensor], timm_name: str, model_kwargs: Mapping[str, Any]) -> Mapping[str, Tensor] | None:
+    """``state`` converted by the ``checkpoint_filter_fn`` of ``timm_name``'s timm module, or ``None`` where that fails."""
+    model = skeleton(timm_name, **model_kwargs)
+    convert = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return None
+    try:
+        return convert(dict(state), model)
+    except Exception:  # noqa: BLE001 - a layout the converter does not know either: reported as a mismatch
+        return None
+
+
 def _check_state_dict(
     state: Mapping[str, Tensor], timm_name: str, source: str, model_kwargs: Mapping[str, Any]
 ) -> dict[str, Tensor]:
-    """Match ``state`` to the full timm model's keys; fill an absent head; raise naming ``source``."""
+    """Match ``state`` to the full timm model's keys; fill an absent head; raise naming ``source``.
+
+    A state dict in its publisher's own layout (Meta's DINOv2 / DINOv3 ``.pth``
+    files, say) is first converted by timm's converter for the architecture.
+    """
     expected, head_keys = _classifier_keys(timm_name, model_kwargs)
     state = dict(state)
-    missing = [key for key in expected if key not in state and key not in head_keys]
-    unexpected = [key for key in state if key not in expected]
+
+    def mismatch(candidate: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        missing = [key for key in expected if key not in candidate and key not in head_keys]
+        return missing, [key for key in candidate if key not in expected]
+
+    missing, unexpected = mismatch(state)
+    if missing or unexpected:
+        converted = _timm_converted(state, timm_name, model_kwargs)
+        if converted is not None and not any(mismatch(converted)):
+            state, missing, unexpected = dict(converted), [], []
     if missing or unexpected:
         raise ValueError(
             f"weights {source} do not match backbone {timm_name!r}: "
