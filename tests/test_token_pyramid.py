@@ -12,7 +12,11 @@ from sklearn.datasets import load_sample_image
 from torch import Tensor
 
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD, offline_state_dict
-from hiad_pl.detectors.features import FeatureSettings, ViTTokenExtractor, create_extractor
+from hiad_pl.detectors.features import (
+    FeatureSettings,
+    ViTTokenExtractor,
+    create_extractor,
+)
 from hiad_pl.detectors.token_pyramid import TokenPyramid, fixed_projection
 from hiad_pl.errors import WeightsUnavailableError
 

@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -216,7 +217,7 @@ class TokenPyramid(nn.Module):
         return tokens
 
 
-def pyramid_state_dict(cnn_state: Mapping[str, Tensor], pyramid: TokenPyramid) -> "OrderedDict[str, Tensor]":
+def pyramid_state_dict(cnn_state: Mapping[str, Tensor], pyramid: TokenPyramid) -> OrderedDict[str, Tensor]:
     """A state dict of ``pyramid``'s CNN from a timm EfficientNet state dict (its head left out).
 
     ``conv_stem`` / ``bn1`` go to ``patch_embed``; ``blocks.<stage>.<i>`` to the flat
