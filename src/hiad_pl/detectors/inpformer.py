@@ -143,7 +143,7 @@ class HRINPFormer(ViTTokenDetector):
         backbone_name: timm ViT (Dinomaly's DINOv2 with registers in the paper).
         layers_to_extract_from: encoder blocks tapped (``blocks.2`` ... ``blocks.9`` of a ViT-B).
         weights: encoder weights: ``hub``, a local file (``model.safetensors`` in timm's layout), ``none``, or
-            ``offline`` for ``vit_lite0_hybrid`` (ImageNet EfficientNet-Lite0 stem, random ViT blocks; the quickstarts).
+            ``offline`` for the token pyramids ``lite{0,1,2}_token_pyramid`` (pretrained EfficientNet-Lite blocks; the quickstarts).
         input_size: ``(width, height)`` or one int: the patch size.
         fusion_weights: multi-resolution fusion weights (see :class:`HRDetector`).
         feature_kind: ``vit`` (or ``auto``).

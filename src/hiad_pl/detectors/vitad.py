@@ -140,7 +140,7 @@ class HRVitAD(ViTTokenDetector):
         layers_to_extract_from: teacher blocks then neck blocks (``blocks.2, blocks.5, blocks.8, blocks.11``:
             blocks 3, 6, 9 and 12 counted from 1).
         weights: encoder weights: ``hub``, a local file (``model.safetensors`` in timm's layout), ``none``, or
-            ``offline`` for ``vit_lite0_hybrid`` (ImageNet EfficientNet-Lite0 stem, random ViT blocks; the quickstarts).
+            ``offline`` for the token pyramids ``lite{0,1,2}_token_pyramid`` (pretrained EfficientNet-Lite blocks; the quickstarts).
         input_size: ``(width, height)`` or one int: the patch size (the decoder's position embedding is built
             for its token grid and resampled for others).
         fusion_weights: multi-resolution fusion weights (see :class:`HRDetector`).
