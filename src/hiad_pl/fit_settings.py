@@ -25,7 +25,9 @@ The compared settings (keys of ``fit_settings.json``):
   options); the task list itself is compared through ``tasks.json``.
 
 Not compared, because they change where or how visibly a fit runs, not its
-models: devices, launcher and Ray options, data loader workers, loggers,
+models, or only how long an interrupted task goes on training (the Trainer's
+``max_epochs`` / ``max_steps`` and their kin: a resume continues to the new
+length; finished tasks are kept): devices, launcher and Ray options, data loader workers, loggers,
 progress bars, the data set's location, the test set and the evaluation section.
 """
 
@@ -48,6 +50,13 @@ NON_MODEL_TRAINER_KEYS = (
     "log_every_n_steps",
     "profiler",
     "num_sanity_val_steps",
+    # The training length: a rerun with a longer (or shorter) schedule continues an interrupted task
+    # from its last epoch checkpoint, as Lightning resumes; tasks already finished are kept as they are.
+    "max_epochs",
+    "max_steps",
+    "min_epochs",
+    "min_steps",
+    "max_time",
 )
 #: Task generator options linked from other settings (compared there) or naming where it runs.
 LINKED_TASK_OPTIONS = ("device", "batch_size", "fusion_weights", "detector_class", "detector_config")
