@@ -42,6 +42,8 @@ log = logging.getLogger("hiad_pl")
 HOLDOUT_FILE = "holdout.json"
 #: Pixels kept per image for the pixel thresholds (a seeded uniform sample above it: 1/4 of a 2048 x 2048 map).
 PIXELS_PER_IMAGE = 1 << 20
+#: Draws of the synthesiser over an image before a synthetic copy is left without a defect.
+SYNTHESIS_DRAWS = 20
 #: Fewer held-out normal images than this make the image quantile rest on a handful of scores.
 FEW_NORMAL_IMAGES = 20
 
@@ -153,18 +155,27 @@ def synthetic_tiles(orchestrator: TaskOrchestrator, image_size: tuple[int, int])
 def synthetic_samples(
     samples: Sequence[HRSample], synthesizer: Any, tiles: Sequence[HRImageIndex], folder: Path, seed: int
 ) -> list[HRSample]:
-    """Copies of ``samples`` with the synthesiser applied patch by patch (seeded per image), written to ``folder``."""
+    """Copies of ``samples`` with the synthesiser applied patch by patch (seeded per image), written to ``folder``.
+
+    Each copy is meant to be defective: when the synthesiser's draws (probability
+    ``p`` per patch) leave an image clean, the image is drawn again, up to
+    :data:`SYNTHESIS_DRAWS` times (a copy may stay clean with one patch and a small ``p``).
+    """
     out = []
     for k, sample in enumerate(samples):
         rng = np.random.default_rng([seed, 7919, k])
         with sample:
-            image = sample.image.open().copy()
-        mask = np.zeros(image.shape[:2], np.uint8)
-        for tile in tiles:
-            rows, cols = tile.slices
-            patch = synthesizer(LRPatch(image=image[rows, cols].copy()), rng)
-            image[rows, cols] = patch.image
-            mask[rows, cols] |= (patch.mask > 0).astype(np.uint8)
+            original = sample.image.open().copy()
+        for _ in range(SYNTHESIS_DRAWS):
+            image = original.copy()
+            mask = np.zeros(image.shape[:2], np.uint8)
+            for tile in tiles:
+                rows, cols = tile.slices
+                patch = synthesizer(LRPatch(image=image[rows, cols].copy()), rng)
+                image[rows, cols] = patch.image
+                mask[rows, cols] |= (patch.mask > 0).astype(np.uint8)
+            if mask.any():
+                break
         image_path, mask_path = folder / f"{k:05d}.png", folder / f"{k:05d}_mask.png"
         atomic_write(image_path, png_bytes(image, compress_level=1))
         atomic_write(mask_path, png_bytes(mask * 255, compress_level=1))
