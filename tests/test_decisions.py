@@ -202,7 +202,7 @@ def test_holdout_is_seeded_recorded_and_never_changed_under_fitted_models(tmp_pa
     assert split_holdout(samples, 0.1, seed=1)[1] != held
     folder = tmp_path / "model"
     section = ThresholdSection(rule="normal_fpr")
-    fit2, held2 = prepare_holdout(folder, samples, section, "normal_fpr", seed=0)
+    _, held2 = prepare_holdout(folder, samples, section, "normal_fpr", seed=0)
     assert [s.get_image_path() for s in held2] == json.loads((folder / "holdout.json").read_text())["images"]
     assert {s.get_image_path() for s in held2} == {s.get_image_path() for s in held}
     (folder / "checkpoints").mkdir()

@@ -458,8 +458,9 @@ class ThresholdSection:
         rule: "auto" (f1_adaptive with a synthetic validation set, else normal_fpr; given when
             image and pixel are set), "f1_adaptive" (best F1 on the synthetic validation images),
             "normal_fpr" (false-alarm budget on held-out normal images) or "given".
-        normal_fpr: share of normal images (and of their pixels) allowed above the thresholds.
-        pixel_fpr: share of normal pixels allowed above the pixel threshold (default: normal_fpr).
+        normal_fpr: share of normal images allowed above the image threshold.
+        pixel_fpr: share of normal pixels allowed above the pixel threshold (1e-4: with 1e-2 every
+            good image shows 1 % of its pixels as predicted defects; null: normal_fpr).
         holdout: share of the training images held out of fitting for normal_fpr (seeded by seed).
         image: the image threshold of rule "given", on the scores as output.
         pixel: the pixel threshold of rule "given", on the scores as output.
@@ -467,7 +468,7 @@ class ThresholdSection:
 
     rule: Literal["auto", "f1_adaptive", "normal_fpr", "given"] = "auto"
     normal_fpr: float = 0.01
-    pixel_fpr: float | None = None
+    pixel_fpr: float | None = 1e-4
     holdout: float = 0.1
     image: float | None = None
     pixel: float | None = None
