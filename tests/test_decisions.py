@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hiad_pl.calibration import calibrate, model_thresholds, prepare_holdout, split_holdout
+from hiad_pl.calibration import calibrate, model_thresholds, prepare_holdout, split_holdout, threshold_rule
 from hiad_pl.config import ThresholdSection
 from hiad_pl.data.sample import HRSample
 from hiad_pl.decisions import (
@@ -184,6 +184,10 @@ def test_threshold_section_rules_and_bad_values() -> None:
     assert ThresholdSection().resolved(has_validation=False) == "normal_fpr"
     assert ThresholdSection().resolved(has_validation=True) == "f1_adaptive"
     assert ThresholdSection(rule="normal_fpr").resolved(has_validation=True) == "normal_fpr"
+    assert threshold_rule(ThresholdSection(rule="none"), False, 10, "x") is None
+    assert threshold_rule(ThresholdSection(), False, 1, "x") is None  # the default with one image: no thresholds
+    with pytest.raises(ValueError, match="only 1"):
+        split_holdout([object()], 0.1, 0)  # type: ignore[list-item]
     for bad, words in (({"image": 0.5}, "both threshold.image and threshold.pixel"),
                        ({"rule": "given"}, "needs threshold.image"),
                        ({"normal_fpr": 1.5}, "must lie in"),

@@ -299,9 +299,11 @@ def model_thresholds(orchestrator: TaskOrchestrator) -> Thresholds | None:
 
 
 def threshold_rule(section: ThresholdSection, has_validation: bool, num_train: int, name: str) -> str | None:
-    """The rule a category's thresholds are chosen by; ``None`` (with a warning) when the default rule has
-    too few training images to hold any out."""
+    """The rule a category's thresholds are chosen by; ``None`` for rule ``none`` and (with a warning)
+    when the default rule has too few training images to hold any out."""
     rule = section.resolved(has_validation)
+    if rule == "none":
+        return None
     if rule == "normal_fpr" and section.rule == "auto" and num_train < 2:
         log.warning(
             "%s: only %d training image: none can be held out for thresholds, so this model makes no OK/NG "

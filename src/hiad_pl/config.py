@@ -457,7 +457,8 @@ class ThresholdSection:
     Args:
         rule: "auto" (f1_adaptive with a synthetic validation set, else normal_fpr; given when
             image and pixel are set), "f1_adaptive" (best F1 on the synthetic validation images),
-            "normal_fpr" (false-alarm budget on held-out normal images) or "given".
+            "normal_fpr" (false-alarm budget on held-out normal images), "given", or "none" (no
+            thresholds, no image held out: scores and maps only, e.g. benchmarks on all training images).
         normal_fpr: share of normal images allowed above the image threshold.
         pixel_fpr: share of normal pixels allowed above the pixel threshold (1e-4: with 1e-2 every
             good image shows 1 % of its pixels as predicted defects; null: normal_fpr).
@@ -466,7 +467,7 @@ class ThresholdSection:
         pixel: the pixel threshold of rule "given", on the scores as output.
     """
 
-    rule: Literal["auto", "f1_adaptive", "normal_fpr", "given"] = "auto"
+    rule: Literal["auto", "f1_adaptive", "normal_fpr", "given", "none"] = "auto"
     normal_fpr: float = 0.01
     pixel_fpr: float | None = 1e-4
     holdout: float = 0.1
