@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import PATCHCORE_TEST_CONFIG, auroc, write_config
 from hiad_pl.cli import main
@@ -73,16 +75,38 @@ def test_cli_fit_then_test_and_predict_in_new_processes(small_demo: Path, tmp_pa
     assert "image_auroc" in test.stdout and "pixel_auroc" in test.stdout and "pro" in test.stdout
     report = json.loads((run / "metrics.json").read_text())
     assert report["metrics"]["texture"]["image_auroc"] >= 0.9
-    assert (run / "metrics.md").is_file()
+    decisions = report["decisions"]["texture"]
+    assert decisions["rule"] == "normal_fpr" and sum(decisions[k] for k in ("tp", "fp", "tn", "fn")) == 7  # 3 good, 4 defective
+    assert decisions["tp"] + decisions["fn"] == 4 and decisions["pixel_f1"] is not None
+    assert "Decisions at the run's thresholds" in (run / "metrics.md").read_text()
     assert list((run / "visualizations" / "texture").glob("*.png"))
 
     out = tmp_path / "pred"
     predict = run_cli("predict", "--run_dir", str(run), "--input", str(small_demo / "texture" / "test" / "spot"), "--output", str(out))
     assert predict.returncode == 0, predict.stderr
     rows = (out / "scores.csv").read_text().splitlines()
-    assert rows[0].startswith("# scores: raw") and len(rows) == 2 + 1  # comment, header, one spot image
+    assert rows[0].startswith("# scores: raw") and len(rows) == 3 + 1  # two comments, header, one spot image
+    assert rows[1].startswith("# thresholds: image") and "normal_fpr" in rows[1]
     assert len(list(out.glob("*_map.png"))) == 1 and len(list(out.glob("*_map.npy"))) == 1
-    assert len(list(out.glob("*_overlay.png"))) == 1
+    assert len(list(out.glob("*_overlay.png"))) == 1 and len(list(out.glob("*_panel.png"))) == 1
+    (row,) = csv.DictReader(rows[2:])
+    thresholds = json.loads((run / "texture" / "thresholds.json").read_text())
+    assert row["label"] == ("NG" if float(row["score"]) > thresholds["image"] else "OK")
+    assert float(row["image_threshold"]) == pytest.approx(thresholds["image"], rel=1e-5)
+    mask = np.asarray(Image.open(out / row["mask"]))
+    assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
+    assert int(row["defect_pixels"]) == int((mask == 255).sum()) == int((np.load(out / row["map"].replace(".png", ".npy")) > thresholds["pixel"]).sum())
+
+    # a run fitted before thresholds existed: scores and maps, no label, no mask, one clear line
+    (run / "texture" / "thresholds.json").unlink()
+    assert main(["predict", "--run_dir", str(run), "--input", str(small_demo / "texture" / "test" / "spot"), "--output", str(tmp_path / "old")]) == 0
+    lines = (tmp_path / "old" / "scores.csv").read_text().splitlines()
+    assert lines[1].startswith("# thresholds: no thresholds in this model")
+    (old_row,) = csv.DictReader(lines[2:])
+    assert old_row["label"] == "" and old_row["mask"] == "" and not list((tmp_path / "old").glob("*_mask.png"))
+    assert float(old_row["score"]) == pytest.approx(float(row["score"]), abs=1e-5)
+    assert main(["test", "--config", str(config), "--evaluation.vis_size", "0"]) == 0
+    assert "no thresholds" in json.loads((run / "metrics.json").read_text())["decisions"]["texture"]["note"]
 
 
 def test_rerun_skips_fitted_tasks(small_demo: Path, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def exported(request, small_demo: Path, tmp_path_factory: pytest.TempPathFactory
 
 def read_scores(folder: Path) -> tuple[str, list[dict]]:
     lines = (folder / "scores.csv").read_text().splitlines()
-    return lines[0], list(csv.DictReader(lines[1:]))
+    return lines[0], list(csv.DictReader(line for line in lines if not line.startswith("#")))
 
 
 def test_export_writes_graphs_and_a_manifest(exported) -> None:
@@ -58,7 +58,9 @@ def test_export_writes_graphs_and_a_manifest(exported) -> None:
     if layout == "retrieval":
         assert len(manifest["router"]["centers"]) == 2 and (export / "router.onnx").is_file()
     assert manifest["normalized"] is (layout == "a2o")
-    assert manifest["threshold"] == (0.5 if layout == "a2o" else None)
+    stored = json.loads((run / "texture" / "thresholds.json").read_text())
+    assert manifest["thresholds"] == stored
+    assert stored["rule"] == ("f1_adaptive" if layout == "a2o" else "normal_fpr")
     if layout == "a2o":
         assert all(t["normalization"]["high"] > t["normalization"]["low"] for t in manifest["tasks"])
 
@@ -73,6 +75,8 @@ def test_predict_export_equals_predict_run_dir(exported, small_demo: Path, tmp_p
     assert sorted(p.name for p in from_export.iterdir()) == sorted(p.name for p in from_run.iterdir())
     for a, b in zip(rows_a, rows_b):
         assert float(a["score"]) == pytest.approx(float(b["score"]), rel=RTOL, abs=ATOL), a["image"]
+        assert a["label"] == b["label"] and a["label"] in ("OK", "NG") and a["image_threshold"] == b["image_threshold"]
+        assert abs(int(a["defect_pixels"]) - int(b["defect_pixels"])) <= 0.001 * 256 * 256
         npy = a["map"].replace("_map.png", "_map.npy")
         np.testing.assert_allclose(np.load(from_export / npy), np.load(from_run / npy), rtol=RTOL, atol=ATOL)
 
@@ -103,6 +107,8 @@ def test_standalone_predictor_runs_without_torch(small_demo: Path, tmp_path_fact
     (row,) = read_scores(tmp_path)[1]
     expected = {r["image"]: r for r in read_scores(from_cli)[1]}[str(image)]
     assert float(row["score"]) == pytest.approx(float(expected["score"]), abs=1e-6)  # one patch per call
+    assert row["label"] == expected["label"] and row["label"] in ("OK", "NG")  # the decision, without torch
+    assert (tmp_path / row["mask"]).is_file() and (tmp_path / row["panel"]).is_file()
     np.testing.assert_allclose(np.load(tmp_path / "000_map.npy"), np.load(from_cli / "scratch_000_map.npy"), atol=1e-6)
 
 

@@ -65,7 +65,7 @@ def odd_images(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def scores_rows(path: Path) -> list[dict[str, str]]:
     lines = path.read_text().splitlines()
     assert lines[0].startswith("# scores:")
-    return list(csv.DictReader(lines[1:]))
+    return list(csv.DictReader(line for line in lines if not line.startswith("#")))
 
 
 def test_predict_skips_unreadable_images_scores_the_rest_and_fails_at_the_end(

@@ -75,7 +75,30 @@ def test_health_names_the_model(server) -> None:
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["category"] == "texture"
     assert health["tasks"] == ["task_0", "thumbnail"] and health["normalized"] is True
-    assert health["threshold"] == 0.5 and health["image_size"] == [IMAGE_SIZE, IMAGE_SIZE]
+    assert health["image_size"] == [IMAGE_SIZE, IMAGE_SIZE]
+
+
+def stored_thresholds(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "texture" / "thresholds.json").read_text())
+
+
+def test_health_and_answers_carry_the_runs_thresholds(server, run_dir: Path, test_images: list[Path], reference) -> None:
+    url, _ = server
+    stored = stored_thresholds(run_dir)
+    assert stored["rule"] == "f1_adaptive" and stored["scale"] == "normalised"  # the run has a synthetic validation set
+    health = httpx.get(f"{url}/health").json()
+    assert (health["threshold"], health["pixel_threshold"], health["threshold_rule"]) == (stored["image"], stored["pixel"], "f1_adaptive")
+    for path in test_images:
+        body = post_image(url, path, mask="true").json()
+        assert body["threshold"] == stored["image"] and body["pixel_threshold"] == stored["pixel"]
+        assert body["label"] == ("NG" if body["image_score"] > stored["image"] else "OK")
+        assert body["is_anomalous"] is (body["label"] == "NG")
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+        expected = np.where(np.load(reference[str(path)][1]) > stored["pixel"], 255, 0)
+        assert mask.shape == (IMAGE_SIZE, IMAGE_SIZE) and (mask != expected).mean() < 1e-3, path
+    assert "mask_png" not in post_image(url, test_images[0]).json()
 
 
 def test_scores_and_maps_equal_predict(server, test_images: list[Path], reference) -> None:
@@ -172,3 +195,12 @@ def test_hrinferencer_and_client_detection_return_the_original_shapes(run_dir, t
     scores, maps = inferencer.inference([HRSample(test_images[0], image_size=IMAGE_SIZE)])
     assert scores.shape == (1,) and maps[0].shape == (IMAGE_SIZE, IMAGE_SIZE)
     assert scores[0] == pytest.approx(result["image_scores"][0], abs=1e-5)
+    stored = stored_thresholds(run_dir)
+    samples = [HRSample(path, image_size=IMAGE_SIZE) for path in test_images]
+    decisions = inferencer.decisions(samples, masks=True)
+    for path, (decision, mask) in zip(test_images, decisions):
+        score = reference[str(path)][0]
+        assert decision.threshold == stored["image"] and decision.score == pytest.approx(score, abs=1e-4)
+        assert decision.label == ("NG" if decision.score > stored["image"] else "OK")
+        assert mask.shape == (IMAGE_SIZE, IMAGE_SIZE) and mask.dtype == np.uint8
+        assert ((mask == 255) != (np.load(reference[str(path)][1]) > stored["pixel"])).mean() < 1e-3

@@ -37,6 +37,7 @@ from hiad_pl.config import (
     DataConfig,
     EvaluationConfig,
     RunConfig,
+    ThresholdSection,
     ThumbnailConfig,
     ValidationSection,
     as_list,
@@ -155,6 +156,7 @@ def _run_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(ThumbnailConfig, "thumbnail")
     parser.add_class_arguments(ValidationSection, "validation", instantiate=False)
     parser.add_class_arguments(EvaluationConfig, "evaluation")
+    parser.add_class_arguments(ThresholdSection, "threshold", instantiate=False)
     parser.add_class_arguments(lightning.Trainer, "trainer", skip=set(RESERVED_TRAINER_KEYS), instantiate=False)
     parser.add_argument("--devices", type=list[int | str] | int | str, default=[],
                         help="GPU ids, or 'cpu' entries for CPU processes; [] = one CPU")

@@ -4,10 +4,12 @@ A run folder holds one model folder per category::
 
     <run_dir>/config.yaml                       the resolved config
     <run_dir>/<category>/tasks.json             tasks of that category's detectors
+    <run_dir>/<category>/thresholds.json        image and pixel thresholds (OK/NG, predicted masks)
+    <run_dir>/<category>/holdout.json           training images held out of fitting for the thresholds
     <run_dir>/<category>/checkpoints/<task>.ckpt
     <run_dir>/<category>/tensorboard/<task>/
     <run_dir>/metrics.json  metrics.md          per-class metrics of `hiad-pl test`
-    <run_dir>/visualizations/<category>/        image | overlay | ground truth
+    <run_dir>/visualizations/<category>/        image | overlay with outlines, score and decision
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hiad_pl import fit_settings
+from hiad_pl.calibration import calibrate, model_thresholds, plan_holdout, prepare_holdout, threshold_rule
 from hiad_pl.config import RunConfig, import_class, instantiate
 from hiad_pl.data.discovery import CategorySplit, discover
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, as_pair
 from hiad_pl.deploy.files import input_images
+from hiad_pl.decisions import Thresholds
 from hiad_pl.outputs import (
+    decision_report,
     evaluate_predictions,
     run_inference,
     score_range,
@@ -57,8 +62,8 @@ def make_indexes(config: RunConfig) -> list:
     return MultiResolutionHRImageSpliter(data.image_size, data.patch_size, data.stride, data.ds_factors)
 
 
-def create_tasks(config: RunConfig, split: CategorySplit) -> list[Task]:
-    """Run the configured task generator on a category's training images."""
+def create_tasks(config: RunConfig, split: CategorySplit, samples: Sequence[HRSample] | None = None) -> list[Task]:
+    """Run the configured task generator on a category's training images (or on ``samples`` of them)."""
     detectors = config.detectors
     defaults: dict[str, Any] = {}
     generator_cls = import_class(config.tasks["class_path"])
@@ -71,7 +76,7 @@ def create_tasks(config: RunConfig, split: CategorySplit) -> list[Task]:
             "fusion_weights": config.fusion_weights,
         }
     generator: TaskGenerator = instantiate(config.tasks, "tasks", **defaults)
-    return generator.create_tasks(split.train, make_indexes(config))
+    return generator.create_tasks(list(split.train if samples is None else samples), make_indexes(config))
 
 
 def orchestrator_for(config: RunConfig, split: CategorySplit, tasks: Sequence[Task] = ()) -> TaskOrchestrator:
@@ -123,32 +128,53 @@ def run_settings(config: RunConfig) -> dict[str, Any]:
     }
 
 
+def fit_plan(config: RunConfig, split: CategorySplit) -> tuple[str | None, list[HRSample], list[HRSample]]:
+    """A category's threshold rule, the training images it is fitted on and those held out for ``normal_fpr``."""
+    rule = threshold_rule(config.threshold, validation_config(config) is not None, len(split.train), split.name)
+    fit_samples, held_out = plan_holdout(
+        config.run_dir / split.name, split.train, config.threshold, rule or "", config.seed, refit=config.refit
+    )
+    return rule, fit_samples, held_out
+
+
 def check_fit(config: RunConfig, splits: Sequence[CategorySplit] | None = None) -> None:
-    """Refuse, before any work, a fit whose run folder was fitted with other settings (unless ``config.refit``)."""
+    """Refuse, before any work, a fit whose run folder was fitted with other settings (unless ``config.refit``).
+
+    The images held out for thresholds are not fitted on, so they are part of the compared settings.
+    """
     if config.refit:
         return
     val_config = validation_config(config)
     for split in splits_of(config) if splits is None else splits:
+        _, fit_samples, _ = fit_plan(config, split)
         orchestrator = orchestrator_for(config, split)
-        orchestrator.check_settings(orchestrator.fit_settings(split.train, val_config, run_settings(config)))
+        orchestrator.check_settings(orchestrator.fit_settings(fit_samples, val_config, run_settings(config)))
 
 
 def fit(config: RunConfig) -> Path:
-    """Fit every category; returns the run folder. A rerun with the same settings resumes;
-    other settings are refused (:func:`check_fit`) unless ``config.refit`` asks to fit again."""
+    """Fit every category and choose its thresholds; returns the run folder. A rerun with the same
+    settings resumes; other settings are refused (:func:`check_fit`) unless ``config.refit`` asks to fit again."""
     splits = splits_of(config)
     val_config = validation_config(config)
     check_fit(config, splits)  # before the task generators run (feature generators embed every training patch)
     for split in splits:
         if config.refit:  # the results of the models about to be discarded
             remove_results(config.run_dir, split.name)
-        tasks = create_tasks(config, split)
+        folder = config.run_dir / split.name
+        category_rule = threshold_rule(config.threshold, val_config is not None, len(split.train), split.name)
+        fit_samples, held_out = prepare_holdout(
+            folder, split.train, config.threshold, category_rule or "", config.seed, refit=config.refit
+        )
+        tasks = create_tasks(config, split, fit_samples)
         orchestrator = orchestrator_for(config, split, tasks)
-        log.info("fitting %s: %d task(s), %d training images", split.name, len(orchestrator.tasks), len(split.train))
+        log.info("fitting %s: %d task(s), %d training images", split.name, len(orchestrator.tasks), len(fit_samples))
         orchestrator.fit(
-            split.train, config.devices, val_config, resume=config.resume, launcher=config.launcher, ray=config.ray,
+            fit_samples, config.devices, val_config, resume=config.resume, launcher=config.launcher, ray=config.ray,
             refit=config.refit, settings=run_settings(config),
         )
+        if category_rule is not None:
+            device = resolve_devices(config.devices)[0]
+            calibrate(orchestrator, config.threshold, category_rule, device, fit_samples, held_out, val_config, config.seed)
     return config.run_dir
 
 
@@ -163,7 +189,7 @@ def remove_results(run_dir: Path, category: str) -> None:
 
 def test(config: RunConfig) -> dict[str, dict]:
     """Evaluate a fitted run on every category's test images; writes metrics and visualisations."""
-    from hiad_pl.metrics import default_evaluators, format_table, resolve_evaluator, save_report
+    from hiad_pl.metrics import default_evaluators, format_decisions, format_table, resolve_evaluator, save_report
 
     evaluators = (
         [resolve_evaluator(e) for e in config.evaluation.evaluators]
@@ -181,22 +207,28 @@ def test(config: RunConfig) -> dict[str, dict]:
             raise ValueError(f"{config.data.root}: category {split.name!r} has no test images")
     # every category's maps in one store: in memory up to its budget, on disk beyond it
     maps = ArrayStore(sum(len(split.test) for split in splits))
+    decisions: dict[str, dict] = {}
     for split in splits:
         orchestrator = orchestrator_for(config, split)
         orchestrator.load(device)
+        thresholds = model_thresholds(orchestrator)
         split_scores, _ = run_inference(orchestrator, split.test, device, launcher, maps, offset=len(samples))
+        split_maps = Picked(maps, range(len(samples), len(samples) + len(split.test)))
         if config.evaluation.vis_size > 0:
-            split_maps = Picked(maps, range(len(samples), len(samples) + len(split.test)))
-            vmin, vmax = score_range(split_maps, orchestrator.normalized)
-            write_visualizations(split.test, split_maps, config.run_dir / "visualizations", config.evaluation.vis_size, vmin, vmax)
+            display = score_range(split_maps, orchestrator.normalized, thresholds)
+            write_visualizations(split.test, split_maps, config.run_dir / "visualizations", config.evaluation.vis_size,
+                                 display, split_scores.tolist(), thresholds)
+        decisions[split.name] = decision_report(split.test, split_scores.tolist(), split_maps, thresholds)
         samples.extend(split.test)
         scores.extend(split_scores.tolist())
     import numpy as np
 
     results = evaluate_predictions(samples, np.asarray(scores), maps, evaluators)
     maps.close()
-    save_report(results, config.run_dir)
+    save_report(results, config.run_dir, decisions)
     print(format_table(results))
+    print()
+    print(format_decisions(decisions))
     return results
 
 
@@ -219,6 +251,8 @@ class LoadedRun:
     category: str
     image_size: tuple[int, int]
     device: str
+    #: the model's thresholds; ``None`` for a run fitted before thresholds were stored (no decisions)
+    thresholds: Thresholds | None
 
 
 def run_categories(run_dir: Path) -> list[str]:
@@ -248,7 +282,7 @@ def load_run(run_dir: Path, category: str | None = None, devices: Sequence[int |
     orchestrator = TaskOrchestrator("hiad_pl.detectors.base.HRDetector", {}, [], Path(run_dir) / category)
     device = resolve_devices(list(devices))[0]
     orchestrator.load(device)
-    return LoadedRun(orchestrator, category, image_size, device)
+    return LoadedRun(orchestrator, category, image_size, device, model_thresholds(orchestrator))
 
 
 def predict(
@@ -259,7 +293,8 @@ def predict(
     devices: Sequence[int | str] = (),
     strict: bool = False,
 ) -> Path:
-    """Score new images with a fitted run: maps (16-bit PNG, .npy), overlays and scores.csv.
+    """Score new images with a fitted run: maps (16-bit PNG, .npy), overlays, predicted masks, panels
+    and scores.csv with each image's OK/NG label (none for a run without thresholds).
 
     An image that cannot be read is skipped: the log and its ``error`` column in
     ``scores.csv`` say why, the other images are scored, and a
@@ -290,11 +325,11 @@ def predict(
     try:
         for prediction in pipeline.predict([s for _, s in samples], skip_unreadable=not strict):
             k, sample = samples[prediction.sample_id]
-            rows[k] = write_prediction(prediction, sample, Path(output), orchestrator.normalized, stems[k])
+            rows[k] = write_prediction(prediction, sample, Path(output), orchestrator.normalized, stems[k], run.thresholds)
     finally:
         for sample_id, error in pipeline.skipped.items():
             skipped(samples[sample_id][0], error)
-        write_scores_csv([rows[k] for k in sorted(rows)], Path(output) / "scores.csv", orchestrator.normalized)
+        write_scores_csv([rows[k] for k in sorted(rows)], Path(output) / "scores.csv", orchestrator.normalized, run.thresholds)
     if failures:
         raise PredictionError(
             f"{len(failures)} of {len(paths)} image(s) could not be scored (first: {failures[0]}); "

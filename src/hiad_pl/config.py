@@ -451,6 +451,51 @@ class ValidationSection:
 
 
 @dataclass
+class ThresholdSection:
+    """How each category's image and pixel thresholds (OK/NG, predicted masks) are chosen after fitting.
+
+    Args:
+        rule: "auto" (f1_adaptive with a synthetic validation set, else normal_fpr; given when
+            image and pixel are set), "f1_adaptive" (best F1 on the synthetic validation images),
+            "normal_fpr" (false-alarm budget on held-out normal images), "given", or "none" (no
+            thresholds, no image held out: scores and maps only, e.g. benchmarks on all training images).
+        normal_fpr: share of normal images allowed above the image threshold.
+        pixel_fpr: share of normal pixels allowed above the pixel threshold (1e-4: with 1e-2 every
+            good image shows 1 % of its pixels as predicted defects; null: normal_fpr).
+        holdout: share of the training images held out of fitting for normal_fpr (seeded by seed).
+        image: the image threshold of rule "given", on the scores as output.
+        pixel: the pixel threshold of rule "given", on the scores as output.
+    """
+
+    rule: Literal["auto", "f1_adaptive", "normal_fpr", "given", "none"] = "auto"
+    normal_fpr: float = 0.01
+    pixel_fpr: float | None = 1e-4
+    holdout: float = 0.1
+    image: float | None = None
+    pixel: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.normal_fpr < 1.0 or (self.pixel_fpr is not None and not 0.0 <= self.pixel_fpr < 1.0):
+            raise ValueError(f"threshold.normal_fpr and pixel_fpr must lie in [0, 1), got {self.normal_fpr}, {self.pixel_fpr}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"threshold.holdout must lie in (0, 1), got {self.holdout}")
+        if (self.image is None) != (self.pixel is None):
+            raise ValueError("give both threshold.image and threshold.pixel (or neither)")
+        if self.rule == "given" and self.image is None:
+            raise ValueError("threshold.rule given needs threshold.image and threshold.pixel")
+        if self.image is not None and self.rule not in ("auto", "given"):
+            raise ValueError(f"threshold.image and threshold.pixel are the rule 'given', not {self.rule!r}")
+
+    def resolved(self, has_validation: bool) -> str:
+        """The rule that applies: ``auto`` resolved against the run's validation set."""
+        if self.rule != "auto":
+            return self.rule
+        if self.image is not None:
+            return "given"
+        return "f1_adaptive" if has_validation else "normal_fpr"
+
+
+@dataclass
 class EvaluationConfig:
     """How `hiad-pl test` evaluates.
 
@@ -474,6 +519,7 @@ class RunConfig:
     thumbnail: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    threshold: ThresholdSection = field(default_factory=ThresholdSection)
     trainer: dict[str, Any] = field(default_factory=dict)
     devices: list[int | str] = field(default_factory=list)
     seed: int = 0
@@ -489,6 +535,8 @@ class RunConfig:
         if isinstance(self.ray, Mapping):
             self.ray = RayOptions(**self.ray)
         self.fusion_weights = as_list(self.fusion_weights)
+        if isinstance(self.threshold, Mapping):
+            self.threshold = ThresholdSection(**self.threshold)
 
     @functools.cached_property
     def detectors(self) -> DetectorConfig:
@@ -508,6 +556,7 @@ class RunConfig:
             thumbnail=plain.get("thumbnail"),
             validation=plain.get("validation"),
             evaluation=EvaluationConfig(**(plain.get("evaluation") or {})),
+            threshold=ThresholdSection(**(plain.get("threshold") or {})),
             trainer=dict(plain.get("trainer") or {}),
             devices=plain.get("devices") or [],
             seed=plain.get("seed", 0),

@@ -42,6 +42,9 @@ from typing import Any, Iterable, Mapping
 from hiad_pl.errors import ConfigError
 
 SETTINGS_NAME = "fit_settings.json"
+#: The training images a model folder holds out of fitting for its thresholds: kept through a refit
+#: (the refit writes its own before the old models are discarded).
+HOLDOUT_NAME = "holdout.json"
 #: Trainer options that do not change the fitted models: how a fit reports, not what it learns.
 NON_MODEL_TRAINER_KEYS = (
     "logger",

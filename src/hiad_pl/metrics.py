@@ -1174,11 +1174,40 @@ def format_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
+#: Columns of the decisions table: the image decision at the image threshold, then the pixels at the pixel threshold.
+DECISION_COLUMNS = (
+    "image_threshold", "tp", "fp", "tn", "fn", "precision", "recall", "f1",
+    "pixel_threshold", "pixel_precision", "pixel_recall", "pixel_f1",
+)
+
+
+def format_decisions(decisions: Mapping[str, Mapping[str, Any]]) -> str:
+    """A Markdown table of each class's decisions at its thresholds (a class without thresholds shows its note)."""
+    header = ["clsname", "rule", *DECISION_COLUMNS]
+    rows = []
+    for name, values in decisions.items():
+        if "note" in values:
+            rows.append([name, "none", *["-"] * len(DECISION_COLUMNS)])
+            continue
+        cells = [str(values[k]) if isinstance(values.get(k), int) else _format_value(values.get(k)) for k in DECISION_COLUMNS]
+        rows.append([name, str(values.get("rule")), *cells])
+    widths = [max([len(title)] + [len(row[i]) for row in rows]) for i, title in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (width + 1) + ":" for width in widths) + "|"
+    notes = [f"- {name}: {values['note']}" for name, values in decisions.items() if "note" in values]
+    return "\n".join([line(header), rule, *(line(row) for row in rows), *([""] + notes if notes else [])])
+
+
 def save_report(
-    results: Mapping[str, Mapping[str, float | None]], run_dir: str | os.PathLike[str]
+    results: Mapping[str, Mapping[str, float | None]],
+    run_dir: str | os.PathLike[str],
+    decisions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``metrics.json`` (values, thresholds, notes and, where some defective images have no
-    mask, ``pixel_ground_truth``) and ``metrics.md`` atomically.
+    """Write ``metrics.json`` (values, thresholds, notes, ``decisions`` at the run's thresholds when
+    given and, where some defective images have no mask, ``pixel_ground_truth``) and ``metrics.md`` atomically.
 
     Returns both paths. Undefined or non-finite values are written as null.
     """
@@ -1192,9 +1221,17 @@ def save_report(
     pixel_ground_truth = getattr(results, "pixel_ground_truth", {})
     if pixel_ground_truth:
         payload["pixel_ground_truth"] = pixel_ground_truth
+    table = format_table(results) + "\n"
+    if decisions is not None:
+        payload["decisions"] = {
+            name: {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in values.items()}
+            for name, values in decisions.items()
+        }
+        table += "\nDecisions at the run's thresholds (NG: score above the threshold; pixel_*: pixels above the pixel threshold):\n\n"
+        table += format_decisions(decisions) + "\n"
     json_path, table_path = folder / "metrics.json", folder / "metrics.md"
     atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    atomic_write(table_path, format_table(results) + "\n")
+    atomic_write(table_path, table)
     return json_path, table_path
 
 

@@ -383,7 +383,7 @@ class TaskOrchestrator:
         """
         if not self.root.is_dir():
             return
-        keep = {fit_settings.SETTINGS_NAME, LOCK_NAME}
+        keep = {fit_settings.SETTINGS_NAME, fit_settings.HOLDOUT_NAME, LOCK_NAME}
         trash = self.root / f"{DISCARDED_PREFIX}{uuid.uuid4().hex[:8]}"
         entries = [p for p in self.root.iterdir() if p.name not in keep and not p.name.startswith(DISCARDED_PREFIX)]
         if entries:

@@ -9,11 +9,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hiad_pl.data.sample import HRSample
+from hiad_pl.decisions import NO_THRESHOLDS, Thresholds, confusion, counts_to_metrics
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
 from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
 from hiad_pl.utils.array_store import ArrayStore
-from hiad_pl.visualize import overlay, render_panel, save_png
+from hiad_pl.visualize import JET_COLOURS, render_panel, save_png
 
 log = logging.getLogger("hiad_pl")
 
@@ -21,8 +22,11 @@ log = logging.getLogger("hiad_pl")
 MASKS_MEMORY_LIMIT = 256 << 20
 
 
-def score_range(maps: Sequence[np.ndarray], normalized: bool) -> tuple[float, float]:
-    """Colour-map range: [0, 1] for normalised scores, else the maps' global min and max."""
+def score_range(maps: Sequence[np.ndarray], normalized: bool, thresholds: Thresholds | None = None) -> tuple[float, float]:
+    """Colour-map range: the thresholds' fixed display range; without thresholds [0, 1] for
+    normalised scores, else the maps' global min and max."""
+    if thresholds is not None:
+        return thresholds.display
     if normalized:
         return 0.0, 1.0
     lo = min(float(m.min()) for m in maps)
@@ -41,14 +45,18 @@ def write_visualizations(
     maps: Sequence[np.ndarray],
     folder: str | Path,
     vis_size: int,
-    vmin: float,
-    vmax: float,
+    display: tuple[float, float],
+    scores: Sequence[float],
+    thresholds: Thresholds | None = None,
 ) -> list[Path]:
-    """One panel (image | overlay | ground-truth contour) per image under ``folder/<class>/``."""
+    """One panel per image under ``folder/<class>/``: image | overlay on the fixed ``display`` range with the
+    predicted (white) and ground-truth (magenta) outlines, the score and the decision written above."""
     written = []
-    for sample, anomaly_map in zip(samples, maps):
+    for sample, anomaly_map, score in zip(samples, maps, scores):
         with sample:
-            panel = render_panel(sample.image.open(), anomaly_map.astype(np.float32), sample.full_mask(), vis_size, vmin, vmax)
+            truth = sample.full_mask() if sample.mask is not None else None
+            panel = render_panel(sample.image.open(), anomaly_map.astype(np.float32), truth, vis_size, display,
+                                 float(score), thresholds, title=f"truth: {sample.label_name or ('defect' if sample.resolved_label() == 1 else 'good')}")
         path = Path(folder) / (sample.clsname or "unknown") / f"{visual_name(sample)}.png"
         save_png(panel, path)
         written.append(path)
@@ -117,12 +125,44 @@ def run_inference(
     return collect(predictions, len(samples), store, offset)
 
 
-def write_prediction(prediction: Prediction, sample: HRSample, folder: Path, normalized: bool, stem: str) -> dict:
-    """Write one image's map (16-bit PNG and .npy) and overlay; returns its CSV row (see :mod:`hiad_pl.deploy.files`)."""
+def write_prediction(
+    prediction: Prediction, sample: HRSample, folder: Path, normalized: bool, stem: str, thresholds: Thresholds | None
+) -> dict:
+    """Write one image's map, overlay, predicted mask and panel; returns its CSV row (see :mod:`hiad_pl.deploy.files`)."""
     anomaly_map = prediction.anomaly_map.numpy().astype(np.float32)
-    vmin, vmax = map_range(anomaly_map, normalized)
     with sample:
-        blended = overlay(sample.image.open(), anomaly_map, vmin, vmax)
-    return write_prediction_files(
-        folder, stem, sample.get_image_path(), anomaly_map, prediction.score, blended, normalized
-    )
+        return write_prediction_files(
+            folder, stem, sample.get_image_path(), sample.image.open(), anomaly_map, prediction.score, normalized,
+            JET_COLOURS, thresholds,
+        )
+
+
+def decision_report(
+    samples: Sequence[HRSample], scores: Sequence[float], maps: Sequence[np.ndarray], thresholds: Thresholds | None
+) -> dict:
+    """Decisions of one category at its thresholds: image TP/FP/TN/FN with precision, recall and F1, and
+    the same over pixels at the pixel threshold (images with masks); a note instead without thresholds."""
+    if thresholds is None:
+        return {"note": NO_THRESHOLDS}
+    labels = [s.resolved_label() for s in samples]
+    report: dict = {"rule": thresholds.rule, "scale": thresholds.scale,
+                    "image_threshold": thresholds.image, "pixel_threshold": thresholds.pixel}
+    report.update(confusion(scores, labels, thresholds.image))
+    counts = np.zeros(4, dtype=np.int64)  # tp, fp, tn, fn
+    with_masks = 0
+    for sample, anomaly_map, label in zip(samples, maps, labels):
+        if sample.mask is None and label != 0:
+            continue  # a defective image without a mask says nothing about its pixels
+        was_open = sample.mask is not None and sample.mask.image is not None
+        truth = sample.full_mask() > 0
+        if sample.mask is not None and not was_open:
+            sample.mask.close()
+        flagged = np.asarray(anomaly_map, dtype=np.float32) > thresholds.pixel
+        hits = int(np.count_nonzero(flagged & truth))
+        alarms = int(np.count_nonzero(flagged)) - hits
+        misses = int(np.count_nonzero(truth)) - hits
+        counts += [hits, alarms, truth.size - hits - alarms - misses, misses]
+        with_masks += 1
+    if with_masks:
+        report.update({f"pixel_{k}": v for k, v in counts_to_metrics(*(int(c) for c in counts)).items()})
+    return report

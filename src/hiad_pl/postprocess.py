@@ -64,9 +64,6 @@ def image_score(anomaly_map: torch.Tensor, window: int = SCORE_WINDOW) -> torch.
 
 #: Share of [0, 1] given to each tail of :func:`normalize_scores` (scores below ``low``, above ``high``).
 NORMALIZATION_TAIL = 0.05
-#: Default image-score threshold on the normalised scale: halfway between the top of normal
-#: validation scores (``low``, mapped to ``NORMALIZATION_TAIL``) and the largest validation score.
-NORMALIZED_THRESHOLD = 0.5
 
 
 def normalize_scores(values: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -10,11 +10,15 @@ the request threads, scoring in one worker thread, so the event loop never block
 Endpoints:
 
 ``GET /health``
-    ``{"status": "ok", "category", "image_size", "tasks", "normalized", "threshold", ...}``.
-``POST /predict`` (multipart, file field ``image``; ``?map=true`` adds the map)
-    ``{"image_score", "is_anomalous", "threshold", "normalized", "batch_size"}``, plus
-    ``anomaly_map_png`` (base64 16-bit PNG spanning ``map_min..map_max``) or, with
-    ``map_format=npy``, ``anomaly_map_npy`` (base64 float32 ``.npy``, exact).
+    ``{"status": "ok", "category", "image_size", "tasks", "normalized", "threshold",
+    "pixel_threshold", "threshold_rule", ...}``.
+``POST /predict`` (multipart, file field ``image``; ``?map=true`` adds the map, ``?mask=true`` the predicted mask)
+    ``{"image_score", "label" (OK/NG), "is_anomalous", "threshold", "pixel_threshold",
+    "threshold_rule", "normalized", "batch_size"}``, plus ``anomaly_map_png`` (base64
+    16-bit PNG spanning ``map_min..map_max``) or, with ``map_format=npy``,
+    ``anomaly_map_npy`` (base64 float32 ``.npy``, exact), and ``mask_png`` (base64 PNG,
+    255 where the pixel score is above the pixel threshold). A run without thresholds
+    answers ``label``, ``is_anomalous`` and ``mask_png`` with null and says why in ``note``.
 
 Bad requests get a 4xx ``{"error": "..."}`` naming the problem (415 not multipart,
 400 missing field / empty / not an image / truncated, 413 too large), and every
@@ -46,9 +50,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from hiad_pl.data.sample import HRSample, ImageReadError, read_size
+from hiad_pl.decisions import NG, NO_THRESHOLDS, Thresholds
 from hiad_pl.deploy.files import map_png16, map_range, png_bytes
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator
-from hiad_pl.postprocess import NORMALIZED_THRESHOLD
 
 log = logging.getLogger("hiad_pl.serve")
 
@@ -63,9 +67,9 @@ class ServeConfig:
     """How the service batches and what it accepts.
 
     Args:
-        threshold: image-score threshold of ``is_anomalous``; ``None`` takes
-            :data:`NORMALIZED_THRESHOLD` for a run with validation statistics
-            (a raw run then answers ``is_anomalous: null``).
+        threshold: image-score threshold of the decision, overriding the run's
+            (``None``: the run's stored image threshold; a run without one answers
+            ``label: null``).
         max_batch_size: most images scored together.
         max_wait_ms: how long the first image of a batch waits for more.
         max_upload_mb: largest accepted upload (413 beyond).
@@ -93,12 +97,15 @@ class RunScorer:
         device: where its detectors are.
         image_size: detection resolution images are resized to (``None``: as received).
         category: the model's category name.
+        thresholds: the model's image and pixel thresholds (``None``: no decisions).
     """
 
     def __init__(
-        self, orchestrator: TaskOrchestrator, device: str, image_size: tuple[int, int] | None, category: str | None
+        self, orchestrator: TaskOrchestrator, device: str, image_size: tuple[int, int] | None, category: str | None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         self.orchestrator = orchestrator
+        self.thresholds = thresholds
         self.device = device
         self.image_size = image_size
         self.category = category
@@ -112,7 +119,7 @@ class RunScorer:
         from hiad_pl.commands import load_run
 
         run = load_run(Path(run_dir), category, devices)
-        return RunScorer(run.orchestrator, run.device, run.image_size, run.category)
+        return RunScorer(run.orchestrator, run.device, run.image_size, run.category, run.thresholds)
 
     @property
     def normalized(self) -> bool:
@@ -237,9 +244,13 @@ def decode_upload(scorer: RunScorer, data: bytes, filename: str, max_pixels: int
 def create_app(scorer: RunScorer, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``scorer``."""
     config = config or ServeConfig()
-    threshold = config.threshold if config.threshold is not None else (NORMALIZED_THRESHOLD if scorer.normalized else None)
-    if threshold is None:
-        log.warning("the run has no validation statistics (raw scores): is_anomalous stays null; give --threshold")
+    stored = scorer.thresholds
+    threshold = config.threshold if config.threshold is not None else (None if stored is None else stored.image)
+    pixel_threshold = None if stored is None else stored.pixel
+    rule = "given" if config.threshold is not None else (None if stored is None else stored.rule)
+    note = None if stored is not None else NO_THRESHOLDS + (" (the image threshold is --threshold)" if threshold is not None else "")
+    if note is not None:
+        log.warning("%s", note)
     queue: BatchingQueue[HRSample, Prediction] = BatchingQueue(
         scorer.score, config.max_batch_size, config.max_wait_ms / 1000
     )
@@ -291,13 +302,18 @@ def create_app(scorer: RunScorer, config: ServeConfig | None = None) -> FastAPI:
             "device": scorer.device,
             "normalized": scorer.normalized,
             "threshold": threshold,
+            "pixel_threshold": pixel_threshold,
+            "threshold_rule": rule,
+            "scale": None if stored is None else stored.scale,
+            **({"note": note} if note else {}),
             "max_batch_size": config.max_batch_size,
             "max_wait_ms": config.max_wait_ms,
         }
 
     @app.post("/predict")
     async def predict(
-        request: Request, with_map: bool = Query(False, alias="map"), map_format: str = "png"
+        request: Request, with_map: bool = Query(False, alias="map"), map_format: str = "png",
+        with_mask: bool = Query(False, alias="mask"),
     ) -> dict[str, Any]:
         if map_format not in MAP_FORMATS:
             raise RequestError(422, f"map_format must be one of {list(MAP_FORMATS)}, got {map_format!r}")
@@ -325,16 +341,25 @@ def create_app(scorer: RunScorer, config: ServeConfig | None = None) -> FastAPI:
         except Exception as failure:  # noqa: BLE001 - a scoring failure is the server's, not the request's
             log.exception("scoring %s failed", filename)
             raise RequestError(500, f"{filename}: scoring failed ({failure})") from None
+        label = None if threshold is None else (NG if prediction.score > threshold else "OK")
         body: dict[str, Any] = {
             "image_score": prediction.score,
-            "is_anomalous": None if threshold is None else bool(prediction.score > threshold),
+            "label": label,
+            "is_anomalous": None if label is None else label == NG,
             "threshold": threshold,
+            "pixel_threshold": pixel_threshold,
+            "threshold_rule": rule,
             "normalized": scorer.normalized,
             "batch_size": batch_size,
         }
+        if note is not None:
+            body["note"] = note
         if with_map:
             body.update(encode_map(prediction.anomaly_map.numpy(), scorer.normalized, map_format))
-        request.state.detail = f"image={filename!r} score={prediction.score:.6f} batch={batch_size}"
+        if with_mask:
+            mask = None if stored is None else stored.mask(prediction.anomaly_map.numpy())
+            body["mask_png"] = None if mask is None else base64.b64encode(png_bytes(mask)).decode("ascii")
+        request.state.detail = f"image={filename!r} score={prediction.score:.6f} label={label} batch={batch_size}"
         return body
 
     return app
@@ -418,7 +443,7 @@ def serve_parser() -> Any:
     parser.add_argument("--port", type=int, default=1473, help="TCP port")
     parser.add_argument("--devices", type=list[int | str], default=[], help="GPU ids; [] = CPU")
     parser.add_argument("--threshold", type=float | None, default=None,
-                        help=f"is_anomalous threshold on the image score (default {NORMALIZED_THRESHOLD} on normalised scores)")
+                        help="Image-score threshold of the OK/NG decision (default: the run's, from thresholds.json)")
     parser.add_argument("--max_batch_size", type=int, default=4, help="Most concurrent images scored together")
     parser.add_argument("--max_wait_ms", type=float, default=10.0, help="How long a batch waits for more images")
     parser.add_argument("--max_upload_mb", type=float, default=64.0, help="Largest accepted upload")

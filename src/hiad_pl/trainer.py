@@ -8,7 +8,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from hiad_pl.config import DetectorConfig
+from hiad_pl.calibration import calibrate, model_thresholds, prepare_holdout, threshold_rule
+from hiad_pl.config import DetectorConfig, ThresholdSection
 from hiad_pl.data.sample import HRSample
 from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, write_visualizations
 from hiad_pl.launchers import RayOptions, make_launcher
@@ -34,7 +35,10 @@ class HRTrainer:
     writes no visualisations. ``trainer_kwargs`` may hold ``logger`` and ``callbacks``
     as ``{class_path, init_args}`` specs, built fresh for every task. ``launcher="ray"``
     fits each task as a Ray task and scores test images in shards (``ray_options``:
-    :class:`~hiad_pl.launchers.RayOptions`).
+    :class:`~hiad_pl.launchers.RayOptions`). ``threshold`` chooses the image and pixel
+    thresholds after training (:class:`~hiad_pl.config.ThresholdSection`; by default F1-adaptive
+    on the validation set when ``train`` gets one, else a 1 % false-alarm budget on 10 % of
+    the training images, held out of fitting).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class HRTrainer:
         num_workers: int = 0,
         launcher: str = "local",
         ray_options: RayOptions | dict | None = None,
+        threshold: ThresholdSection | dict | None = None,
     ) -> None:
         self.batch_size = batch_size
         self.tasks = list(tasks or [])
@@ -68,6 +73,7 @@ class HRTrainer:
         self.num_workers = num_workers
         self.launcher = launcher
         self.ray_options = RayOptions(**ray_options) if isinstance(ray_options, dict) else ray_options
+        self.threshold = threshold if isinstance(threshold, ThresholdSection) else ThresholdSection(**(threshold or {}))
         self._orchestrator: TaskOrchestrator | None = None
 
     def orchestrator(self) -> TaskOrchestrator:
@@ -98,14 +104,19 @@ class HRTrainer:
         gpu_ids: Sequence[int | str] | None = None,
         val_config: ValidationConfig | dict | None = None,
     ) -> list[Path]:
-        """Fit a detector per task; tasks already fitted in ``checkpoint_root`` are skipped."""
+        """Fit a detector per task and choose the thresholds; tasks already fitted in ``checkpoint_root`` are skipped."""
         orchestrator = self.orchestrator()
         devices = resolve_devices(gpu_ids)
         if not orchestrator.tasks:
             raise ValueError("HRTrainer has no tasks: create them with a task generator (e.g. A2OTaskGenerator)")
         print(f"Start training, devices: {devices}")
         print(f"Tasks config is saved as: {orchestrator.tasks_path}")
-        paths = orchestrator.fit(train_samples, devices, val_config, launcher=self.launcher, ray=self.ray_options)
+        val_config = ValidationConfig.from_any(val_config)
+        rule = threshold_rule(self.threshold, val_config is not None, len(train_samples), self.checkpoint_root.name)
+        fit_samples, held_out = prepare_holdout(self.checkpoint_root, list(train_samples), self.threshold, rule or "", self.seed)
+        paths = orchestrator.fit(fit_samples, devices, val_config, launcher=self.launcher, ray=self.ray_options)
+        if rule is not None:
+            calibrate(orchestrator, self.threshold, rule, devices[0], fit_samples, held_out, val_config, self.seed)
         print(f"The training progress can be monitored in: {self.log_root}")
         return paths
 
@@ -135,8 +146,9 @@ class HRTrainer:
         if return_results_only:
             return scores, maps
         if self.vis_root is not None:
-            vmin, vmax = score_range(maps, orchestrator.normalized)
-            write_visualizations(test_samples, maps, self.vis_root, vis_size, vmin, vmax)
+            thresholds = model_thresholds(orchestrator)
+            display = score_range(maps, orchestrator.normalized, thresholds)
+            write_visualizations(test_samples, maps, self.vis_root, vis_size, display, scores.tolist(), thresholds)
         if not evaluators:
             return {}
         from hiad_pl.metrics import format_table, save_report

@@ -11,7 +11,8 @@ graph also resizes its map to the full image. Retrieval runs get a router graph
 
 Everything else a prediction needs is in ``manifest.json``: the tasks and their
 indexes, the spliter settings, retrieval centres, normalisation statistics,
-threshold, blur and image-score settings, input statistics. Predictions from
+image and pixel thresholds with their display range, blur and image-score settings,
+input statistics. Predictions from
 the export equal the run's (see :mod:`hiad_pl.deploy.predictor`).
 """
 
@@ -36,7 +37,7 @@ from hiad_pl.io import atomic_write
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.patchcore import HRPatchCore, pooled_width
-from hiad_pl.postprocess import BLUR_SIGMA, NORMALIZED_THRESHOLD, SCORE_WINDOW, normalize_scores
+from hiad_pl.postprocess import BLUR_SIGMA, SCORE_WINDOW, normalize_scores
 from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
@@ -45,7 +46,7 @@ EXPORT_FORMATS = ("onnx",)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 OPSET = 17
-#: The overlay colours of ``visualize.heatmap`` (256 RGB entries), so the predictor needs no OpenCV.
+#: The overlay colours (``visualize.JET_COLOURS``, 256 RGB entries), so the predictor needs no OpenCV.
 COLORMAP_FILE = "colormap.npy"
 
 
@@ -195,7 +196,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
 
     from hiad_pl.commands import load_run
     from hiad_pl.tasks.retrieval import cells_for, retrieval_grid, stacked_centers
-    from hiad_pl.visualize import heatmap
+    from hiad_pl.visualize import JET_COLOURS
 
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
@@ -244,7 +245,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
         "input": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 255.0,
                   "layout": "NCHW float32 RGB", "resize": "Pillow bilinear to image_size"},
         "normalized": normalized,
-        "threshold": NORMALIZED_THRESHOLD if normalized else None,
+        # the image and pixel thresholds on the scores as the graphs output them (None: no decisions)
+        "thresholds": None if run.thresholds is None else run.thresholds.todict(),
         "postprocess": {"merge": "mean over overlaps, then maximum with the thumbnail",
                         "blur_sigma": BLUR_SIGMA, "blur_padding": "reflect",
                         "image_score": "maximum mean over a window", "score_window": SCORE_WINDOW},
@@ -253,10 +255,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
         "tasks": entries,
         "colormap": COLORMAP_FILE,
     }
-    # entry i is the colour of level i: the half step keeps float rounding off the level below
-    colours = heatmap(np.arange(256, dtype=np.float32)[None] + 0.5, 0.0, 255.0)[0]
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(colours))
+    np.save(buffer, np.ascontiguousarray(JET_COLOURS))
     atomic_write(output / COLORMAP_FILE, buffer.getvalue())
     atomic_write(output / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
     return output

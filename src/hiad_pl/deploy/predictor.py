@@ -2,8 +2,9 @@
 
 ``python -m hiad_pl.deploy.predictor --export E --input DIR --output O`` (or
 ``hiad-pl predict --export E ...``) writes the files ``hiad-pl predict
---run_dir`` writes: per image ``<stem>_map.png`` / ``_map.npy`` / ``_overlay.png``,
-and ``scores.csv``. Every step outside the graphs mirrors the run's inference:
+--run_dir`` writes: per image ``<stem>_map.png`` / ``_map.npy`` / ``_overlay.png`` /
+``_mask.png`` / ``_panel.png``, and ``scores.csv`` with the OK/NG label at the
+run's thresholds (carried in the manifest). Every step outside the graphs mirrors the run's inference:
 Pillow decoding and bilinear resizing, ImageNet normalisation, routing by
 position or by the nearest retrieval centre, stitching (mean over overlaps),
 the thumbnail merged by maximum, a separable Gaussian blur with reflect
@@ -23,6 +24,7 @@ import numpy as np
 
 from hiad_pl.data.sample import read_image, resize_array
 from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, low_resolution_window
+from hiad_pl.decisions import NO_THRESHOLDS, Decision, Thresholds
 from hiad_pl.deploy.files import input_images, unique_stems, write_prediction_files, write_scores_csv
 
 MANIFEST = "manifest.json"
@@ -140,6 +142,9 @@ class ExportedModel:
                 np.asarray(router["owners"], dtype=np.int64),
             )
         self.colormap = np.load(self.folder / manifest["colormap"])
+        saved = manifest.get("thresholds")
+        #: the run's thresholds (``None``: exported from a run without them, no decisions)
+        self.thresholds: Thresholds | None = None if saved is None else Thresholds.fromdict(saved, f"{path}: thresholds")
 
     def pixels(self, image: np.ndarray) -> np.ndarray:
         """``[H, W, 3]`` uint8 -> ``[3, H, W]`` normalised float32 (as the data module's ``image_to_tensor``)."""
@@ -199,31 +204,33 @@ class ExportedModel:
         full = gaussian_blur(np.zeros((height, width), np.float32) if full is None else full, self.blur_sigma)
         return full, image_score(full, self.score_window)
 
-    def overlay(self, image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
-        """The heat map blended over the image (as :func:`hiad_pl.visualize.overlay`)."""
-        scaled = np.clip((anomaly_map.astype(np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-        heat = self.colormap[(scaled * 255).astype(np.uint8)].astype(np.float32)
-        return (image.astype(np.float32) * (1 - alpha) + heat * alpha).astype(np.uint8)
+    def decide(self, score: float) -> Decision | None:
+        """The decision on an image score (label OK/NG, score, threshold); ``None`` without thresholds."""
+        return None if self.thresholds is None else self.thresholds.decide(score)
+
+    def mask(self, anomaly_map: np.ndarray) -> np.ndarray | None:
+        """The predicted defect mask (0/255 uint8, the map's size); ``None`` without thresholds."""
+        return None if self.thresholds is None else self.thresholds.mask(anomaly_map)
 
 
 def predict_export(
     export: str | Path, inputs: Sequence[str | Path], output: str | Path, batch_size: int | None = None
 ) -> Path:
     """Score images with an exported model; writes the files of ``hiad-pl predict --run_dir``."""
-    from hiad_pl.deploy.files import map_range
-
     files = input_images(inputs)
     model = ExportedModel(export, batch_size=batch_size)
+    if model.thresholds is None:
+        print(f"{export}: {NO_THRESHOLDS}", file=sys.stderr)
     output = Path(output)
     stems = unique_stems(files)
     rows = []
     for path, stem in zip(files, stems):
         image = resize_array(read_image(path), model.image_size)
         anomaly_map, score = model.predict(image)
-        vmin, vmax = map_range(anomaly_map, model.normalized)
-        overlay = model.overlay(image, anomaly_map, vmin, vmax)
-        rows.append(write_prediction_files(output, stem, str(path), anomaly_map, score, overlay, model.normalized))
-    write_scores_csv(rows, output / "scores.csv", model.normalized)
+        rows.append(write_prediction_files(
+            output, stem, str(path), image, anomaly_map, score, model.normalized, model.colormap, model.thresholds
+        ))
+    write_scores_csv(rows, output / "scores.csv", model.normalized, model.thresholds)
     return output
 
 

@@ -8,8 +8,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hiad_pl.calibration import model_thresholds
 from hiad_pl.config import DetectorConfig
 from hiad_pl.data.sample import HRSample
+from hiad_pl.decisions import Decision
 from hiad_pl.orchestrator import TaskOrchestrator, resolve_devices
 from hiad_pl.serve import RunScorer, ServeConfig, Service, create_app
 
@@ -57,13 +59,28 @@ class HRInferencer:
         if detectors.thumbnail is None and any(t.is_thumbnail for t in orchestrator.tasks):
             orchestrator.tasks = [t for t in orchestrator.tasks if not t.is_thumbnail]
         self.models_per_gpu = models_per_gpu
-        self.scorer = RunScorer(orchestrator, devices[0], None if image_size is None else as_pair(image_size), None)
+        #: the folder's image and pixel thresholds (``None``: fitted without them, no decisions)
+        self.thresholds = model_thresholds(orchestrator)
+        self.scorer = RunScorer(orchestrator, devices[0], None if image_size is None else as_pair(image_size), None, self.thresholds)
         self.service: Service | None = None
 
     def inference(self, test_samples: Sequence[HRSample]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image scores ``[N]`` and anomaly maps (one ``[H, W]`` array per sample)."""
         predictions = self.scorer.score(list(test_samples))
         return np.array([p.score for p in predictions]), [p.anomaly_map.numpy() for p in predictions]
+
+    def decisions(
+        self, test_samples: Sequence[HRSample], masks: bool = False
+    ) -> list[tuple[Decision | None, np.ndarray | None]]:
+        """Per sample its decision (label OK/NG, score, image threshold) and, with ``masks``, the predicted
+        defect mask (0/255 uint8); ``(None, None)`` for a folder without thresholds."""
+        predictions = self.scorer.score(list(test_samples))
+        if self.thresholds is None:
+            return [(None, None) for _ in predictions]
+        return [
+            (self.thresholds.decide(p.score), self.thresholds.mask(p.anomaly_map.numpy()) if masks else None)
+            for p in predictions
+        ]
 
     def client_inference(
         self, ip: str = "127.0.0.1", port: int | str = 1473, block: bool = True, config: ServeConfig | None = None
