@@ -36,6 +36,7 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.io import atomic_write
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.detectors.features import ViTTokenExtractor
 from hiad_pl.detectors.patchcore import HRPatchCore, pooled_width
 from hiad_pl.postprocess import BLUR_SIGMA, SCORE_WINDOW, normalize_scores
 from hiad_pl.tasks.base import Task
@@ -90,6 +91,10 @@ class TaskGraph(nn.Module):
     ) -> None:
         super().__init__()
         self.detector = detector
+        width, height = detector.input_size
+        for module in detector.modules():
+            if isinstance(module, ViTTokenExtractor):
+                module.fix_input_size(height, width)
         self.anomaly_map = graph_map(detector)
         self.normalization = None if normalization is None else (float(normalization["low"]), float(normalization["high"]))
         self.output_size = output_size

@@ -106,11 +106,23 @@ class ViTTokenExtractor(nn.Module):
         self._order = [ordered.index(i) for i in self.block_indices]
         self._take = ordered
 
+    def fix_input_size(self, height: int, width: int) -> None:
+        """Resample the model's position embedding once for ``height x width`` inputs.
+
+        A ViT built for another size resamples its position embedding on every
+        forward pass (bicubic with antialiasing, an operation ONNX lacks); fixed to
+        the patch size, the graph holds the resampled table as a constant. The
+        values are those the forward pass would compute.
+        """
+        target = (nearest_multiple(height, self.patch_size[0]), nearest_multiple(width, self.patch_size[1]))
+        if hasattr(self.model, "set_input_size") and getattr(self.model, "pos_embed", None) is not None:
+            self.model.set_input_size(img_size=target)
+
     def forward(self, images: Tensor) -> list[Tensor]:
         """``[B, C, H / p, W / p]`` token grids of each chosen block (sides rounded to multiples of ``p``)."""
         if self.renormalises:
             images = images * self._scale.to(images.dtype) + self._shift.to(images.dtype)
-        height, width = images.shape[-2:]
+        height, width = int(images.shape[-2]), int(images.shape[-1])  # plain ints: constant per task graph in an export
         target = (nearest_multiple(height, self.patch_size[0]), nearest_multiple(width, self.patch_size[1]))
         if target != (height, width):
             images = F.interpolate(images, size=target, mode="bilinear", align_corners=False)

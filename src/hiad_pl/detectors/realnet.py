@@ -282,6 +282,32 @@ class ReconstructionUNet(nn.Module):
 # ---------------------------------------------------------------- RRS and discriminator
 
 
+def interpolation_matrix(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[size_out, size_in]`` weights of 1-D linear interpolation with aligned corners."""
+    scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    position = torch.arange(size_out, device=device, dtype=torch.float64) * scale
+    low = position.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    weight = position - low
+    matrix = torch.zeros(size_out, size_in, device=device, dtype=torch.float64)
+    rows = torch.arange(size_out, device=device)
+    matrix.index_put_((rows, low), 1 - weight, accumulate=True)
+    matrix.index_put_((rows, high), weight, accumulate=True)
+    return matrix.to(dtype)
+
+
+def resize_align_corners(grid: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``[B, C, h, w]`` to ``size`` with aligned corners, as two matrix products.
+
+    Equal to ``F.interpolate(..., mode="bilinear", align_corners=True)``; its shape is
+    static in an exported graph, where a resize leaves the channel count unknown to the
+    batch norm that follows.
+    """
+    rows = interpolation_matrix(int(grid.shape[-2]), size[0], grid.device, grid.dtype)
+    cols = interpolation_matrix(int(grid.shape[-1]), size[1], grid.device, grid.dtype)
+    return torch.matmul(torch.matmul(rows, grid), cols.T)
+
+
 def top_channels(normalised: Tensor, count: int, mode: str) -> Tensor:
     """Per image, the ``count`` channels of ``[B, C, h, w]`` with the largest spatial ``mode`` (``max`` or ``mean``): ``[B, count]``."""
     flat = normalised.flatten(2)
@@ -371,11 +397,9 @@ class ResidualDiscriminator(nn.Module):
 
     def forward(self, residuals: Sequence[Tensor], size: Sequence[int]) -> Tensor:
         """Logits ``[B, 2, H, W]`` at ``size`` from the blocks' residuals (any grids; resized to the finest)."""
-        grid = max((r.shape[-2:] for r in residuals), key=lambda s: s[0] * s[1])
-        residual = torch.cat(
-            [r if r.shape[-2:] == grid else F.interpolate(r, size=grid, mode="bilinear", align_corners=True) for r in residuals],
-            dim=1,
-        )
+        sizes = [(int(r.shape[-2]), int(r.shape[-1])) for r in residuals]
+        grid = max(sizes, key=lambda s: s[0] * s[1])
+        residual = torch.cat([r if s == grid else resize_align_corners(r, grid) for r, s in zip(residuals, sizes)], dim=1)
         normalised = self.norm(residual)
         source = normalised if self.normalised_input else residual
         decoded = self.decoder(select_residual_channels(source, normalised.detach(), self.modes, self.counts))

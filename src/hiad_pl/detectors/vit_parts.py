@@ -70,7 +70,7 @@ def check_grids(grids: Sequence[Tensor], count: int, channels: int, what: str) -
     """
     if len(grids) != count:
         raise ValueError(f"{what}: expected {count} feature grids, got {len(grids)}")
-    shapes = {tuple(g.shape) for g in grids}
+    shapes = {tuple(int(v) for v in g.shape) for g in grids}  # ints also while an export traces
     if len(shapes) != 1:
         raise ValueError(f"{what}: feature grids differ in shape: {sorted(shapes)}")
     shape = next(iter(shapes))
