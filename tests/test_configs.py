@@ -114,7 +114,8 @@ def test_makefile_readme_and_benchmarks_name_configs_that_exist() -> None:
 
     project = CONFIGS[0].parents[1]
     named = set()
-    for doc in ("Makefile", "README.md", "benchmarks/demo_results.py", "docs/adding_a_detector.md"):
+    docs = ["Makefile", "README.md", "benchmarks/demo_results.py", *(str(p.relative_to(project)) for p in (project / "docs").glob("*.md"))]
+    for doc in docs:
         named |= set(re.findall(r"configs/([\w.]+\.yaml)", (project / doc).read_text()))
     assert "patchcore_quickstart.yaml" in named
     assert named <= {p.name for p in CONFIGS}
