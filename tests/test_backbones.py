@@ -294,7 +294,7 @@ def test_shared_tf_extractor_pads_without_copies(monkeypatch: pytest.MonkeyPatch
     shared, own = shared_feature_extractor(settings), create_extractor(settings)
     assert not any(isinstance(m, Conv2dSame) for m in shared.modules())
     assert sum(isinstance(m, backbones.SymmetricSameConv2d) for m in shared.modules()) == 4  # the stride-2 ones
-    if backbones._fused_convolution_available():  # and every ReLU6 runs inside its convolution
+    if backbones.fused_convolution_available():  # and every ReLU6 runs inside its convolution
         assert sum(isinstance(m, backbones.ConvActivation) for m in shared.modules()) == 22
     images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -309,7 +309,7 @@ def test_shared_tf_extractor_pads_without_copies(monkeypatch: pytest.MonkeyPatch
 
 
 needs_fused_convolution = pytest.mark.skipif(
-    not backbones._fused_convolution_available(), reason="torch built without oneDNN fused convolutions"
+    not backbones.fused_convolution_available(), reason="torch built without oneDNN fused convolutions"
 )
 
 

@@ -536,21 +536,6 @@ def test_custom_evaluators_in_evaluate() -> None:
     assert "mean_score" in format_table(report) and "count" in format_table(report)
 
 
-def test_torchmetrics_is_pinned_to_the_tested_release() -> None:
-    """metrics.py uses torchmetrics' private curve functions: the dependency must have the tested upper bound."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    import torchmetrics
-    from packaging.requirements import Requirement
-
-    from hiad_pl.metrics import TORCHMETRICS_TESTED
-
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    (requirement,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torchmetrics"]
-    assert str(requirement.specifier) == str(Requirement(f"torchmetrics{TORCHMETRICS_TESTED}").specifier)
-    assert any(spec.operator == "<" for spec in requirement.specifier)
-    assert requirement.specifier.contains(torchmetrics.__version__)
-
-
 # ------------------------------------------------------------- image labels only
 
 

@@ -88,11 +88,7 @@ class HiadArgumentParser(ArgumentParser):
 
 def _destinations(parser: ArgumentParser) -> list[str]:
     """Every option key of a parser and its subcommands' parsers (subcommand name left out)."""
-    keys = [a.dest for a in parser._actions]
-    if parser._subcommands_action is not None:
-        for sub in parser._subcommands_action._name_parser_map.values():
-            keys.extend(_destinations(sub))
-    return keys
+    return parser_destinations(parser)
 
 
 def flat_detector_file(value: Any) -> dict[str, Any] | None:
@@ -132,6 +128,7 @@ class RunConfigFile(ActionConfigFile):
 from hiad_pl.errors import UserError
 from hiad_pl.interrupts import Interrupted, stop_on_signals
 from hiad_pl.launchers import RayOptions
+from hiad_pl.private_apis import parser_destinations
 from hiad_pl.utils.allocator import keep_freed_memory
 
 

@@ -32,6 +32,7 @@ from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from hiad_pl.data.synthesis import AnomalySynthesizer
 from hiad_pl.launchers import RayOptions
+from hiad_pl.private_apis import parser_destinations
 
 #: Keys that size a branch's input; they are not detector arguments.
 SIZE_KEYS = ("patch_size", "thumbnail_size")
@@ -66,7 +67,9 @@ def class_path(cls: type) -> str:
 
 def detector_class_of(value: type | str) -> type:
     """The detector class for a class, a short name (``patchcore``), a class name or an import path."""
-    from hiad_pl.detectors import get_detector  # the registry imports every detector: only when needed
+    from hiad_pl.detectors import (
+        get_detector,  # the registry imports every detector: only when needed
+    )
 
     return get_detector(value)
 
@@ -90,7 +93,7 @@ def _options_parser(cls: type) -> ArgumentParser:
 
 def option_names(cls: type) -> list[str]:
     """The options a config may give ``cls`` (its typed keyword arguments, derived ones left out)."""
-    return [a.dest for a in _options_parser(cls)._actions if a.dest not in ("help", "config")]
+    return [dest for dest in parser_destinations(_options_parser(cls)) if dest not in ("help", "config")]
 
 
 def validate_options(cls: type, options: Mapping[str, Any], section: str) -> dict[str, Any]:

@@ -59,32 +59,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 from torchmetrics.utilities.data import dim_zero_cat
 
-#: The torchmetrics releases whose private curve functions these metrics are tested with (as in pyproject.toml).
-TORCHMETRICS_TESTED = ">=1.9,<1.10"
-
-# torchmetrics' own curve computations, applied to one shared state so that the
-# pixels are sorted or histogrammed once for AUROC, AP and the PR curve; the
-# public wrappers would also squash scores outside [0, 1] with a sigmoid, and no
-# public function takes the per-pixel weights of the PRO curve. They are not
-# public API, so pyproject.toml pins the torchmetrics release they are tested with.
-try:
-    from torchmetrics.functional.classification.auroc import _binary_auroc_compute
-    from torchmetrics.functional.classification.average_precision import (
-        _binary_average_precision_compute,
-    )
-    from torchmetrics.functional.classification.precision_recall_curve import (
-        _binary_clf_curve,
-        _binary_precision_recall_curve_compute,
-    )
-    from torchmetrics.functional.classification.roc import _binary_roc_compute
-except ImportError as _error:  # pragma: no cover - only with an untested torchmetrics
-    import torchmetrics as _torchmetrics
-
-    raise ImportError(
-        f"hiad-pl's metrics need torchmetrics {TORCHMETRICS_TESTED} (found {_torchmetrics.__version__}): "
-        f"pip install 'torchmetrics{TORCHMETRICS_TESTED}' ({_error})"
-    ) from _error
-
+from hiad_pl import curves
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.errors import ConfigTypeError
 from hiad_pl.io import atomic_write
@@ -439,7 +414,7 @@ class _PixelCurve(BinaryPrecisionRecallCurve):
         self.confmat[:, 0, 0] += scores.numel() - num_defect - (predicted - true_positive)
 
     def state(self) -> Tensor | tuple[Tensor, Tensor]:
-        """The state torchmetrics' compute functions take (counts in float64)."""
+        """Every score and its label, or the ``[T, 2, 2]`` counts at the binned thresholds (float64)."""
         if self.binner is None:
             return dim_zero_cat(self.preds), dim_zero_cat(self.target)
         return self.confmat.double()
@@ -467,13 +442,18 @@ def pixel_metrics(
     for image in _images(pairs, device):
         curve.update(image.scores.to(scan.dtype), image.defect_index)
     state = curve.state()
-    thresholds = curve.thresholds
-    precision, recall, curve_thresholds = _binary_precision_recall_curve_compute(state, thresholds)
+    if isinstance(state, tuple):  # every score: exact curves
+        precision, recall, curve_thresholds = curves.pr_from_scores(*state)
+        auroc = curves.area(*curves.roc_from_scores(*state)[:2])
+    else:
+        precision, recall = curves.pr_from_counts(state)
+        curve_thresholds = curve.thresholds
+        auroc = curves.area(*curves.roc_from_counts(state))
     f1 = torch.nan_to_num(2 * precision * recall / (precision + recall), nan=0.0)[:-1]
     best = int(torch.argmax(f1))
     return {
-        "pixel_auroc": float(_binary_auroc_compute(state, thresholds)),
-        "pixel_ap": float(_binary_average_precision_compute(state, thresholds)),
+        "pixel_auroc": auroc,
+        "pixel_ap": curves.average_precision(precision, recall),
         "pixel_f1": float(f1[best]),
         "seg_threshold": float(curve_thresholds[best]),
     }
@@ -552,7 +532,7 @@ class _RegionOverlapCurve(Metric):
     def _curve(self) -> tuple[Tensor, Tensor]:
         """(FPR, PRO) points in ascending FPR, from (0, 0) to (1, 1)."""
         if self.binner is None:
-            normal, overlap, _ = _binary_clf_curve(
+            normal, overlap, _ = curves.cumulative_counts(
                 dim_zero_cat(self.preds), dim_zero_cat(self.target), dim_zero_cat(self.weights)
             )
             zero = normal.new_zeros(1)
@@ -630,12 +610,11 @@ def image_metrics(
     if num_anomalous in (0, labels.numel()):
         kind = "anomalous" if num_anomalous == 0 else "normal"
         raise UndefinedMetricError(_IMAGE_METRICS, f"there is no {kind} image")
-    state = (scores, labels.long())
-    fpr, tpr, thresholds = _binary_roc_compute(state, None)
-    # index 0 is torchmetrics' artificial (0, 0) point; its threshold is no score
+    fpr, tpr, thresholds = curves.roc_from_scores(scores, labels)
+    # index 0 is the (0, 0) point above every score; its threshold is no score
     best = 1 + int(torch.argmax((tpr - fpr)[1:]))
     return {
-        "image_auroc": float(_binary_auroc_compute(state, None)),
+        "image_auroc": curves.area(fpr, tpr),
         "image_threshold": float(thresholds[best]),
     }
 

@@ -53,6 +53,12 @@ from torch import Tensor, nn
 
 from hiad_pl.detectors.token_pyramid import TOKEN_PYRAMIDS, pyramid_state_dict
 from hiad_pl.errors import WeightsUnavailableError
+from hiad_pl.private_apis import (
+    convolution_pointwise,
+    fused_convolution_available,
+    tensor_version,
+    timm_stage_out_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -632,11 +638,12 @@ def _inputs_made_by_convolutions(
 
     def after_convolution(conv: nn.Module, _: Any, output: Tensor) -> None:
         calls[conv] = calls.get(conv, 0) + 1
-        made_by[id(output)] = (conv, output, output._version)
+        made_by[id(output)] = (conv, output, tensor_version(output))
 
     def before_consumer(consumer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         conv, _, version = made_by.get(id(inputs[0]), (None, None, None))
-        fed.setdefault(consumer, []).append(conv if version == inputs[0]._version else None)
+        current = tensor_version(inputs[0])
+        fed.setdefault(consumer, []).append(conv if version is not None and version == current else None)
 
     for module in model.modules():
         if is_convolution(module):
@@ -752,9 +759,9 @@ def drop_unused_blocks(model: nn.Module, sample: Tensor) -> int:
     outputs on ``sample`` must stay identical; otherwise nothing is removed.
     """
     inner = getattr(model, "model", model)
-    stages = getattr(inner, "_stage_out_idx", None)
+    stages = timm_stage_out_indices(inner)
     blocks = getattr(inner, "blocks", None)
-    if not stages or not isinstance(blocks, nn.Sequential) or getattr(inner, "feature_hooks", None) is not None:
+    if not stages or not isinstance(blocks, nn.Sequential):
         return 0
     keep = max(stages)
     if keep >= len(blocks):
@@ -849,10 +856,6 @@ def _post_operation(activation: nn.Module) -> tuple[str, list[float]] | None:
     return None
 
 
-def _fused_convolution_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
 class ConvActivation(nn.Module):
     """A frozen convolution and the activation that follows it, in one oneDNN call on the CPU.
 
@@ -886,9 +889,9 @@ class ConvActivation(nn.Module):
             weight, padding = conv.weight_and_padding(x)
         else:
             weight, padding = conv.weight, conv.padding
-        return torch.ops.mkldnn._convolution_pointwise(
+        return convolution_pointwise(
             x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
-            self._operation, self._scalars, "",
+            self._operation, self._scalars,
         )
 
 
@@ -922,7 +925,7 @@ def fuse_conv_activations(model: nn.Module, sample: Tensor) -> int:
     used before its activation, say) or oneDNN cannot run the fused call,
     everything is undone and a warning says so.
     """
-    found = _fused_convolution_available() and _pairs_on_sample(
+    found = fused_convolution_available() and _pairs_on_sample(
         _conv_activation_pairs, model, sample, "convolution-activation fusion"
     )
     if not found or not found[0]:
