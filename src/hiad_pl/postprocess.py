@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +91,7 @@ class ImageScore:
 
     def __post_init__(self) -> None:
         if self.rule not in IMAGE_SCORE_RULES:
-            close = difflib.get_close_matches(str(self.rule), IMAGE_SCORE_RULES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = _closest(str(self.rule), IMAGE_SCORE_RULES)
             raise ValueError(f"unknown image-score rule {self.rule!r}{hint}; rules: {', '.join(IMAGE_SCORE_RULES)}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"image-score window must be an integer >= 1, got {self.window!r}")
@@ -116,8 +115,7 @@ class ImageScore:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in value:
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = _closest(str(key), names)
                 raise ValueError(f"image_score has no setting {key!r}{hint}; settings: {', '.join(names)}")
         return dataclasses.replace(base, **dict(value))
 
@@ -132,6 +130,12 @@ class ImageScore:
         if self.rule == "topk_mean":
             return topk_mean_score(anomaly_map, self.k)
         return anomaly_map.float().amax(dim=(-2, -1))
+
+
+def _closest(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def topk_mean_score(anomaly_map: torch.Tensor, k: int = TOPK_PIXELS) -> torch.Tensor:
