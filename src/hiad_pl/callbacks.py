@@ -34,7 +34,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from hiad_pl.io import load_checkpoint
 from hiad_pl.metrics import UndefinedMetricError
-from hiad_pl.postprocess import image_score
+from hiad_pl.postprocess import ImageScore
 
 log = logging.getLogger("hiad_pl")
 
@@ -209,7 +209,7 @@ class ValidationSelector(Callback):
         if not self._maps or trainer.sanity_checking:
             return
         maps, masks, labels = torch.cat(self._maps), torch.cat(self._masks), torch.cat(self._labels)
-        values = self.evaluate(maps, masks, labels)
+        values = self.evaluate(maps, masks, labels, getattr(pl_module, "image_score", None))
         score = selection_score(values)
         for name, value in values.items():
             if math.isfinite(value):
@@ -230,9 +230,11 @@ class ValidationSelector(Callback):
             self.best_statistics = normalization_statistics(maps, labels, self.scope)
         pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
 
-    def evaluate(self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Run the evaluators on validation patch maps."""
-        scores = image_score(maps).numpy()
+    def evaluate(
+        self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, image_score: ImageScore | None = None
+    ) -> dict[str, float]:
+        """Run the evaluators on validation patch maps, scoring each patch by ``image_score`` (the detector's rule)."""
+        scores = (image_score or ImageScore())(maps).numpy()
         label_array = labels.numpy().astype(int)
         values: dict[str, float] = {}
         for evaluator in self.evaluators:

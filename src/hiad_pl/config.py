@@ -20,10 +20,12 @@ every task (:func:`task_loggers`, :func:`task_callbacks`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib
 import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -93,7 +95,11 @@ def _options_parser(cls: type) -> ArgumentParser:
 
 def option_names(cls: type) -> list[str]:
     """The options a config may give ``cls`` (its typed keyword arguments, derived ones left out)."""
-    return [dest for dest in parser_destinations(_options_parser(cls)) if dest not in ("help", "config")]
+    # nested settings (a dataclass-typed option) bring a ``<option>.help`` action of their own
+    return [
+        dest for dest in parser_destinations(_options_parser(cls))
+        if dest not in ("help", "config") and not dest.endswith(".help")
+    ]
 
 
 def validate_options(cls: type, options: Mapping[str, Any], section: str) -> dict[str, Any]:
@@ -109,11 +115,42 @@ def validate_options(cls: type, options: Mapping[str, Any], section: str) -> dic
                 f"{section}: {cls.__name__} has no option {name!r}{did_you_mean(name, valid)}; "
                 f"valid options: {', '.join(valid)}"
             )
+        settings = _settings_type(cls, name)
+        if settings is not None and isinstance(options[name], Mapping):
+            _check_settings(settings, options[name], f"{section}: {cls.__name__} option {name!r}")
     try:
         parsed = _options_parser(cls).parse_object(dict(options), defaults=False)
     except ArgumentError as error:
         raise ValueError(f"{section}: bad value for {cls.__name__}: {error}") from None
     return {name: _plain(parsed[name]) for name in options}
+
+
+def _settings_type(cls: type, name: str) -> type | None:
+    """The dataclass that types ``cls``'s keyword argument ``name`` (alone or in a union), or ``None``."""
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(name)
+    except (NameError, TypeError):  # an annotation that does not resolve here: the parser reports bad values
+        return None
+    for candidate in typing.get_args(hint) or (hint,):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _check_settings(settings: type, given: Mapping[str, Any], where: str) -> None:
+    """Unknown keys of a dataclass-typed option, with the closest field, and the dataclass's own checks.
+
+    Raises:
+        ValueError: naming ``where``, the key or value and what is valid.
+    """
+    names = [f.name for f in dataclasses.fields(settings)]
+    for key in given:
+        if key not in names:
+            raise ValueError(f"{where} has no setting {key!r}{did_you_mean(str(key), names)}; settings: {', '.join(names)}")
+    try:
+        settings(**given)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def _plain(value: Any) -> Any:

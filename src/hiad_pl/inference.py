@@ -35,7 +35,7 @@ from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
 from hiad_pl.data.sample import HRSample, LRPatch
 from hiad_pl.data.tiling import MultiResolutionIndex, stitch
 from hiad_pl.errors import InputError
-from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
+from hiad_pl.postprocess import ImageScore, gaussian_blur, normalize_scores, upsample
 from hiad_pl.tasks.base import Task
 from hiad_pl.tasks.retrieval import retrieval_grid, route_features
 from hiad_pl.utils.allocator import keep_freed_memory
@@ -154,6 +154,22 @@ def _rows_as_slice(positions: Tensor) -> slice | None:
     return slice(first, first + step * (len(positions) - 1) + 1, step)
 
 
+def run_image_score(tasks: Sequence[Task], detectors: Mapping[str, nn.Module]) -> ImageScore:
+    """The image-score rule of a run: its patch detectors' (the thumbnail detector's when it has no patch tasks).
+
+    Raises:
+        ValueError: when the patch detectors have different rules.
+    """
+    chosen = [t for t in tasks if not t.is_thumbnail] or list(tasks)
+    by_rule: dict[ImageScore, list[str]] = {}
+    for task in chosen:
+        by_rule.setdefault(getattr(detectors[task.name], "image_score", None) or ImageScore(), []).append(task.name)
+    if len(by_rule) > 1:
+        listed = "; ".join(f"{rule} for {', '.join(names)}" for rule, names in by_rule.items())
+        raise ValueError(f"the tasks' detectors score images by different rules: {listed}")
+    return next(iter(by_rule), ImageScore())
+
+
 def check_fits(sample: HRSample, indexes: Sequence[MultiResolutionIndex]) -> None:
     """Raise naming the image when it is smaller than the area ``indexes`` cover."""
     if not indexes:
@@ -188,6 +204,8 @@ class InferencePipeline:
             :data:`AUTO_STEP_PATCHES` patches a step; 1 with one task for all patches.
             Measured at 2048 px, O2O (16 tasks): heads 0.62 -> 0.52 s per image with
             4 images a step, the same maps to float32 rounding.
+        image_score: the rule that turns a full map into the image score; default:
+            the detectors' own (:func:`run_image_score`).
     """
 
     def __init__(
@@ -199,6 +217,7 @@ class InferencePipeline:
         device: str | torch.device = "cpu",
         prefetch: int | None = None,
         images_per_step: int | None = None,
+        image_score: ImageScore | None = None,
     ) -> None:
         self.device = torch.device(device)
         if prefetch is None:
@@ -212,6 +231,8 @@ class InferencePipeline:
         if missing:
             raise ValueError(f"no fitted detector for tasks {missing}")
         self.detectors = dict(detectors)
+        #: The image-score rule applied to each blurred full map.
+        self.image_score = image_score if image_score is not None else run_image_score(tasks, self.detectors)
         self.normalization = dict(normalization or {})
         self.batch_size = int(batch_size)
         self.prefetch = int(prefetch)
@@ -365,7 +386,7 @@ class InferencePipeline:
                     width, height = image.size
                     full = torch.zeros(height, width)
                 full = gaussian_blur(full)
-                predictions.append(Prediction(image.sample_id, full, float(image_score(full))))
+                predictions.append(Prediction(image.sample_id, full, float(self.image_score(full))))
             self.times.post += time.perf_counter() - start
             self.times.images += len(images)
         return predictions

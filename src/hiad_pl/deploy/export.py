@@ -11,9 +11,9 @@ graph also resizes its map to the full image. Retrieval runs get a router graph
 
 Everything else a prediction needs is in ``manifest.json``: the tasks and their
 indexes, the spliter settings, retrieval centres, normalisation statistics,
-image and pixel thresholds with their display range, blur and image-score settings,
-input statistics. Predictions from
-the export equal the run's (see :mod:`hiad_pl.deploy.predictor`).
+image and pixel thresholds with their display range, blur and the image-score rule
+(the detectors' own), input statistics. Predictions from the export equal the run's
+(see :mod:`hiad_pl.deploy.predictor`).
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.features import ViTTokenExtractor
 from hiad_pl.detectors.patchcore import HRPatchCore, pooled_width
-from hiad_pl.postprocess import BLUR_SIGMA, SCORE_WINDOW, normalize_scores
+from hiad_pl.postprocess import BLUR_SIGMA, normalize_scores
 from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
 
 EXPORT_FORMATS = ("onnx",)
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+#: 2: ``postprocess.image_score`` names the run's image-score rule (1: always the 16-px window mean).
+MANIFEST_VERSION = 2
 OPSET = 17
 #: The overlay colours (``visualize.JET_COLOURS``, 256 RGB entries), so the predictor needs no OpenCV.
 COLORMAP_FILE = "colormap.npy"
@@ -200,6 +201,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     import yaml
 
     from hiad_pl.commands import load_run
+    from hiad_pl.inference import run_image_score
     from hiad_pl.tasks.retrieval import cells_for, retrieval_grid, stacked_centers
     from hiad_pl.visualize import JET_COLOURS
 
@@ -221,6 +223,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
         entries.append(task_entry(task, detector, statistics, f"{task.name}.onnx", len(inputs) > 1))
         log.info("exported %s (%s)", task.name, type(detector).__name__)
     patch_tasks = [t for t in orchestrator.tasks if not t.is_thumbnail]
+    image_score = run_image_score(orchestrator.tasks, {t.name: orchestrator.detector(t.name) for t in orchestrator.tasks})
     router = None
     if any(t.centers is not None for t in patch_tasks):
         centers, owners = stacked_centers(patch_tasks)
@@ -254,7 +257,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
         "thresholds": None if run.thresholds is None else run.thresholds.todict(),
         "postprocess": {"merge": "mean over overlaps, then maximum with the thumbnail",
                         "blur_sigma": BLUR_SIGMA, "blur_padding": "reflect",
-                        "image_score": "maximum mean over a window", "score_window": SCORE_WINDOW},
+                        "image_score": image_score.todict()},
         "routing": "retrieval" if router else "position",
         "router": router,
         "tasks": entries,

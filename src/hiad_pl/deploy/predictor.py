@@ -8,7 +8,8 @@ run's thresholds (carried in the manifest). Every step outside the graphs mirror
 Pillow decoding and bilinear resizing, ImageNet normalisation, routing by
 position or by the nearest retrieval centre, stitching (mean over overlaps),
 the thumbnail merged by maximum, a separable Gaussian blur with reflect
-padding, and the image score as the largest window mean (integral image).
+padding, and the image score by the rule the manifest names (the detector's:
+the largest window mean, the mean of the top-k pixels, or the largest pixel).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -28,7 +29,10 @@ from hiad_pl.decisions import NO_THRESHOLDS, Decision, Thresholds
 from hiad_pl.deploy.files import input_images, unique_stems, write_prediction_files, write_scores_csv
 
 MANIFEST = "manifest.json"
-SUPPORTED_VERSION = 1
+#: Manifest versions this predictor reads: 1 scored every export by the 16-px window mean; 2 names the rule.
+SUPPORTED_VERSIONS = (1, 2)
+#: Image-score rules (those of :data:`hiad_pl.postprocess.IMAGE_SCORE_RULES`; this module imports no torch).
+IMAGE_SCORE_RULES = ("window_max", "topk_mean", "max")
 
 
 def gaussian_blur(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
@@ -60,6 +64,46 @@ def image_score(anomaly_map: np.ndarray, window: int) -> float:
     integral = np.pad(anomaly_map.astype(np.float32).astype(np.float64).cumsum(1).cumsum(0), ((1, 0), (1, 0)))
     sums = integral[k_h:, k_w:] - integral[:-k_h, k_w:] - integral[k_h:, :-k_w] + integral[:-k_h, :-k_w]
     return float(np.float32((sums / (k_h * k_w)).max()))
+
+
+def topk_mean_score(anomaly_map: np.ndarray, k: int) -> float:
+    """The mean of the ``k`` largest values of the map (as :func:`hiad_pl.postprocess.topk_mean_score`)."""
+    flat = anomaly_map.astype(np.float32).ravel()
+    k = min(k, flat.size)
+    return float(np.float32(np.partition(flat, flat.size - k)[flat.size - k :].astype(np.float64).mean()))
+
+
+def score_image(anomaly_map: np.ndarray, settings: Mapping[str, Any]) -> float:
+    """The image score of the manifest's ``image_score`` settings (as :class:`hiad_pl.postprocess.ImageScore`)."""
+    rule = settings["rule"]
+    if rule == "window_max":
+        return image_score(anomaly_map, int(settings["window"]))
+    if rule == "topk_mean":
+        return topk_mean_score(anomaly_map, int(settings["k"]))
+    if rule == "max":
+        return float(np.float32(anomaly_map.max()))
+    raise ValueError(f"unknown image-score rule {rule!r}")
+
+
+def image_score_settings(postprocess: Mapping[str, Any], version: int) -> dict[str, Any]:
+    """The image-score settings of a manifest's ``postprocess`` section (version 1: the window mean of ``score_window``).
+
+    Raises:
+        ValueError: for an unknown rule or a missing or non-positive ``window`` / ``k``.
+    """
+    if version == 1:
+        settings = {"rule": "window_max", "window": postprocess.get("score_window")}
+    else:
+        settings = dict(postprocess.get("image_score") or {})
+    rule = settings.get("rule")
+    if rule not in IMAGE_SCORE_RULES:
+        raise ValueError(f"unknown image-score rule {rule!r} (rules: {', '.join(IMAGE_SCORE_RULES)})")
+    needed = {"window_max": "window", "topk_mean": "k"}.get(rule)
+    if needed is not None:
+        value = settings.get(needed)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"image-score rule {rule} needs an integer {needed} >= 1, got {value!r}")
+    return settings
 
 
 def stitch(maps: Sequence[np.ndarray], indexes: Sequence[HRImageIndex], size: tuple[int, int]) -> np.ndarray:
@@ -98,8 +142,11 @@ class ExportedModel:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not an export (no {MANIFEST}); write one with `hiad-pl export`")
         manifest = json.loads(path.read_text())
-        if manifest.get("version") != SUPPORTED_VERSION:
-            raise ValueError(f"{path}: export version {manifest.get('version')!r}, this predictor reads {SUPPORTED_VERSION}")
+        version = manifest.get("version")
+        if version not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"{path}: export version {version!r}, this predictor reads {', '.join(map(str, SUPPORTED_VERSIONS))}"
+            )
         self.manifest = manifest
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -130,7 +177,12 @@ class ExportedModel:
         self.std = np.asarray(stats["std"], dtype=np.float32).reshape(3, 1, 1)
         self.scale = np.float32(stats["scale"])
         post = manifest["postprocess"]
-        self.blur_sigma, self.score_window = float(post["blur_sigma"]), int(post["score_window"])
+        self.blur_sigma = float(post["blur_sigma"])
+        try:
+            #: The image-score rule and its settings (``rule``, ``window``, ``k``).
+            self.image_score = image_score_settings(post, version)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         router = manifest.get("router")
         self.router = None
         if router:
@@ -202,7 +254,7 @@ class ExportedModel:
             thumbnail = self.run(task.session, [self.pixels(resize_array(image, task.thumbnail_size))[None]])[0]
             full = thumbnail if full is None else np.maximum(full, thumbnail)
         full = gaussian_blur(np.zeros((height, width), np.float32) if full is None else full, self.blur_sigma)
-        return full, image_score(full, self.score_window)
+        return full, score_image(full, self.image_score)
 
     def decide(self, score: float) -> Decision | None:
         """The decision on an image score (label OK/NG, score, threshold); ``None`` without thresholds."""

@@ -38,6 +38,7 @@ from torchvision.ops import roi_align
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.detectors.features import FeatureSettings, create_extractor, shared_feature_extractor
+from hiad_pl.postprocess import ImageScore
 
 #: Layers of the default backbone (EfficientNet-Lite0): strides 8 and 16.
 DEFAULT_LAYERS: tuple[str, ...] = ("blocks.2", "blocks.4")
@@ -151,6 +152,10 @@ class HRDetector(lightning.LightningModule, ABC):
             ``cnn`` (timm ``features_only`` maps) or ``vit`` (block token grids).
         backbone_kwargs: extra ``timm.create_model`` options (``img_size``,
             ``dynamic_img_size`` for ViTs).
+        image_score: how an anomaly map becomes an image score, in validation
+            (checkpoint selection) and at inference: the fields given (``rule``,
+            ``window``, ``k``; e.g. ``{rule: topk_mean, k: 100}``) override the
+            method's own rule, :attr:`default_image_score`.
 
     A frozen backbone (the default, :attr:`freeze_backbone`) stays in eval mode
     and is left out of checkpoints: it is rebuilt from the hyperparameters when
@@ -170,6 +175,8 @@ class HRDetector(lightning.LightningModule, ABC):
     frozen_submodules: ClassVar[tuple[str, ...]] = ()
     #: Buffers whose size is only known after fitting; loading a checkpoint resizes them.
     resizable_buffers: ClassVar[tuple[str, ...]] = ()
+    #: The method's image-score rule (HiAD's: the largest 16 x 16 window mean unless the method has its own).
+    default_image_score: ClassVar[ImageScore] = ImageScore()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register every concrete subclass under its :attr:`detector_name`."""
@@ -186,9 +193,14 @@ class HRDetector(lightning.LightningModule, ABC):
         fusion_weights: Sequence[float] | None = None,
         feature_kind: str = "auto",
         backbone_kwargs: dict[str, Any] | None = None,
+        image_score: ImageScore | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        #: The image-score rule of this detector: :attr:`default_image_score` with the fields ``image_score`` gives.
+        self.image_score: ImageScore = ImageScore.of(image_score, self.default_image_score)
+        # the checkpoint keeps the rule in full and as plain values (weights_only loading)
+        self.hparams["image_score"] = self.image_score.todict()
         #: ``(width, height)`` of the patches this detector is built for.
         self.input_size: tuple[int, int] = as_pair(input_size, "input_size")
         #: Fusion weights normalised to sum 1, or ``None`` (no fusion).

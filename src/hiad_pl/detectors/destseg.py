@@ -29,7 +29,7 @@ segmentation input is their products resized to the first layer's grid
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import timm
 import torch
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.postprocess import TOPK_PIXELS, ImageScore
 
 #: Phases of training, in order.
 STUDENT_PHASE = "student"
@@ -365,7 +366,12 @@ class HRDesTSeg(HRDetector):
             worse than in training.
         synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``); default
             image blending with Perlin masks on every patch, opacity 0.5-1.
+        image_score: overrides of the image-score rule (default: the mean of the 100 largest pixels, as HiAD
+            scores DeSTSeg; see :class:`HRDetector`).
     """
+
+    #: DeSTSeg's image score: the mean of the 100 largest pixels of the map (HiAD, and the paper's code).
+    default_image_score: ClassVar[ImageScore] = ImageScore("topk_mean", k=TOPK_PIXELS)
 
     def __init__(
         self,
@@ -389,9 +395,11 @@ class HRDesTSeg(HRDetector):
         student_final_relu: bool = True,
         student_bn_recalibration: int = 0,
         synthesizer: dict[str, Any] | None = None,
+        image_score: ImageScore | None = None,
     ) -> None:
         super().__init__(
-            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
+            image_score=image_score,
         )
         for name, value in (("steps", steps), ("decoder_blocks", decoder_blocks), ("segmentation_width", segmentation_width)):
             if not isinstance(value, int) or value < 1:

@@ -19,7 +19,7 @@ norm clipped to 0.1, 5000 steps.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from torch import Tensor, nn
 
@@ -41,6 +41,7 @@ from hiad_pl.detectors.vit_parts import (
     step_trainer_defaults,
     tokens_to_grid,
 )
+from hiad_pl.postprocess import TOPK_PIXELS, ImageScore
 
 #: Encoder blocks (0-based) of a 12-block ViT and the groups of taps / decoder outputs compared together.
 ENCODER_BLOCKS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9)
@@ -156,7 +157,12 @@ class HRDinomaly(ViTTokenDetector):
         eval_every: steps between validations (the Trainer's default ``val_check_interval``).
         hard_mining_ramp_steps: steps over which the easy share ramps from 0 to 0.9.
         gradient_clip_norm: gradient norm clip (the Trainer's default ``gradient_clip_val``).
+        image_score: overrides of the image-score rule (default: the mean of the 100 largest pixels, as HiAD
+            scores Dinomaly; see :class:`HRDetector`).
     """
+
+    #: Dinomaly's image score in HiAD: the mean of the 100 largest pixels of the map.
+    default_image_score: ClassVar[ImageScore] = ImageScore("topk_mean", k=TOPK_PIXELS)
 
     def __init__(
         self,
@@ -178,8 +184,12 @@ class HRDinomaly(ViTTokenDetector):
         eval_every: int = EVAL_EVERY,
         hard_mining_ramp_steps: int = HARD_MINING_RAMP_STEPS,
         gradient_clip_norm: float = GRADIENT_CLIP_NORM,
+        image_score: ImageScore | None = None,
     ) -> None:
-        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs)
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
+            image_score=image_score,
+        )
         check_positive(lr=lr, final_lr=final_lr, total_steps=total_steps, eval_every=eval_every, gradient_clip_norm=gradient_clip_norm)
         if not 0 <= dropout < 1 or warmup_steps < 0 or weight_decay < 0 or hard_mining_ramp_steps < 0:
             raise ValueError(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, HRDetector
+from hiad_pl.postprocess import ImageScore
 
 #: The coupling subnetwork's output is damped by this factor, so that every step starts close to identity.
 COUPLING_DAMPING = 0.1
@@ -165,6 +166,8 @@ class HRFastFlow(HRDetector):
         weight_decay: Adam weight decay.
         epochs: training epochs (the Trainer's default ``max_epochs``).
         seed: seed of the channel permutations.
+        image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
+            scores this method; see :class:`HRDetector`).
     """
 
     #: HiAD's option names in its config files (configs/fastflow_patch.yaml), and ours.
@@ -185,8 +188,11 @@ class HRFastFlow(HRDetector):
         weight_decay: float = 1e-5,
         epochs: int = 300,
         seed: int = 0,
+        image_score: ImageScore | None = None,
     ) -> None:
-        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights)
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, image_score=image_score
+        )
         for name, value in (("flow_steps", flow_steps), ("epochs", epochs)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -22,7 +22,7 @@ to 1e-4, gradient norm clipped to 0.1.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ from hiad_pl.detectors.vit_parts import (
     stable_adamw_warmup_cosine,
     step_trainer_defaults,
 )
+from hiad_pl.postprocess import TOPK_PIXELS, ImageScore
 
 NUM_PROTOTYPES = 6
 DECODER_DEPTH = 8
@@ -159,7 +160,12 @@ class HRINPFormer(ViTTokenDetector):
         total_steps: optimiser steps (the Trainer's default ``max_steps``).
         eval_every: steps between validations (the Trainer's default ``val_check_interval``).
         gradient_clip_norm: gradient norm clip (the Trainer's default ``gradient_clip_val``).
+        image_score: overrides of the image-score rule (default: the mean of the 100 largest pixels, as HiAD
+            scores INP-Former; see :class:`HRDetector`).
     """
+
+    #: INP-Former's image score in HiAD: the mean of the 100 largest pixels of the map.
+    default_image_score: ClassVar[ImageScore] = ImageScore("topk_mean", k=TOPK_PIXELS)
 
     def __init__(
         self,
@@ -181,8 +187,12 @@ class HRINPFormer(ViTTokenDetector):
         total_steps: int = TOTAL_STEPS,
         eval_every: int = EVAL_EVERY,
         gradient_clip_norm: float = GRADIENT_CLIP_NORM,
+        image_score: ImageScore | None = None,
     ) -> None:
-        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs)
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
+            image_score=image_score,
+        )
         check_positive(lr=lr, final_lr=final_lr, total_steps=total_steps, eval_every=eval_every, gradient_clip_norm=gradient_clip_norm)
         if warmup_steps < 0 or weight_decay < 0 or coherence_weight < 0:
             raise ValueError(

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, OnePassDetector
+from hiad_pl.postprocess import ImageScore
 
 #: Matrix elements inverted at once when the covariances are inverted (bounds temporary memory).
 INVERSION_CHUNK_ELEMENTS = 1 << 24
@@ -124,6 +125,8 @@ class HRPaDiM(OnePassDetector):
             memory grows with its square (see the module docstring).
         epsilon: ridge added to every covariance's diagonal, so that it is invertible.
         seed: seed of the random channel selection.
+        image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
+            scores this method; see :class:`HRDetector`).
 
     The statistics (``mean`` ``[P, d]``, ``inv_covariance`` ``[P, d, d]``) and the
     chosen channels (``channel_index``) are buffers saved in checkpoints.
@@ -144,8 +147,11 @@ class HRPaDiM(OnePassDetector):
         d_reduced: int | None = 100,
         epsilon: float = 0.01,
         seed: int = 0,
+        image_score: ImageScore | None = None,
     ) -> None:
-        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights)
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, image_score=image_score
+        )
         if not epsilon > 0:
             raise ValueError(f"epsilon must be positive (it keeps the covariances invertible), got {epsilon!r}")
         self.epsilon = float(epsilon)

@@ -23,6 +23,7 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, OnePassDetector
 from hiad_pl.detectors.feature_store import STORE_DTYPES, FeatureStore
 from hiad_pl.detectors.nn_search import SCAN_DTYPES, SEARCH_KINDS, NearestNeighbourIndex, choose_search_kind
+from hiad_pl.postprocess import ImageScore
 
 #: Rows projected at once when the coreset's random projection is applied.
 PROJECTION_CHUNK_ROWS = 65536
@@ -216,6 +217,8 @@ class HRPatchCore(OnePassDetector):
             distances within 0.14% of float32's on average) or ``auto`` (bfloat16
             on such a CPU, float32 elsewhere).
         seed: seed of the projection, the coreset's start and chunks, and the IVF cells.
+        image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
+            scores this method; see :class:`HRDetector`).
 
     The bank (``memory_bank``, ``[M, D]``) is a buffer saved in checkpoints.
     During the pass the training features are streamed to a temporary file
@@ -249,8 +252,11 @@ class HRPatchCore(OnePassDetector):
         search_nprobe: int = 8,
         search_precision: str = "auto",
         seed: int = 0,
+        image_score: ImageScore | None = None,
     ) -> None:
-        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights)
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, image_score=image_score
+        )
         _check_positive(
             pretrain_embed_dimension=pretrain_embed_dimension,
             target_embed_dimension=target_embed_dimension,

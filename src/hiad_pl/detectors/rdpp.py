@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.synthesis import AnomalySynthesizer, SimplexNoiseSynthesizer, build_synthesizer
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.postprocess import ImageScore
 
 #: Weights of the three self-supervised terms inside the projection loss (the paper's code).
 RECONSTRUCTION_WEIGHT = 0.01
@@ -307,6 +308,8 @@ class HRRDPP(HRDetector):
             ``None``: the official decoder's 3, 4, 6 (WideResNet-50's layer3, layer2, layer1 stages).
         synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``);
             default: the paper's simplex noise (:class:`SimplexNoiseSynthesizer`, p 1).
+        image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
+            scores this method; see :class:`HRDetector`).
     """
 
     def __init__(
@@ -326,9 +329,11 @@ class HRRDPP(HRDetector):
         ocbe_blocks: int = 3,
         decoder_blocks: int | list[int] | None = None,
         synthesizer: dict[str, Any] | None = None,
+        image_score: ImageScore | None = None,
     ) -> None:
         super().__init__(
-            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
+            image_score=image_score,
         )
         for name, value in (("epochs", epochs), ("accumulate_batches", accumulate_batches), ("ocbe_blocks", ocbe_blocks)):
             if not isinstance(value, int) or value < 1:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.postprocess import ImageScore
 
 #: Groups of the group norms (fewer when the width is not a multiple).
 NORM_GROUPS = 32
@@ -510,6 +511,8 @@ class HRRealNet(HRDetector):
             without a final ReLU, such as EfficientNet blocks; off in the paper).
         synthesizer: training corruption ``{class_path, init_args}`` (or ``{name, kwargs}``); default
             image blending with Perlin masks on half the patches, opacity 0.2-1.
+        image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
+            scores this method; see :class:`HRDetector`).
     """
 
     def __init__(
@@ -534,9 +537,11 @@ class HRRealNet(HRDetector):
         rrs_residual_layers: int = 2,
         rrs_normalised_input: bool = False,
         synthesizer: dict[str, Any] | None = None,
+        image_score: ImageScore | None = None,
     ) -> None:
         super().__init__(
-            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
+            image_score=image_score,
         )
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")

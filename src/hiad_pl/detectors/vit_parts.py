@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import HRDetector, warmup_cosine_schedule
 from hiad_pl.detectors.features import nearest_multiple
+from hiad_pl.postprocess import ImageScore
 
 #: LayerNorm epsilon of the Dinomaly / INP-Former decoders.
 DECODER_NORM_EPS = 1e-8
@@ -454,8 +455,12 @@ class ViTTokenDetector(HRDetector, ABC):
         fusion_weights: Sequence[float] | None,
         feature_kind: str,
         backbone_kwargs: dict[str, Any] | None,
+        image_score: ImageScore | None = None,
     ) -> None:
-        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs)
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
+            image_score=image_score,
+        )
         if not hasattr(self.backbone, "patch_size"):
             raise ValueError(
                 f"{type(self).__name__} rebuilds ViT tokens: backbone_name must be a vision transformer "

@@ -35,6 +35,7 @@ from hiad_pl.detectors.vit_parts import (
     grid_to_tokens,
     tokens_to_grid,
 )
+from hiad_pl.postprocess import ImageScore
 
 #: Teacher blocks (1-based, as in the paper) and the neck block of a 12-block ViT.
 TEACHER_BLOCKS: tuple[int, ...] = (3, 6, 9)
@@ -153,6 +154,8 @@ class HRVitAD(ViTTokenDetector):
         weight_decay: AdamW weight decay.
         epochs: training epochs (the Trainer's default ``max_epochs``); the rate drops 10x after 80 % of them.
         gradient_clip_norm: gradient norm clip (the Trainer's default ``gradient_clip_val``).
+        image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
+            scores this method; see :class:`HRDetector`).
     """
 
     def __init__(
@@ -171,8 +174,12 @@ class HRVitAD(ViTTokenDetector):
         weight_decay: float = WEIGHT_DECAY,
         epochs: int = EPOCHS,
         gradient_clip_norm: float = GRADIENT_CLIP_NORM,
+        image_score: ImageScore | None = None,
     ) -> None:
-        super().__init__(backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs)
+        super().__init__(
+            backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
+            image_score=image_score,
+        )
         check_positive(lr=lr, epochs=epochs, gradient_clip_norm=gradient_clip_norm)
         teachers = len(self.backbone.layers) - num_neck_layers
         if num_neck_layers < 1 or teachers != len(tuple(decoder_taps)):
