@@ -22,9 +22,8 @@ import io
 import json
 import logging
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from hiad_pl.io import atomic_write
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.features import ViTTokenExtractor
-from hiad_pl.detectors.patchcore import HRPatchCore, pooled_width
+from hiad_pl.detectors.patchcore import HRPatchCore
 from hiad_pl.postprocess import BLUR_SIGMA, normalize_scores
 from hiad_pl.tasks.base import Task
 
@@ -130,33 +129,6 @@ class RouterGraph(nn.Module):
         return pool_features(self.detector.fused_embedding(batch), self.cells)
 
 
-def pool_channels_by_matmul(features: Tensor, dimension: int | None) -> Tensor:
-    """:func:`~hiad_pl.detectors.patchcore.pool_channels` as a product with its ``[C, dimension]`` averaging matrix.
-
-    ONNX export refuses ``adaptive_avg_pool1d`` to sizes that do not divide the
-    input (PatchCore pools 112 channels to 48); the pooling is linear, so one
-    constant matrix, built by pooling the identity, computes it. Like the
-    detector's pooling it never widens: the no-op case is the detector's
-    :func:`~hiad_pl.detectors.patchcore.pooled_width`.
-    """
-    channels = int(features.shape[-1])
-    if pooled_width(channels, dimension) == channels:
-        return features
-    matrix = F.adaptive_avg_pool1d(torch.eye(channels)[:, None, :], dimension)[:, 0, :]
-    return features @ matrix.to(features.dtype)
-
-
-@contextmanager
-def traceable_operations() -> Iterator[None]:
-    """Swap in the exportable forms of operations the detectors use, for the duration of an export."""
-    from unittest import mock
-
-    from hiad_pl.detectors import patchcore
-
-    with mock.patch.object(patchcore, "pool_channels", pool_channels_by_matmul):
-        yield
-
-
 def example_inputs(task: Task, detector: HRDetector) -> tuple[Tensor, ...]:
     """Example graph inputs of a task (two patches): image, and the low-resolution views when it fuses them."""
     width, height = detector.input_size
@@ -173,7 +145,7 @@ def export_graph(module: nn.Module, inputs: tuple[Tensor, ...], path: Path, outp
     """Trace ``module`` to an ONNX file (batch axis dynamic), written atomically."""
     names = ["image", "low_images", "low_windows"][: len(inputs)]
     tmp = path.with_name(f".{path.name}.tmp")
-    with torch.inference_mode(False), torch.no_grad(), traceable_operations(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on shapes that are constant per task by design
         torch.onnx.export(
             module, inputs, str(tmp), input_names=names, output_names=[output],

@@ -44,9 +44,14 @@ def pool_channels(features: Tensor, dimension: int | None) -> Tensor:
     Pooling only ever reduces: features no wider than ``dimension`` are returned
     as they are (averaging cannot add information, it would only repeat channels).
     """
-    channels = features.shape[-1]
+    channels = int(features.shape[-1])
     if dimension is None or dimension >= channels:
         return features
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # ONNX has no adaptive pooling to sizes that do not divide the input (112 channels to 48);
+        # the pooling is linear: one constant matrix, the pooled identity, computes it
+        matrix = F.adaptive_avg_pool1d(torch.eye(channels, device=features.device)[:, None, :], dimension)[:, 0, :]
+        return features @ matrix.to(features.dtype)
     pooled = F.adaptive_avg_pool1d(features.reshape(-1, 1, channels), dimension)
     return pooled.reshape(*features.shape[:-1], dimension)
 
