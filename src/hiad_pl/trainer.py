@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from hiad_pl.config import DetectorConfig
+from hiad_pl.config import DEFAULT_CONTEXT_MARGIN, DetectorConfig
 from hiad_pl.data.sample import HRSample
 from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, write_visualizations
 from hiad_pl.launchers import RayOptions, make_launcher
@@ -34,7 +34,8 @@ class HRTrainer:
     writes no visualisations. ``trainer_kwargs`` may hold ``logger`` and ``callbacks``
     as ``{class_path, init_args}`` specs, built fresh for every task. ``launcher="ray"``
     fits each task as a Ray task and scores test images in shards (``ray_options``:
-    :class:`~hiad_pl.launchers.RayOptions`).
+    :class:`~hiad_pl.launchers.RayOptions`). ``context_margin``: pixels of image context read
+    around every patch and cropped from its map before stitching (0: bare patches).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class HRTrainer:
         num_workers: int = 0,
         launcher: str = "local",
         ray_options: RayOptions | dict | None = None,
+        context_margin: int = DEFAULT_CONTEXT_MARGIN,
     ) -> None:
         self.batch_size = batch_size
         self.tasks = list(tasks or [])
@@ -68,6 +70,7 @@ class HRTrainer:
         self.num_workers = num_workers
         self.launcher = launcher
         self.ray_options = RayOptions(**ray_options) if isinstance(ray_options, dict) else ray_options
+        self.context_margin = context_margin
         self._orchestrator: TaskOrchestrator | None = None
 
     def orchestrator(self) -> TaskOrchestrator:
@@ -89,6 +92,7 @@ class HRTrainer:
                 num_workers=self.num_workers,
                 early_stop_epochs=self.early_stop_epochs,
                 log_root=self.log_root,
+                context_margin=self.context_margin,
             )
         return self._orchestrator
 
