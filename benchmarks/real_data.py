@@ -563,13 +563,15 @@ def run_one(set_root: Path, detector: str, overrides: dict[str, Any], stats_file
     image_size, patch_size = tuple(record["image_size"]), int(record["patch_size"])
     (split,) = discover(str(set_root.parent), categories=[set_root.name], image_size=image_size)
     class_path, config = DETECTORS[detector]
+    overrides = dict(overrides)
+    context_margin = int(overrides.pop("context_margin", 0))  # a data setting, not a detector option
     config = {**config, **overrides, "input_size": patch_size}
     if control:
         config["epochs"] = 0
     indexes = MultiResolutionHRImageSpliter(image_size=image_size, patch_size=patch_size)
     tasks = A2OTaskGenerator().create_tasks(split.train, indexes)
     with tempfile.TemporaryDirectory(prefix="hiad_pl_real_") as work:
-        orchestrator = TaskOrchestrator(class_path, config, tasks, work, batch_size=8)
+        orchestrator = TaskOrchestrator(class_path, config, tasks, work, batch_size=8, context_margin=context_margin)
         start = time.perf_counter()
         orchestrator.fit(split.train, [])
         fit_s = time.perf_counter() - start

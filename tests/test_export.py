@@ -13,6 +13,7 @@ import pytest
 
 from deploy_runs import fit_run
 from hiad_pl.cli import main
+from hiad_pl.config import DEFAULT_CONTEXT_MARGIN
 
 #: Normalised maps agree to ~2e-6; raw PatchCore distances (~20) to float32 rounding of the k-NN (~1e-5 relative).
 RTOL, ATOL = 1e-5, 1e-4
@@ -53,6 +54,10 @@ def test_export_writes_graphs_and_a_manifest(exported) -> None:
     assert [t["name"] for t in manifest["tasks"]] == [t["name"] for t in tasks]
     assert all((export / t["graph"]).is_file() for t in manifest["tasks"])
     assert manifest["image_size"] == [256, 256] and manifest["spliter"]["patch_size"] == 128
+    # patches are read with the default context: the graphs take the widened patch, the predictor crops it back
+    margin = manifest["context_margin"]
+    assert margin == DEFAULT_CONTEXT_MARGIN > 0
+    assert all(t["input_size"] == [128 + 2 * margin] * 2 for t in manifest["tasks"] if t["thumbnail_size"] is None)
     assert manifest["input"]["mean"] == [0.485, 0.456, 0.406] and manifest["postprocess"]["blur_sigma"] == 4.0
     assert manifest["routing"] == ("retrieval" if layout == "retrieval" else "position")
     if layout == "retrieval":

@@ -14,6 +14,7 @@ from hiad_pl.callbacks import ValidationSelector, normalization_statistics
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import PatchDataset, capped_items, patch_loader, split_validation
 from hiad_pl.data.discovery import discover
+from hiad_pl.data.tiling import inner_maps
 from hiad_pl.detectors import HRDetector, HRPatchCore
 from hiad_pl.orchestrator import RUN_INFO_KEY, TaskOrchestrator, ValidationConfig
 from hiad_pl.syn import RandomeBoxSynthesizer
@@ -45,13 +46,19 @@ def test_normalised_scores_in_unit_range_and_statistics_from_validation_only(tex
     assert stats is not None and stats["high"] > stats["low"]
 
     # the statistics are exactly those of the held-out validation patches
+    # patches read with the trainer's context margin, scored on the patch alone (ValidationSelector)
+    margin = trainer.context_margin
+    assert margin > 0
     _, val_samples = split_validation(texture.train, 0.25, seed=0)
     items = capped_items(len(val_samples), len(indexes), 8, seed=0)
-    dataset = PatchDataset(val_samples, tasks[0].indexes, synthesizer, seed=0, items=items)
+    dataset = PatchDataset(val_samples, tasks[0].indexes, synthesizer, seed=0, items=items, context_margin=margin)
     detector = HRPatchCore.load_from_checkpoint(checkpoint_path, weights_only=True).eval()
     batches = list(patch_loader(dataset, 4))
-    maps = torch.cat([detector.predict_step(b, 0) for b in batches])
+    maps = inner_maps(torch.cat([detector.predict_step(b, 0) for b in batches]), margin)
+    masks = torch.cat([b.mask for b in batches])
+    in_patch = inner_maps(masks, margin).flatten(1).any(1)
     labels = torch.cat([b.label for b in batches])
+    labels[masks.flatten(1).any(1) & ~in_patch] = 0  # a box wholly in the context leaves the patch normal
     assert 0 < int(labels.sum()) < len(labels)
     recomputed = normalization_statistics(maps, labels)
     numbers = ("low", "high", "normal_count")

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from hiad_pl.data.tiling import inner_maps
 from hiad_pl.io import load_checkpoint
 from hiad_pl.metrics import UndefinedMetricError
 from hiad_pl.postprocess import ImageScore
@@ -180,12 +181,16 @@ class ValidationSelector(Callback):
 
     The best weights themselves are on disk (:func:`epoch_checkpoint`) for
     gradient-trained detectors, and in the module for one-pass detectors,
-    which are validated once.
+    which are validated once. With ``context_margin`` (patches read with
+    image context) maps and masks are cropped to the patches first.
     """
 
-    def __init__(self, evaluators: Sequence[Callable[..., dict]] | None = None, scope: str = "task") -> None:
+    def __init__(
+        self, evaluators: Sequence[Callable[..., dict]] | None = None, scope: str = "task", context_margin: int = 0
+    ) -> None:
         self.evaluators = list(evaluators) if evaluators else default_validation_evaluators()
         self.scope = scope
+        self.context_margin = context_margin
         self.best_score = -math.inf
         self.best_epoch: int | None = None
         self.best_statistics: dict[str, float] | None = None
@@ -201,9 +206,17 @@ class ValidationSelector(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         maps = outputs if isinstance(outputs, torch.Tensor) else outputs["anomaly_map"]
+        masks, labels = batch.mask.detach().cpu(), batch.label.detach().cpu()
+        if self.context_margin:
+            # Patches read with context: the patch alone is scored, as inference stitches it. A
+            # synthetic defect that lies wholly in the context leaves the patch normal.
+            inner = inner_maps(masks, self.context_margin)
+            in_context_only = (masks.flatten(1) > 0).any(1) & ~(inner.flatten(1) > 0).any(1)
+            labels = torch.where(in_context_only, torch.zeros_like(labels), labels)
+            maps, masks = inner_maps(maps, self.context_margin), inner
         self._maps.append(maps.detach().float().cpu())
-        self._masks.append(batch.mask.detach().cpu())
-        self._labels.append(batch.label.detach().cpu())
+        self._masks.append(masks)
+        self._labels.append(labels)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._maps or trainer.sanity_checking:
@@ -271,7 +284,11 @@ def validation_callbacks(
     detector: L.LightningModule, data: Any, val_config: Any, early_stop_epochs: int
 ) -> list[Callback]:
     """The selector, plus early stopping when ``early_stop_epochs`` > 0."""
-    callbacks: list[Callback] = [ValidationSelector(val_config.evaluators, getattr(val_config, "normalization", "task"))]
+    callbacks: list[Callback] = [
+        ValidationSelector(
+            val_config.evaluators, getattr(val_config, "normalization", "task"), getattr(data, "context_margin", 0)
+        )
+    ]
     if early_stop_epochs > 0 and not getattr(detector, "fits_in_one_pass", False):
         callbacks.append(SelectionEarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False))
     return callbacks

@@ -94,6 +94,7 @@ def orchestrator_for(config: RunConfig, split: CategorySplit, tasks: Sequence[Ta
         trainer_kwargs=config.trainer,
         num_workers=config.data.num_workers,
         early_stop_epochs=config.early_stop_epochs,
+        context_margin=config.data.context_margin,
     )
 
 

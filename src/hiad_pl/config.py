@@ -427,6 +427,10 @@ def as_list(value: Any) -> list[Any] | None:
     return [value]
 
 
+#: Pixels of real image context read around every patch by default (``data.context_margin``).
+DEFAULT_CONTEXT_MARGIN = 16
+
+
 @dataclass
 class DataConfig:
     """Where the images are and how they are cut.
@@ -438,6 +442,9 @@ class DataConfig:
         patch_size: patch size, int or [width, height].
         stride: tiling stride (default: patch_size, no overlap).
         ds_factors: down-sampling factors (powers of two) for multi-resolution feature fusion, e.g. [0, 1].
+        context_margin: pixels of real image context read around every patch (mirrored only at the image
+            border) and cropped from its map before stitching: removes the seams that zero padding at patch
+            borders leaves in the stitched map; 0 reads the bare patch.
         batch_size: patches per step.
         num_workers: data loader worker processes per task.
     """
@@ -448,6 +455,7 @@ class DataConfig:
     patch_size: int | list[int] = 512
     stride: int | list[int] | None = None
     ds_factors: list[int] | int | None = None
+    context_margin: int = DEFAULT_CONTEXT_MARGIN
     batch_size: int = 8
     num_workers: int = 0
 

@@ -33,7 +33,12 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
 from hiad_pl.data.sample import HRSample, LRPatch
-from hiad_pl.data.tiling import MultiResolutionIndex, stitch
+from hiad_pl.data.tiling import (
+    MultiResolutionIndex,
+    check_context_margin,
+    inner_maps,
+    stitch,
+)
 from hiad_pl.errors import InputError
 from hiad_pl.postprocess import ImageScore, gaussian_blur, normalize_scores, upsample
 from hiad_pl.tasks.base import Task
@@ -168,6 +173,22 @@ def run_image_score(tasks: Sequence[Task], detectors: Mapping[str, nn.Module]) -
         listed = "; ".join(f"{rule} for {', '.join(names)}" for rule, names in by_rule.items())
         raise ValueError(f"the tasks' detectors score images by different rules: {listed}")
     return next(iter(by_rule), ImageScore())
+def check_margin_fits(detectors: Sequence[nn.Module], grid: Sequence[MultiResolutionIndex], margin: int) -> None:
+    """Raise unless every patch detector was built for the grid's patches widened by ``margin`` on every side.
+
+    Only checked with a margin: without one, detectors whose maps follow their
+    input (CNN features) may have been built for any size.
+    """
+    if not margin or not grid:
+        return
+    main = grid[0].main_index
+    wanted = (main.width + 2 * margin, main.height + 2 * margin)
+    wrong = {tuple(size) for d in detectors if (size := getattr(d, "input_size", None)) is not None and tuple(size) != wanted}
+    if wrong:
+        raise ValueError(
+            f"context_margin {margin} widens the {main.width}x{main.height} patches to {wanted[0]}x{wanted[1]}, "
+            f"but the patch detectors were built for {sorted(wrong)}: fit them with the same context_margin"
+        )
 
 
 def check_fits(sample: HRSample, indexes: Sequence[MultiResolutionIndex]) -> None:
@@ -206,6 +227,10 @@ class InferencePipeline:
             4 images a step, the same maps to float32 rounding.
         image_score: the rule that turns a full map into the image score; default:
             the detectors' own (:func:`run_image_score`).
+        context_margin: pixels of image context read around every patch (mirrored
+            only at the image border), as the patch detectors were fitted
+            (:class:`~hiad_pl.orchestrator.TaskOrchestrator`); each map is cropped
+            back to its patch before stitching.
     """
 
     def __init__(
@@ -218,6 +243,7 @@ class InferencePipeline:
         prefetch: int | None = None,
         images_per_step: int | None = None,
         image_score: ImageScore | None = None,
+        context_margin: int = 0,
     ) -> None:
         self.device = torch.device(device)
         if prefetch is None:
@@ -243,6 +269,9 @@ class InferencePipeline:
             self.grid = list(dict.fromkeys(i for t in self.patch_tasks for i in t.indexes))
         #: Whether the grid's patches carry low-resolution crops (cut by the sample, not from the decoded image).
         self._low_resolution = any(i.low_resolution_indexes for i in self.grid)
+        #: Pixels of image context read around every patch: what the patch detectors were fitted with.
+        self.context_margin = check_context_margin(context_margin)
+        check_margin_fits([self.detectors[t.name] for t in self.patch_tasks], self.grid, self.context_margin)
         position = {index: k for k, index in enumerate(self.grid)}
         #: Grid positions of each positional task's indexes, in the task's order.
         self._task_rows = [[position[i] for i in t.indexes] for t in self.patch_tasks]
@@ -292,11 +321,12 @@ class InferencePipeline:
         try:
             pixels = sample.image.open()
             patches = None
+            margin = self.context_margin
             if self._low_resolution:  # each patch carries resized crops of its enclosing regions
-                patches = PatchBatch.collate([patch_to_batch(sample[i], sample_id) for i in self.grid])
+                patches = PatchBatch.collate([patch_to_batch(sample.patch(i, margin), sample_id) for i in self.grid])
             elif self.grid:
                 mains = [i.main_index for i in self.grid]
-                patches = image_patches_to_batch(pixels, mains, sample_id, sample.label, sample.clsname)
+                patches = image_patches_to_batch(pixels, mains, sample_id, sample.label, sample.clsname, margin)
             thumbnails = [
                 patch_to_batch(
                     LRPatch(sample.image.resize(t.thumbnail_size), label=sample.label, clsname=sample.clsname),
@@ -451,5 +481,7 @@ class InferencePipeline:
                 maps = detector.score_embedding([layer[start:stop] for layer in features], chunk)
             outputs.append(maps.float().cpu())
         maps = torch.cat(outputs)
+        if not task.is_thumbnail:  # the patch's own pixels; its context belongs to its neighbours
+            maps = inner_maps(maps, self.context_margin)
         stats = self.normalization.get(task.name)
         return maps if stats is None else normalize_scores(maps, stats["low"], stats["high"])

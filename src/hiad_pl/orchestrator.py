@@ -43,7 +43,7 @@ from hiad_pl.config import (
 )
 from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResDataModule, split_validation
 from hiad_pl.data.sample import HRSample
-from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
+from hiad_pl.data.tiling import MultiResolutionIndex, as_pair, check_context_margin
 from hiad_pl.checkpoint_io import AtomicCheckpointIO
 from hiad_pl import fit_settings
 from hiad_pl.errors import ConfigError
@@ -134,8 +134,13 @@ def atomic_save_checkpoint(trainer: L.Trainer, path: Path) -> None:
 class RunInfo(Callback):
     """Writes what inference needs besides the weights into every checkpoint."""
 
-    def __init__(self, detector_class: str, task: Task, input_size: tuple[int, int]) -> None:
-        self.info = {"detector_class": detector_class, "task": task.name, "input_size": list(input_size)}
+    def __init__(self, detector_class: str, task: Task, input_size: tuple[int, int], context_margin: int = 0) -> None:
+        self.info = {
+            "detector_class": detector_class,
+            "task": task.name,
+            "input_size": list(input_size),
+            "context_margin": context_margin,
+        }
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[RUN_INFO_KEY] = {**self.info, "normalization": getattr(pl_module, "hiad_normalization", None)}
@@ -210,6 +215,11 @@ class TaskOrchestrator:
         log_root: TensorBoard folder (default ``<root>/tensorboard``); each task logs to ``<log_root>/<task>``.
         detectors: the config model (:class:`~hiad_pl.config.DetectorConfig`), given instead of
             ``patch_config`` and ``thumbnail_config``.
+        context_margin: pixels of real image context read around every patch, in
+            training, validation and inference alike (mirrored only at the image
+            border). Patch detectors are built for the widened patch; their maps are
+            cropped back to the patch before validation and stitching, so features
+            at patch borders see the image around them instead of zero padding.
     """
 
     def __init__(
@@ -227,6 +237,7 @@ class TaskOrchestrator:
         early_stop_epochs: int = -1,
         log_root: str | Path | None = None,
         detectors: DetectorConfig | None = None,
+        context_margin: int = 0,
     ) -> None:
         if detectors is None:
             sections = {"patch": dict(patch_config)}
@@ -243,6 +254,7 @@ class TaskOrchestrator:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.num_workers = int(num_workers)
         self.early_stop_epochs = int(early_stop_epochs)
+        self.context_margin = check_context_margin(context_margin)
         check_trainer_options(self.trainer_kwargs)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -274,7 +286,7 @@ class TaskOrchestrator:
             size = task.thumbnail_size
         elif task.indexes:
             main = task.indexes[0].main_index
-            size = (main.width, main.height)
+            size = (main.width + 2 * self.context_margin, main.height + 2 * self.context_margin)
         else:
             size = as_pair(512 if branch.size is None else branch.size, "patch_size")
         return dict(branch.options), size
@@ -327,6 +339,8 @@ class TaskOrchestrator:
             "seed": self.seed,
             "fusion_weights": self.fusion_weights,
             "early_stop_epochs": self.early_stop_epochs,
+            # only when set: folders fitted before the option existed read the same without it
+            **({"context_margin": self.context_margin} if self.context_margin else {}),
             **fit_settings.flatten(
                 "trainer",
                 {k: v for k, v in self.trainer_kwargs.items() if k not in fit_settings.NON_MODEL_TRAINER_KEYS},
@@ -478,6 +492,7 @@ class TaskOrchestrator:
         fit_samples, val_samples = self._split(train_samples, val_config)
         gradient = not getattr(detector, "fits_in_one_pass", False)
         indexes, train_items, val_items = list(task.indexes), None, None
+        margin = 0 if task.is_thumbnail else self.context_margin
         if task.centers is not None:
             indexes, train_items = self._retrieval_items(detector, task, fit_samples)
             if val_samples:
@@ -496,6 +511,7 @@ class TaskOrchestrator:
             max_val_patches=None if val_config is None else val_config.max_patch_number,
             seed=self.seed,
             train_synthesizer=detector.training_synthesizer() if hasattr(detector, "training_synthesizer") else None,
+            context_margin=margin,
         )
         if data.has_validation and not task.is_thumbnail and data.num_val_patches < MIN_RELIABLE_VALIDATION_PATCHES:
             log.warning(
@@ -506,7 +522,7 @@ class TaskOrchestrator:
                 data.num_val_patches,
             )
         _, size = self._config_for(task)
-        callbacks: list[Callback] = [RunInfo(class_path(self.detector_class), task, size)]
+        callbacks: list[Callback] = [RunInfo(class_path(self.detector_class), task, size, margin)]
         epoch_dir = self.root / "checkpoints" / task.name
         if gradient:
             from hiad_pl.callbacks import epoch_checkpoint
@@ -583,6 +599,7 @@ class TaskOrchestrator:
                 self.detectors.patch.options,
                 self.detectors.patch.size,
                 self.fusion_weights,
+                self.context_margin,
             ],
             sort_keys=True,
             default=repr,
@@ -614,7 +631,7 @@ class TaskOrchestrator:
             else:
                 patch_tasks = [t for t in self.tasks if not t.is_thumbnail]
                 top_k = 1 if validation else None
-                routed = retrieval_train_items(detector, samples, patch_tasks, self.batch_size, top_k)
+                routed = retrieval_train_items(detector, samples, patch_tasks, self.batch_size, top_k, self.context_margin)
                 atomic_write(saved, json.dumps({"grid": [str(i) for i in routed[0]], "items": routed[1]}))
             self._retrieval_cache[validation] = (paths, routed)
         grid, items = self._retrieval_cache[validation][1]
@@ -644,9 +661,17 @@ class TaskOrchestrator:
 
     # -------------------------------------------------------------- inference
     def load(self, device: str = "cpu") -> None:
-        """Load tasks and every task's detector onto ``device``; frozen backbones are shared."""
+        """Load tasks and every task's detector onto ``device``; frozen backbones are shared.
+
+        :attr:`context_margin` becomes the one the patch tasks were fitted with
+        (0 for checkpoints written before the option existed).
+
+        Raises:
+            ValueError: when the patch tasks were fitted with different context margins.
+        """
         self.tasks = load_tasks(self.tasks_path)
         backbones: dict[tuple, torch.nn.Module] = {}
+        margins: set[int] = set()
         missing = [t.name for t in self.tasks if not self.checkpoint_path(t).is_file()]
         if missing:
             raise FileNotFoundError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
@@ -661,6 +686,11 @@ class TaskOrchestrator:
             share_frozen_backbones([detector], backbones)
             self._detectors[task.name] = detector
             self._normalization[task.name] = info.get("normalization")
+            if not task.is_thumbnail:
+                margins.add(int(info.get("context_margin", 0)))
+        if len(margins) > 1:
+            raise ValueError(f"{self.root}: the patch tasks were fitted with different context margins {sorted(margins)}")
+        self.context_margin = margins.pop() if margins else 0
         self._share_normalization()
 
     def _share_normalization(self) -> None:
@@ -699,7 +729,14 @@ class TaskOrchestrator:
             self.load(device)
         stats = {name: self.normalization(name) for name in self._normalization}
         return InferencePipeline(
-            self.tasks, self._detectors, stats, self.batch_size, device, prefetch=prefetch, images_per_step=images_per_step
+            self.tasks,
+            self._detectors,
+            stats,
+            self.batch_size,
+            device,
+            prefetch=prefetch,
+            images_per_step=images_per_step,
+            context_margin=self.context_margin,
         )
 
     def detached(self) -> "TaskOrchestrator":

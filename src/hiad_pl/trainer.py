@@ -8,12 +8,22 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from hiad_pl.calibration import calibrate, model_thresholds, prepare_holdout, threshold_rule
-from hiad_pl.config import DetectorConfig, ThresholdSection
+from hiad_pl.calibration import (
+    calibrate,
+    model_thresholds,
+    prepare_holdout,
+    threshold_rule,
+)
+from hiad_pl.config import DEFAULT_CONTEXT_MARGIN, DetectorConfig, ThresholdSection
 from hiad_pl.data.sample import HRSample
-from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, write_visualizations
 from hiad_pl.launchers import RayOptions, make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
+from hiad_pl.outputs import (
+    evaluate_predictions,
+    run_inference,
+    score_range,
+    write_visualizations,
+)
 from hiad_pl.tasks.base import Task
 from hiad_pl.utils.array_store import ArrayStore
 
@@ -38,7 +48,8 @@ class HRTrainer:
     :class:`~hiad_pl.launchers.RayOptions`). ``threshold`` chooses the image and pixel
     thresholds after training (:class:`~hiad_pl.config.ThresholdSection`; by default F1-adaptive
     on the validation set when ``train`` gets one, else a 1 % false-alarm budget on 10 % of
-    the training images, held out of fitting).
+    the training images, held out of fitting). ``context_margin``: pixels of image context read
+    around every patch and cropped from its map before stitching (0: bare patches).
     """
 
     def __init__(
@@ -58,6 +69,7 @@ class HRTrainer:
         launcher: str = "local",
         ray_options: RayOptions | dict | None = None,
         threshold: ThresholdSection | dict | None = None,
+        context_margin: int = DEFAULT_CONTEXT_MARGIN,
     ) -> None:
         self.batch_size = batch_size
         self.tasks = list(tasks or [])
@@ -74,6 +86,7 @@ class HRTrainer:
         self.launcher = launcher
         self.ray_options = RayOptions(**ray_options) if isinstance(ray_options, dict) else ray_options
         self.threshold = threshold if isinstance(threshold, ThresholdSection) else ThresholdSection(**(threshold or {}))
+        self.context_margin = context_margin
         self._orchestrator: TaskOrchestrator | None = None
 
     def orchestrator(self) -> TaskOrchestrator:
@@ -95,6 +108,7 @@ class HRTrainer:
                 num_workers=self.num_workers,
                 early_stop_epochs=self.early_stop_epochs,
                 log_root=self.log_root,
+                context_margin=self.context_margin,
             )
         return self._orchestrator
 

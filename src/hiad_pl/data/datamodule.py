@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.sample import HRSample, LRPatch
-from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, Size, as_pair
+from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, Size, as_pair, crop_with_margin
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -68,6 +68,7 @@ def image_patches_to_batch(
     image_id: int = 0,
     label: int | None = None,
     clsname: str | None = None,
+    context_margin: int = 0,
 ) -> PatchBatch:
     """The equal-size patches of one decoded ``[H, W, 3]`` uint8 image at ``indexes``, as one batch.
 
@@ -77,7 +78,9 @@ def image_patches_to_batch(
     multiply-add, the same values :func:`patch_to_batch` gives patch by patch
     without its per-patch copies and concatenation. The masks are a zero-stride
     view of one zero (nothing is allocated for them): a scoring batch has no
-    ground truth.
+    ground truth. With ``context_margin`` each patch is read widened by the
+    margin on every side (:func:`~hiad_pl.data.tiling.crop_with_margin`); the
+    batch's ``index`` stays the patches themselves.
     """
     if not indexes:
         raise ValueError("no patch indexes")
@@ -87,16 +90,21 @@ def image_patches_to_batch(
     with warnings.catch_warnings():  # decoded images are read-only arrays; they are only read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         pixels = torch.from_numpy(image)
-    planes = torch.empty(len(indexes), h, w, 3)
+    margin = context_margin
+    planes = torch.empty(len(indexes), h + 2 * margin, w + 2 * margin, 3)
+    height, width = image.shape[:2]
     for k, index in enumerate(indexes):
-        rows, cols = index.slices
-        planes[k].copy_(pixels[rows, cols])
+        x0, y0 = index.x - margin, index.y - margin
+        if x0 >= 0 and y0 >= 0 and x0 + w + 2 * margin <= width and y0 + h + 2 * margin <= height:
+            planes[k].copy_(pixels[y0 : y0 + h + 2 * margin, x0 : x0 + w + 2 * margin])  # no copy in between
+        else:  # on the image border: the context is mirrored
+            planes[k].copy_(torch.from_numpy(crop_with_margin(image, index, margin)))
     images = planes.permute(0, 3, 1, 2)  # [N, 3, h, w], channels-last strides
     torch.addcmul(_PIXEL_SHIFT, images, _PIXEL_SCALE, out=images)
     count = len(indexes)
     return PatchBatch(
         image=images,
-        mask=torch.zeros(()).expand(count, h, w),
+        mask=torch.zeros(()).expand(count, h + 2 * margin, w + 2 * margin),
         label=torch.full((count,), -1 if label is None else int(label)),
         index=torch.tensor([[i.x, i.y, i.width, i.height] for i in indexes]),
         clsname=[clsname or "unknown"] * count,
@@ -163,6 +171,8 @@ class PatchDataset(Dataset):
     seeded by ``(seed, item)``: the same item is always the same validation patch.
     Training synthesis (``keep_clean``) keys items by ``(position, epoch)`` (see
     :class:`ImageGroupedSampler`), so each epoch draws new anomalies, reproducibly.
+    With ``context_margin`` every patch is read widened by the margin
+    (:meth:`~hiad_pl.data.sample.HRSample.patch`): the geometry inference scores.
     """
 
     def __init__(
@@ -173,6 +183,7 @@ class PatchDataset(Dataset):
         seed: int = 0,
         items: Sequence[int] | None = None,
         keep_clean: bool = False,
+        context_margin: int = 0,
     ) -> None:
         if not samples:
             raise ValueError("PatchDataset needs at least one sample")
@@ -184,6 +195,7 @@ class PatchDataset(Dataset):
         self.seed = seed
         self.items = list(range(len(self.samples) * len(self.indexes))) if items is None else list(items)
         self.keep_clean = keep_clean
+        self.context_margin = context_margin
         self._cache = _OpenSampleCache()
 
     def __len__(self) -> int:
@@ -194,7 +206,7 @@ class PatchDataset(Dataset):
         item = self.items[position]
         image_id, index_id = divmod(item, len(self.indexes))
         sample = self._cache.get(self.samples[image_id])
-        patch = sample[self.indexes[index_id]]
+        patch = sample.patch(self.indexes[index_id], self.context_margin)
         label = sample.label if sample.label is not None else 0
         rng = item_rng(self.seed, item, epoch)
         return synthesised_batch(patch, self.synthesizer, rng, image_id, label, self.keep_clean)
@@ -348,7 +360,8 @@ class HighResDataModule(L.LightningDataModule):
     items (retrieval tasks train and validate on the patches routed to them).
     ``train_synthesizer`` corrupts every training patch (methods that learn from
     synthetic anomalies): training batches then carry ``(clean_image, image,
-    mask)`` with fresh, seeded anomalies every epoch.
+    mask)`` with fresh, seeded anomalies every epoch. ``context_margin``: pixels
+    of real image context read around every patch (see :class:`PatchDataset`).
     """
 
     def __init__(
@@ -366,6 +379,7 @@ class HighResDataModule(L.LightningDataModule):
         train_items: Sequence[int] | None = None,
         val_items: Sequence[int] | None = None,
         train_synthesizer: Synthesizer | None = None,
+        context_margin: int = 0,
     ) -> None:
         super().__init__()
         self.train_samples = list(train_samples)
@@ -383,6 +397,7 @@ class HighResDataModule(L.LightningDataModule):
             raise ValueError("this task was assigned no training patches")
         self.val_items = None if val_items is None else list(val_items)
         self.train_synthesizer = train_synthesizer
+        self.context_margin = context_margin
 
     def _dataset(
         self,
@@ -397,13 +412,15 @@ class HighResDataModule(L.LightningDataModule):
             repeats = math.ceil(MIN_VALIDATION_THUMBNAILS / len(samples)) if validation else 1
             return ThumbnailDataset(samples, self.thumbnail_size, synthesizer, self.seed, repeats, keep_clean)
         chosen = capped_items(len(samples), len(self.indexes), cap, self.seed, items)
-        return PatchDataset(samples, self.indexes, synthesizer, self.seed, chosen, keep_clean)
+        return PatchDataset(samples, self.indexes, synthesizer, self.seed, chosen, keep_clean, self.context_margin)
 
     def train_dataset(self) -> Dataset:
         """Training patches (normal images only), corrupted by ``train_synthesizer`` when one is set."""
         synthesizer, keep_clean = self.train_synthesizer, self.train_synthesizer is not None
         if self.train_items is not None:
-            return PatchDataset(self.train_samples, self.indexes, synthesizer, self.seed, self.train_items, keep_clean)
+            return PatchDataset(
+                self.train_samples, self.indexes, synthesizer, self.seed, self.train_items, keep_clean, self.context_margin
+            )
         return self._dataset(self.train_samples, synthesizer, None, keep_clean=keep_clean)
 
     def train_dataloader(self) -> DataLoader:

@@ -13,7 +13,16 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, Size, as_pair, crop, low_resolution_window
+from hiad_pl.data.tiling import (
+    HRImageIndex,
+    MultiResolutionIndex,
+    Size,
+    as_pair,
+    crop,
+    crop_with_margin,
+    grow,
+    low_resolution_window,
+)
 from hiad_pl.errors import ImageReadError
 
 __all__ = ["IMAGE_SUFFIXES", "HRImage", "HRSample", "ImageReadError", "LRPatch", "make_samples", "read_image", "read_size", "resize_array"]
@@ -117,6 +126,26 @@ def resize_array(array: np.ndarray, size: Size, *, nearest: bool = False) -> np.
         return array
     resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     return np.array(Image.fromarray(array).resize((width, height), resample=resample))
+
+
+def low_resolution_views(
+    image: np.ndarray, item: MultiResolutionIndex, context_margin: int = 0
+) -> tuple[list[np.ndarray], list[HRImageIndex]]:
+    """The low-resolution crops of ``item`` and where the patch lies in each, read with ``context_margin``.
+
+    Each enclosing region is widened by the margin at its own scale, so it
+    stays the same place as the widened patch, seen coarser; each is resized
+    to the widened patch's size. Returns the crops and, per crop, the window of
+    the widened patch inside it.
+    """
+    main, margin = item.main_index, context_margin
+    size = (main.width + 2 * margin, main.height + 2 * margin)
+    images, windows = [], []
+    for low in item.low_resolution_indexes or ():
+        mx, my = round(margin * low.width / main.width), round(margin * low.height / main.height)
+        images.append(resize_array(crop_with_margin(image, low, mx, my), size))
+        windows.append(low_resolution_window(grow(main, margin), grow(low, mx, my), size))
+    return images, windows
 
 
 class HRImage:
@@ -249,18 +278,28 @@ class HRSample:
         return np.zeros((height, width), dtype=np.uint8)
 
     def __getitem__(self, item: HRImageIndex | MultiResolutionIndex) -> LRPatch:
+        return self.patch(item)
+
+    def patch(self, item: HRImageIndex | MultiResolutionIndex, context_margin: int = 0) -> LRPatch:
+        """The patch at ``item`` (and its low-resolution views), read with ``context_margin`` pixels of context.
+
+        With a margin the image, mask and low-resolution views cover the patch
+        widened by the margin on every side (mirrored only where that runs off
+        the image, :func:`~hiad_pl.data.tiling.crop_with_margin`);
+        ``main_index`` stays the patch itself (see :func:`low_resolution_views`).
+        """
         main = item.main_index if isinstance(item, MultiResolutionIndex) else item
+        margin = context_margin
+        image = self.image.open()
         patch = LRPatch(
-            image=self.image[main],
-            mask=None if self.mask is None else self.mask[main],
+            image=crop_with_margin(image, main, margin),
+            mask=None if self.mask is None else crop_with_margin(self.mask.open(), main, margin),
             label=self.label,
             clsname=self.clsname,
             main_index=main,
         )
         if isinstance(item, MultiResolutionIndex) and item.low_resolution_indexes:
-            size = (main.width, main.height)
-            patch.low_resolution_images = [resize_array(self.image[low], size) for low in item.low_resolution_indexes]
-            patch.low_resolution_indexes = [low_resolution_window(main, low, size) for low in item.low_resolution_indexes]
+            patch.low_resolution_images, patch.low_resolution_indexes = low_resolution_views(image, item, margin)
         return patch
 
     def down_sampling_to_LR(self, image_size: Size) -> LRPatch:

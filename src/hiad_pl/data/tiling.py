@@ -191,6 +191,61 @@ def low_resolution_window(main: HRImageIndex, low: HRImageIndex, size: Size) -> 
     return HRImageIndex(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
 
 
+def check_context_margin(margin: int) -> int:
+    """``margin`` as a non-negative int.
+
+    Raises:
+        ConfigError: for a negative or non-integer margin.
+    """
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ConfigError(f"context_margin must be a whole number of pixels >= 0, got {margin!r}")
+    return int(margin)
+
+
+def grow(index: HRImageIndex, margin: int, margin_y: int | None = None) -> HRImageIndex:
+    """``index`` widened by ``margin`` pixels left and right, ``margin_y`` (default ``margin``) above and below.
+
+    The result may run off the image.
+    """
+    my = margin if margin_y is None else margin_y
+    return HRImageIndex(index.x - margin, index.y - my, index.width + 2 * margin, index.height + 2 * my)
+
+
+def crop_with_margin(image: np.ndarray, index: HRImageIndex, margin: int, margin_y: int | None = None) -> np.ndarray:
+    """The rectangle ``index`` of an ``[H, W, ...]`` array with ``margin`` pixels of context on every side (a copy).
+
+    The context is the image around the patch; only where the widened
+    rectangle runs off the image is it mirrored (reflect padding, the border
+    row not repeated), so a patch on the image border sees the same kind of
+    content as one inside. ``margin_y`` (default ``margin``) is the margin above
+    and below. ``margin=0`` is :func:`crop`.
+    """
+    if margin == 0 and not margin_y:
+        return np.array(crop(image, index))
+    height, width = image.shape[:2]
+    wide = grow(index, margin, margin_y)
+    x0, y0 = max(wide.x, 0), max(wide.y, 0)
+    x1, y1 = min(wide.x + wide.width, width), min(wide.y + wide.height, height)
+    inside = np.asarray(image[y0:y1, x0:x1])
+    pads = [(y0 - wide.y, wide.y + wide.height - y1), (x0 - wide.x, wide.x + wide.width - x1)]
+    if not any(before or after for before, after in pads):
+        return inside.copy()
+    pads += [(0, 0)] * (inside.ndim - 2)
+    # reflect needs two rows; a one-pixel-thin image can only be repeated
+    mode = "reflect" if min(inside.shape[:2]) > 1 else "edge"
+    return np.pad(inside, pads, mode=mode)
+
+
+def inner_maps(maps: torch.Tensor | np.ndarray, margin: int) -> torch.Tensor | np.ndarray:
+    """Maps ``[..., h + 2m, w + 2m]`` of patches read with context ``margin`` cropped to the patches (a view).
+
+    What is stitched, validated and compared with masks is the patch alone, not its context.
+    """
+    if margin == 0:
+        return maps
+    return maps[..., margin : maps.shape[-2] - margin, margin : maps.shape[-1] - margin]
+
+
 def grid_shape(indexes: Iterable[HRImageIndex | MultiResolutionIndex]) -> tuple[int, int]:
     """``(rows, columns)`` of a row-major grid of indexes."""
     mains = [i.main_index if isinstance(i, MultiResolutionIndex) else i for i in indexes]

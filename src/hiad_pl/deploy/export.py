@@ -221,6 +221,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
         "category": run.category,
         "image_size": [width, height],
         "spliter": {k: data.get(k) for k in ("image_size", "patch_size", "stride", "ds_factors")},
+        # patches are read widened by this many pixels of image context; maps are cropped back before stitching
+        "context_margin": orchestrator.context_margin,
         "batch_size": orchestrator.batch_size,
         "input": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 255.0,
                   "layout": "NCHW float32 RGB", "resize": "Pillow bilinear to image_size"},

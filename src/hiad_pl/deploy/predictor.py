@@ -23,10 +23,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hiad_pl.data.sample import read_image, resize_array
-from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, low_resolution_window
+from hiad_pl.data.sample import low_resolution_views, read_image, resize_array
+from hiad_pl.data.tiling import (
+    HRImageIndex,
+    MultiResolutionIndex,
+    crop_with_margin,
+    inner_maps,
+)
 from hiad_pl.decisions import NO_THRESHOLDS, Decision, Thresholds
-from hiad_pl.deploy.files import input_images, unique_stems, write_prediction_files, write_scores_csv
+from hiad_pl.deploy.files import (
+    input_images,
+    unique_stems,
+    write_prediction_files,
+    write_scores_csv,
+)
 
 MANIFEST = "manifest.json"
 #: Manifest versions this predictor reads: 1 scored every export by the 16-px window mean; 2 names the rule.
@@ -169,6 +179,8 @@ class ExportedModel:
             for entry in manifest["tasks"]
         ]
         self.image_size: tuple[int, int] = tuple(manifest["image_size"])
+        # pixels of image context around every patch (exports written before the option read none)
+        self.context_margin = int(manifest.get("context_margin", 0))
         self.normalized = bool(manifest["normalized"])
         # PatchCore's graph holds a [batch * h * w, bank] distance matrix: a smaller batch bounds memory
         self.batch_size = int(batch_size or manifest["batch_size"])
@@ -205,15 +217,15 @@ class ExportedModel:
 
     def patch_inputs(self, image: np.ndarray, indexes: Sequence[MultiResolutionIndex], fused: bool) -> list[np.ndarray]:
         """Graph inputs of the patches at ``indexes``: pixels, and the low-resolution views when fused."""
-        pixels = np.stack([self.pixels(image[i.main_index.slices]) for i in indexes])
+        margin = self.context_margin
+        pixels = np.stack([self.pixels(crop_with_margin(image, i.main_index, margin)) for i in indexes])
         if not fused:
             return [pixels]
         lows, windows = [], []
         for index in indexes:
-            main = index.main_index
-            size = (main.width, main.height)
-            lows.append(np.stack([self.pixels(resize_array(image[low.slices], size)) for low in index.low_resolution_indexes]))
-            windows.append([list(low_resolution_window(main, low, size).todict().values()) for low in index.low_resolution_indexes])
+            crops, places = low_resolution_views(image, index, margin)
+            lows.append(np.stack([self.pixels(c) for c in crops]))
+            windows.append([list(w.todict().values()) for w in places])
         return [pixels, np.stack(lows), np.asarray(windows, dtype=np.int64)]
 
     def run(self, session: Any, inputs: list[np.ndarray]) -> np.ndarray:
@@ -247,7 +259,8 @@ class ExportedModel:
         mains: list[HRImageIndex] = []
         for task, indexes in zip(patch_tasks, self.route(image, patch_tasks)):
             if indexes:
-                maps.extend(self.run(task.session, self.patch_inputs(image, indexes, task.fused)))
+                scored = self.run(task.session, self.patch_inputs(image, indexes, task.fused))
+                maps.extend(inner_maps(scored, self.context_margin))
                 mains.extend(i.main_index for i in indexes)
         full = stitch(maps, mains, (width, height)) if maps else None
         for task in (t for t in self.tasks if t.thumbnail_size is not None):

@@ -107,9 +107,9 @@ def check_indexes_fit(samples: Sequence[HRSample], indexes: Sequence[MultiResolu
 
 
 def patch_batches(
-    samples: Sequence[HRSample], indexes: Sequence[MultiResolutionIndex], batch_size: int
+    samples: Sequence[HRSample], indexes: Sequence[MultiResolutionIndex], batch_size: int, context_margin: int = 0
 ) -> Iterator[PatchBatch]:
-    """Batches of the patches at ``indexes`` of every sample, image-major.
+    """Batches of the patches at ``indexes`` of every sample, image-major, read with ``context_margin``.
 
     A batch may span two images; each image is decoded once and released as
     soon as its last patch is cut.
@@ -118,7 +118,7 @@ def patch_batches(
     for image_id, sample in enumerate(samples):
         with sample:
             for index in indexes:
-                pending.append(patch_to_batch(sample[index], image_id))
+                pending.append(patch_to_batch(sample.patch(index, context_margin), image_id))
                 if len(pending) == batch_size:
                     yield PatchBatch.collate(pending)
                     pending = []

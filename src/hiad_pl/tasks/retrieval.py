@@ -119,7 +119,7 @@ def assign_batches(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Se
 
 
 def route_by_retrieval(
-    detector: nn.Module, sample: HRSample, patch_tasks: Sequence[Task], batch_size: int = 8
+    detector: nn.Module, sample: HRSample, patch_tasks: Sequence[Task], batch_size: int = 8, context_margin: int = 0
 ) -> list[tuple[Task, list[MultiResolutionIndex]]]:
     """The indexes of ``sample`` each task scores: every patch goes to the task of its nearest centre.
 
@@ -127,13 +127,14 @@ def route_by_retrieval(
     backbone) embeds the patches, ``batch_size`` at a time. Tasks that receive
     no patch of this image come back with an empty list. The inference pipeline
     routes with :func:`route_features` on the features it has already computed.
+    Patches are read with ``context_margin`` (the margin the tasks were fitted with).
     """
     if not patch_tasks:
         return []
     grid = retrieval_grid(patch_tasks)
     # The caller keeps the sample open: cut patches without closing it.
     batches = (
-        PatchBatch.collate([patch_to_batch(sample[i]) for i in grid[start : start + batch_size]])
+        PatchBatch.collate([patch_to_batch(sample.patch(i, context_margin)) for i in grid[start : start + batch_size]])
         for start in range(0, len(grid), batch_size)
     )
     owners = assign_batches(detector, batches, patch_tasks).tolist()
@@ -146,6 +147,7 @@ def retrieval_train_items(
     patch_tasks: Sequence[Task],
     batch_size: int = 8,
     top_k: int | None = None,
+    context_margin: int = 0,
 ) -> tuple[list[MultiResolutionIndex], dict[str, list[int]]]:
     """The training patches of each retrieval task: those for which it is among the ``top_k`` nearest.
 
@@ -154,10 +156,11 @@ def retrieval_train_items(
     border of its cluster. ``None`` takes the tasks' ``train_top_k`` (1 when
     unset). Returns the grid and, per task name, the items
     ``image * len(grid) + index`` of ``PatchDataset(samples, grid, items=...)``.
+    Patches are read with ``context_margin``, as the inference pipeline routes them.
     """
     top_k = train_top_k(patch_tasks) if top_k is None else check_top_k(top_k, len(patch_tasks))
     grid = retrieval_grid(patch_tasks)
-    similarity = task_similarities(detector, patch_batches(samples, grid, batch_size), patch_tasks)
+    similarity = task_similarities(detector, patch_batches(samples, grid, batch_size, context_margin), patch_tasks)
     chosen = similarity.topk(min(top_k, len(patch_tasks)), dim=1).indices  # [N, k], nearest first
     return grid, {t.name: torch.nonzero((chosen == k).any(dim=1)).flatten().tolist() for k, t in enumerate(patch_tasks)}
 
