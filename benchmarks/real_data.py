@@ -451,14 +451,41 @@ def build(out: Path, sources: dict[str, Path], names: Iterable[str], any_commit:
 
 BACKBONE = {"backbone_name": "efficientnet_lite0", "weights": "offline", "layers_to_extract_from": ["blocks.2", "blocks.4"]}
 
-#: Detector class and the settings the original HiAD runs it with (the offline Lite0 backbone).
+#: The ViT detectors' encoder: no ViT weights ship offline, so (as their quickstart configs do) a token
+#: pyramid over the offline Lite0's ImageNet weights stands in for the ViT.
+TOKEN_PYRAMID = {"backbone_name": "lite0_token_pyramid", "weights": "offline", "backbone_kwargs": {"embed_dim": 192}}
+
+#: Detector class and settings: the offline Lite0 backbone (or its token pyramid), the method's
+#: settings otherwise, and a training length a 2-core CPU fits in minutes per set (the detectors'
+#: defaults, HiAD's, are 50-300 epochs or 3000-5000 steps for a GPU; ``--override`` gives longer ones).
+#: Every trained detector is compared with its ``--control`` (the same fit with no training step).
 DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "patchcore": ("hiad_pl.detectors.HRPatchCore", {**BACKBONE, "merge_size": 3, "percentage": 0.1,
                                                     "pretrain_embed_dimension": 1024, "target_embed_dimension": 1024,
                                                     "num_neighbors": 1}),
-    "padim": ("hiad_pl.detectors.HRPaDiM", {**BACKBONE}),
-    "fastflow": ("hiad_pl.detectors.HRFastFlow", {**BACKBONE, "flow_steps": 8, "epochs": 10}),
+    "padim": ("hiad_pl.detectors.HRPaDiM", {**BACKBONE, "d_reduced": 100, "epsilon": 0.01}),
+    # 8 epochs of ~50 steps (400-500 patches, batch 8): the quickstart's small flows, 4x its epochs
+    # (the default, HiAD's: 300).
+    "fastflow": ("hiad_pl.detectors.HRFastFlow", {**BACKBONE, "flow_steps": 4, "hidden_ratio": 1.0,
+                                                  "conv3x3_only": False, "epochs": 8}),
+    # 8 epochs, the quickstart's (the default: 50).
+    "rdpp": ("hiad_pl.detectors.HRRDPP", {**BACKBONE, "epochs": 8, "proj_lr": 0.001, "distill_lr": 0.005,
+                                          "weight_proj": 0.2, "ocbe_blocks": 1, "decoder_blocks": 1}),
+    # 300 steps (50 student, 250 segmentation): 3x the quickstart's, a tenth of the default 3000.
+    "destseg": ("hiad_pl.detectors.HRDesTSeg", {**BACKBONE, "steps": 300, "de_st_steps": 50, "lr_de_st": 0.4,
+                                                "lr_res": 0.1, "lr_seghead": 0.01,
+                                                "student_encoder": "mobilenetv3_small_050", "decoder_blocks": 1,
+                                                "segmentation_width": 64, "student_final_relu": False,
+                                                "student_bn_recalibration": 4}),
+    # 4 epochs, the quickstart's (the default: 200).
+    "vitad": ("hiad_pl.detectors.HRVitAD", {**TOKEN_PYRAMID,
+                                            "layers_to_extract_from": ["blocks.4", "blocks.7", "blocks.10", "blocks.15"],
+                                            "lr": 0.001, "epochs": 4}),
 }
+
+#: Trainer options of the untrained control: the fit runs (callbacks, checkpoint, normalisation)
+#: without a training step, so the trainable parts score at their initialisation.
+CONTROL_TRAINER = {"max_epochs": 0, "max_steps": 0}
 
 #: Image-score rules evaluated on every run's maps besides the pipeline's own (window mean maximum).
 SCORE_RULES = ("max", "top100_mean", "window32", "window64")
@@ -544,8 +571,8 @@ def run_one(set_root: Path, detector: str, overrides: dict[str, Any], stats_file
             control: bool = False, threads: int = 2) -> dict[str, Any]:
     """Fit and test one detector on one built set; per-image statistics to ``stats_file``, the summary returned.
 
-    ``control`` scores with the trainable parts at their initialisation (the fit's
-    training steps are skipped: ``epochs`` 0), the untrained control of a trained detector.
+    ``control`` scores with the trainable parts at their initialisation (the fit runs
+    with :data:`CONTROL_TRAINER`: no training step), the untrained control of a trained detector.
     """
     import torch
 
@@ -566,12 +593,11 @@ def run_one(set_root: Path, detector: str, overrides: dict[str, Any], stats_file
     overrides = dict(overrides)
     context_margin = int(overrides.pop("context_margin", 0))  # a data setting, not a detector option
     config = {**config, **overrides, "input_size": patch_size}
-    if control:
-        config["epochs"] = 0
     indexes = MultiResolutionHRImageSpliter(image_size=image_size, patch_size=patch_size)
     tasks = A2OTaskGenerator().create_tasks(split.train, indexes)
     with tempfile.TemporaryDirectory(prefix="hiad_pl_real_") as work:
-        orchestrator = TaskOrchestrator(class_path, config, tasks, work, batch_size=8, context_margin=context_margin)
+        orchestrator = TaskOrchestrator(class_path, config, tasks, work, batch_size=8, context_margin=context_margin,
+                                        trainer_kwargs=dict(CONTROL_TRAINER) if control else None)
         start = time.perf_counter()
         orchestrator.fit(split.train, [])
         fit_s = time.perf_counter() - start

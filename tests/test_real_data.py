@@ -299,3 +299,42 @@ def test_paired_bootstrap_tells_a_better_run_from_noise(real_stats, tmp_path: Pa
     other = real_stats.collect(["x"] * 2, [0, 1], [0.1, 0.2], None, None)
     with pytest.raises(ValueError, match="different images"):
         real_stats.paired([(strong, other)])
+
+
+def test_every_benchmark_setting_is_an_option_of_its_detector(real_data) -> None:
+    import inspect
+
+    from hiad_pl.detectors import get_detector
+
+    for name, (class_path, config) in real_data.DETECTORS.items():
+        options = inspect.signature(get_detector(class_path).__init__).parameters
+        assert not set(config) - set(options), f"{name}: {sorted(set(config) - set(options))} are not options"
+
+
+def test_the_control_fit_leaves_the_trainable_parts_at_their_initialisation(real_data, small_demo: Path,
+                                                                           tmp_path: Path) -> None:
+    import torch
+
+    from hiad_pl.detectors import HRFastFlow
+    from hiad_pl.orchestrator import TaskOrchestrator
+
+    from conftest import texture_split
+
+    split, tasks = texture_split(small_demo)
+    config = {"backbone_name": "resnet18", "layers_to_extract_from": ["layer1"], "weights": "none", "flow_steps": 1,
+              "epochs": 2}
+
+    def flows(control: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        orchestrator = TaskOrchestrator(HRFastFlow, config, tasks, tmp_path / str(control), batch_size=8,
+                                        trainer_kwargs=dict(real_data.CONTROL_TRAINER) if control else None)
+        orchestrator.fit(split.train[:2], [])
+        state = torch.load(orchestrator.checkpoint_path(tasks[0]), weights_only=True)
+        return {k: v for k, v in state["state_dict"].items() if k.startswith("flows.")}
+
+    torch.manual_seed(0)
+    initial = {f"flows.{k}": v for k, v in HRFastFlow(**config, input_size=256).flows.state_dict().items()}
+    control, trained = flows(True), flows(False)
+    assert control.keys() == initial.keys()
+    assert all(torch.equal(control[k], initial[k]) for k in initial)
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if trained[k].is_floating_point())
