@@ -101,7 +101,10 @@ def test_rerun_skips_fitted_tasks(small_demo: Path, tmp_path: Path) -> None:
     [
         ({"data": {"root": "/no/such/folder"}}, "/no/such/folder: data set path not found"),
         ({"detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"backbone_name": "resnet5000"}}}, "backbone_name"),
-        ({"detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"weights": "offline", "backbone_name": "resnet18"}}}, "offline"),
+        (
+            {"detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"weights": "offline", "backbone_name": "resnet18"}}},
+            "offline",
+        ),
     ],
 )
 def test_bad_config_fails_before_training(small_demo: Path, tmp_path: Path, capsys, override, message) -> None:
@@ -124,7 +127,10 @@ def test_hub_weights_offline_names_the_alternatives(small_demo: Path, tmp_path: 
 
     original = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    detector = {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]}}
+    detector = {
+        "class_path": "hiad_pl.detectors.HRPatchCore",
+        "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]},
+    }
     config = write_config(tmp_path, small_demo, detector=detector)
     assert main(["fit", "--config", str(config)]) == 2
     err = capsys.readouterr().err

@@ -167,7 +167,10 @@ def test_hub_weights_offline_is_a_user_error(small_demo: Path, tmp_path: Path, c
         return original(*args, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    detector = {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]}}
+    detector = {
+        "class_path": "hiad_pl.detectors.HRPatchCore",
+        "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]},
+    }
     status = main(["fit", "--config", str(write_config(tmp_path, small_demo, detector=detector))])
     assert_user_error(status, capsys.readouterr().err, "resnet18", "weights: offline")
 

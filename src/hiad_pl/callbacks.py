@@ -23,8 +23,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -271,5 +272,9 @@ def validation_callbacks(
     """The selector, plus early stopping when ``early_stop_epochs`` > 0."""
     callbacks: list[Callback] = [ValidationSelector(val_config.evaluators, getattr(val_config, "normalization", "task"))]
     if early_stop_epochs > 0 and not getattr(detector, "fits_in_one_pass", False):
-        callbacks.append(SelectionEarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False))
+        callbacks.append(
+            SelectionEarlyStopping(
+                monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False
+            )
+        )
     return callbacks

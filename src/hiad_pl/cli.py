@@ -46,6 +46,10 @@ from hiad_pl.config import (
     import_class,
     load_detector_file,
 )
+from hiad_pl.errors import UserError
+from hiad_pl.interrupts import Interrupted, stop_on_signals
+from hiad_pl.launchers import RayOptions
+from hiad_pl.utils.allocator import keep_freed_memory
 
 DEFAULT_DETECTOR = "hiad_pl.detectors.HRPatchCore"
 DEFAULT_TASKS = "hiad_pl.tasks.A2OTaskGenerator"
@@ -101,7 +105,7 @@ def flat_detector_file(value: Any) -> dict[str, Any] | None:
     ``patch_size`` goes to ``data``, HiAD's step counters to ``trainer``.
     """
     path = Path(str(value))
-    if not path.suffix.lower() in (".yaml", ".yml") or not path.is_file():
+    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
         return None
     content = load_detector_file(path)
     if "class_path" not in content or "detector" in content:
@@ -128,10 +132,6 @@ class RunConfigFile(ActionConfigFile):
             super().__call__(parser, cfg, values, option_string)
         else:
             self.apply_config(parser, cfg, self.dest, yaml.safe_dump(run))
-from hiad_pl.errors import UserError
-from hiad_pl.interrupts import Interrupted, stop_on_signals
-from hiad_pl.launchers import RayOptions
-from hiad_pl.utils.allocator import keep_freed_memory
 
 
 def _run_arguments(parser: ArgumentParser) -> None:

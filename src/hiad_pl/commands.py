@@ -13,9 +13,10 @@ A run folder holds one model folder per category::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hiad_pl import fit_settings
 from hiad_pl.config import RunConfig, import_class, instantiate
@@ -23,6 +24,9 @@ from hiad_pl.data.discovery import CategorySplit, discover
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, as_pair
 from hiad_pl.deploy.files import input_images
+from hiad_pl.errors import InputError, PredictionError
+from hiad_pl.launchers import make_launcher
+from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.outputs import (
     evaluate_predictions,
     run_inference,
@@ -32,9 +36,6 @@ from hiad_pl.outputs import (
     write_scores_csv,
     write_visualizations,
 )
-from hiad_pl.errors import InputError, PredictionError
-from hiad_pl.launchers import make_launcher
-from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
 from hiad_pl.utils.array_store import ArrayStore, Picked
 

@@ -24,9 +24,10 @@ import difflib
 import functools
 import importlib
 import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
@@ -208,7 +209,7 @@ class DetectorConfig:
         return self.thumbnail if thumbnail else self.patch  # type: ignore[return-value]
 
     @staticmethod
-    def from_tutorial(detector_class: type | str | None, config: Mapping[str, Any] | None) -> "DetectorConfig":
+    def from_tutorial(detector_class: type | str | None, config: Mapping[str, Any] | None) -> DetectorConfig:
         """The tutorial's ``{'patch': {...}, 'thumbnail': {...}}`` (or the patch section alone).
 
         Each section is a flat detector file (HiAD's option names) plus ``patch_size`` /
@@ -234,7 +235,7 @@ class DetectorConfig:
         return DetectorConfig(base.detector_class, base.patch, _tutorial_thumbnail(base.detector_class, thumbnail))
 
     @staticmethod
-    def from_cli(run: Mapping[str, Any], detector_class: type | str | None = None) -> "DetectorConfig":
+    def from_cli(run: Mapping[str, Any], detector_class: type | str | None = None) -> DetectorConfig:
         """The ``detector`` / ``data.patch_size`` / ``thumbnail`` sections of a CLI config."""
         spec = dict(run["detector"])
         cls = _chosen_class(detector_class, spec.get("class_path"), "detector")
@@ -498,7 +499,7 @@ class RunConfig:
         )
 
     @staticmethod
-    def from_dict(plain: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(plain: Mapping[str, Any]) -> RunConfig:
         """A parsed CLI config (as a dict) -> :class:`RunConfig`."""
         return RunConfig(
             run_dir=Path(plain["run_dir"]),

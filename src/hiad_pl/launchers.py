@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -81,15 +82,15 @@ class Launcher:
 
     def fit(
         self,
-        orchestrator: "TaskOrchestrator",
-        tasks: Sequence["Task"],
-        samples: Sequence["HRSample"],
-        val_config: "ValidationConfig | None",
+        orchestrator: TaskOrchestrator,
+        tasks: Sequence[Task],
+        samples: Sequence[HRSample],
+        val_config: ValidationConfig | None,
     ) -> None:
         """Fit every task of ``tasks`` (each writes its final checkpoint)."""
         raise NotImplementedError
 
-    def predict(self, orchestrator: "TaskOrchestrator", samples: Sequence["HRSample"]) -> Iterator["Prediction"]:
+    def predict(self, orchestrator: TaskOrchestrator, samples: Sequence[HRSample]) -> Iterator[Prediction]:
         """Predictions of ``samples`` in input order."""
         raise NotImplementedError
 
@@ -116,7 +117,7 @@ class LocalLauncher(Launcher):
             for done, future in enumerate(futures, 1):
                 log.info("task %s fitted (%d/%d)", future.result(), done, len(futures))
 
-    def predict(self, orchestrator, samples) -> Iterator["Prediction"]:
+    def predict(self, orchestrator, samples) -> Iterator[Prediction]:
         """Score on the first device, one image at a time."""
         yield from orchestrator.predict(samples, self.devices[0])
 
@@ -184,7 +185,7 @@ class RayLauncher(Launcher):
                 ray.shutdown()
 
     # ----------------------------------------------------------------- predict
-    def predict(self, orchestrator, samples) -> Iterator["Prediction"]:
+    def predict(self, orchestrator, samples) -> Iterator[Prediction]:
         """Shard ``samples`` over Ray tasks (each loads the run once); yields in input order."""
         from hiad_pl.orchestrator import Prediction
 
@@ -252,12 +253,12 @@ def _claim_device(queue: Any, threads: int) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
 
-def _fit_in_worker(orchestrator: "TaskOrchestrator", task: "Task", samples: list, val_config: Any) -> str:
+def _fit_in_worker(orchestrator: TaskOrchestrator, task: Task, samples: list, val_config: Any) -> str:
     orchestrator.fit_task(task, samples, _WORKER_DEVICE, val_config, progress=False)
     return task.name
 
 
-def _ray_fit_task(orchestrator: "TaskOrchestrator", task: "Task", samples: list, val_config: Any, device: str, threads: int) -> str:
+def _ray_fit_task(orchestrator: TaskOrchestrator, task: Task, samples: list, val_config: Any, device: str, threads: int) -> str:
     """Fit one task on a Ray worker; a retry after a final checkpoint was written does nothing."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -267,7 +268,7 @@ def _ray_fit_task(orchestrator: "TaskOrchestrator", task: "Task", samples: list,
     return "fitted"
 
 
-def _ray_predict_shard(orchestrator: "TaskOrchestrator", samples: list, first_id: int, device: str) -> list[tuple[int, float, np.ndarray]]:
+def _ray_predict_shard(orchestrator: TaskOrchestrator, samples: list, first_id: int, device: str) -> list[tuple[int, float, np.ndarray]]:
     """Score one contiguous shard: (sample id, image score, float16 map) per image."""
     orchestrator.load(device)
     return [

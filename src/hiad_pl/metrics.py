@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,6 +58,11 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 from torchmetrics.utilities.data import dim_zero_cat
+
+from hiad_pl.data.tiling import as_pair
+from hiad_pl.errors import ConfigTypeError
+from hiad_pl.io import atomic_write
+from hiad_pl.utils.array_store import Picked
 
 #: The torchmetrics releases whose private curve functions these metrics are tested with (as in pyproject.toml).
 TORCHMETRICS_TESTED = ">=1.9,<1.10"
@@ -84,11 +89,6 @@ except ImportError as _error:  # pragma: no cover - only with an untested torchm
         f"hiad-pl's metrics need torchmetrics {TORCHMETRICS_TESTED} (found {_torchmetrics.__version__}): "
         f"pip install 'torchmetrics{TORCHMETRICS_TESTED}' ({_error})"
     ) from _error
-
-from hiad_pl.data.tiling import as_pair
-from hiad_pl.errors import ConfigTypeError
-from hiad_pl.io import atomic_write
-from hiad_pl.utils.array_store import Picked
 
 __all__ = [
     "EXACT_MAX_PIXELS",
@@ -122,8 +122,8 @@ __all__ = [
 
 log = logging.getLogger("hiad_pl")
 
-ArrayLike = Union[np.ndarray, Tensor]
-Device = Union[torch.device, str, None]
+ArrayLike = np.ndarray | Tensor
+Device = torch.device | str | None
 Mode = Literal["auto", "exact", "binned"]
 Evaluator = Callable[..., Mapping[str, float]]
 
@@ -915,7 +915,7 @@ def _evaluator_name(evaluator: Evaluator) -> str:
 
 # -------------------------------------------------------------------------- reports
 
-MetricValues = dict[str, Union[float, None]]
+MetricValues = dict[str, float | None]
 _TABLE_ORDER = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1", "pro")
 MEAN_ROW = "mean"
 

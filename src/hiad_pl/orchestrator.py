@@ -24,15 +24,18 @@ import logging
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from hiad_pl import fit_settings
+from hiad_pl.checkpoint_io import AtomicCheckpointIO
 from hiad_pl.config import (
     DetectorConfig,
     check_trainer_options,
@@ -44,8 +47,6 @@ from hiad_pl.config import (
 from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResDataModule, split_validation
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
-from hiad_pl.checkpoint_io import AtomicCheckpointIO
-from hiad_pl import fit_settings
 from hiad_pl.errors import ConfigError
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.interrupts import lightning_stop
@@ -160,7 +161,7 @@ class ValidationConfig:
             raise ValueError(f"val_config normalization must be one of {NORMALIZATION_SCOPES}, got {self.normalization!r}")
 
     @staticmethod
-    def from_any(value: "ValidationConfig | dict | None") -> "ValidationConfig | None":
+    def from_any(value: ValidationConfig | dict | None) -> ValidationConfig | None:
         """Accept the tutorial's dict or an instance."""
         if value is None or isinstance(value, ValidationConfig):
             return value
@@ -379,7 +380,8 @@ class TaskOrchestrator:
         The old contents are first renamed into one hidden folder (each rename is atomic),
         the new settings file replaces the old one only after that, and the hidden folder is
         deleted last; the old settings file goes only after every model has gone: a crash
-        leaves old models under their own settings, or none, never old models under new settings. A leftover hidden folder is deleted by the next fit.
+        leaves old models under their own settings, or none, never old models under new settings.
+        A leftover hidden folder is deleted by the next fit.
         """
         if not self.root.is_dir():
             return
@@ -404,8 +406,8 @@ class TaskOrchestrator:
         devices: Sequence[int | str] | None = None,
         val_config: ValidationConfig | dict | None = None,
         resume: bool = True,
-        launcher: "str | Launcher" = "local",
-        ray: "RayOptions | dict | None" = None,
+        launcher: str | Launcher = "local",
+        ray: RayOptions | dict | None = None,
         refit: bool = False,
         settings: dict[str, Any] | None = None,
     ) -> list[Path]:
@@ -702,7 +704,7 @@ class TaskOrchestrator:
             self.tasks, self._detectors, stats, self.batch_size, device, prefetch=prefetch, images_per_step=images_per_step
         )
 
-    def detached(self) -> "TaskOrchestrator":
+    def detached(self) -> TaskOrchestrator:
         """A copy without loaded detectors, cheap to send to another process."""
         clone = copy.copy(self)
         clone._detectors, clone._normalization = {}, {}

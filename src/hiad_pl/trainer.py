@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from hiad_pl.config import DetectorConfig
 from hiad_pl.data.sample import HRSample
-from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, write_visualizations
 from hiad_pl.launchers import RayOptions, make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
+from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, write_visualizations
 from hiad_pl.tasks.base import Task
 from hiad_pl.utils.array_store import ArrayStore
 

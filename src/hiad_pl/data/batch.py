@@ -44,7 +44,7 @@ class PatchBatch:
         """Whether the batch carries clean patches beside corrupted ones (training-time synthesis)."""
         return self.clean_image is not None
 
-    def clean(self) -> "PatchBatch":
+    def clean(self) -> PatchBatch:
         """The clean patches of a synthetic batch as a batch of their own (zero masks, label 0).
 
         Raises:
@@ -68,7 +68,7 @@ class PatchBatch:
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
-    def to(self, device: torch.device | str) -> "PatchBatch":
+    def to(self, device: torch.device | str) -> PatchBatch:
         """Move every tensor to ``device``."""
         moved = {
             f.name: getattr(self, f.name).to(device)
@@ -78,7 +78,7 @@ class PatchBatch:
         return replace(self, **moved)
 
     @staticmethod
-    def collate(items: list["PatchBatch"]) -> "PatchBatch":
+    def collate(items: list[PatchBatch]) -> PatchBatch:
         """Concatenate per-item batches (each of size 1 or more) into one.
 
         A single batch is returned as it is. A field that is one constant

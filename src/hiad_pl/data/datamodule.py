@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np

@@ -6,9 +6,9 @@ never sits in memory at once. Every reading error names the file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -214,7 +214,7 @@ class HRSample:
         """Path of the image file."""
         return self.image.image_path
 
-    def open(self) -> "HRSample":
+    def open(self) -> HRSample:
         """Decode the image and mask."""
         self.image.open()
         if self.mask is not None:
@@ -227,7 +227,7 @@ class HRSample:
         if self.mask is not None:
             self.mask.close()
 
-    def __enter__(self) -> "HRSample":
+    def __enter__(self) -> HRSample:
         return self.open()
 
     def __exit__(self, *exc) -> None:
@@ -274,7 +274,7 @@ class HRSample:
 
 
 def make_samples(
-    paths: Sequence[Union[str, Path]], image_size: Size | None = None, **kwargs
+    paths: Sequence[str | Path], image_size: Size | None = None, **kwargs
 ) -> list[HRSample]:
     """One :class:`HRSample` per image path."""
     return [HRSample(image=p, image_size=image_size, **kwargs) for p in paths]

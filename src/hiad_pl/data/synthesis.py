@@ -29,8 +29,9 @@ import logging
 import math
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import albumentations as A
 import cv2

@@ -8,8 +8,9 @@ image exactly, for any size, stride and shape.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so indexes and crops lo
 
 from hiad_pl.errors import ConfigError
 
-Size = Union[int, Sequence[int]]
+Size = int | Sequence[int]
 
 
 def as_pair(value: Size, name: str = "size") -> tuple[int, int]:
@@ -56,7 +57,7 @@ class HRImageIndex:
         """Row and column slices selecting this rectangle from an ``[H, W, ...]`` array."""
         return slice(self.y, self.y + self.height), slice(self.x, self.x + self.width)
 
-    def contains(self, other: "HRImageIndex") -> bool:
+    def contains(self, other: HRImageIndex) -> bool:
         """Whether ``other`` lies entirely inside this rectangle."""
         return (
             self.x <= other.x
@@ -66,12 +67,12 @@ class HRImageIndex:
         )
 
     @staticmethod
-    def from_dict(d: dict) -> "HRImageIndex":
+    def from_dict(d: dict) -> HRImageIndex:
         """Build an index from :meth:`todict` output."""
         return HRImageIndex(int(d["x"]), int(d["y"]), int(d["width"]), int(d["height"]))
 
     @staticmethod
-    def from_str(s: str) -> "HRImageIndex":
+    def from_str(s: str) -> HRImageIndex:
         """Parse the JSON form produced by ``str()``."""
         return HRImageIndex.from_dict(json.loads(s))
 
@@ -95,7 +96,7 @@ class MultiResolutionIndex:
         return json.dumps(self.todict())
 
     @staticmethod
-    def from_dict(d: dict) -> "MultiResolutionIndex":
+    def from_dict(d: dict) -> MultiResolutionIndex:
         """Build an index from :meth:`todict` output."""
         low = d.get("low_resolution_indexes")
         return MultiResolutionIndex(
@@ -104,7 +105,7 @@ class MultiResolutionIndex:
         )
 
     @staticmethod
-    def from_str(s: str) -> "MultiResolutionIndex":
+    def from_str(s: str) -> MultiResolutionIndex:
         """Parse the JSON form produced by ``str()``."""
         return MultiResolutionIndex.from_dict(json.loads(s))
 

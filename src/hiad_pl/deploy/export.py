@@ -21,9 +21,10 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +33,10 @@ from torch import Tensor, nn
 
 from hiad_pl import __version__
 from hiad_pl.data.batch import PatchBatch
-from hiad_pl.io import atomic_write
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.patchcore import HRPatchCore, pooled_width
+from hiad_pl.io import atomic_write
 from hiad_pl.postprocess import BLUR_SIGMA, NORMALIZED_THRESHOLD, SCORE_WINDOW, normalize_scores
 from hiad_pl.tasks.base import Task
 

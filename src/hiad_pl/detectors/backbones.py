@@ -41,10 +41,11 @@ import importlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -340,7 +341,7 @@ def offline_architecture(backbone: str) -> str:
     return OFFLINE_ARCHITECTURE if backbone == OFFLINE_BACKBONE else f"tf_{backbone}"
 
 
-def offline_state_dict(backbone: str = OFFLINE_BACKBONE) -> "OrderedDict[str, Tensor]":
+def offline_state_dict(backbone: str = OFFLINE_BACKBONE) -> OrderedDict[str, Tensor]:
     """The shipped ImageNet weights of ``backbone`` (a key of :data:`OFFLINE_WEIGHTS`), renamed to timm's keys.
 
     The shipped files have their own key names but the same tensors in the same
@@ -379,7 +380,7 @@ def offline_state_dict(backbone: str = OFFLINE_BACKBONE) -> "OrderedDict[str, Te
     return renamed
 
 
-def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
+def offline_lite0_state_dict() -> OrderedDict[str, Tensor]:
     """The shipped EfficientNet-Lite0 ImageNet weights in timm's keys (:func:`offline_state_dict`)."""
     return offline_state_dict(OFFLINE_BACKBONE)
 

@@ -29,7 +29,8 @@ segmentation input is their products resized to the first layer's grid
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch

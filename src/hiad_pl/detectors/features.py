@@ -31,8 +31,9 @@ reference. A detector that trains its backbone must build a private one with
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +177,7 @@ class FeatureSettings:
         weights: str = "hub",
         kind: str = "auto",
         model_kwargs: Mapping[str, Any] | None = None,
-    ) -> "FeatureSettings":
+    ) -> FeatureSettings:
         """Settings from config values (lists and dicts accepted)."""
         if kind not in FEATURE_KINDS:
             raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
@@ -223,7 +224,7 @@ def check_sample(extractor: TimmFeatureExtractor) -> Tensor:
     return torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
 
 
-_SHARED: "OrderedDict[FeatureSettings, nn.Module]" = OrderedDict()
+_SHARED: OrderedDict[FeatureSettings, nn.Module] = OrderedDict()
 
 
 def shared_feature_extractor(settings: FeatureSettings) -> nn.Module:

@@ -40,8 +40,8 @@ import functools
 import logging
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -463,7 +463,7 @@ class NearestNeighbourIndex:
         uses_faiss = kind == "hnsw" or (kind == "exact" and self.backend == "faiss-gpu")
         self._index = self._build_faiss(vectors) if uses_faiss else None
 
-    def _build_faiss(self, vectors: Tensor) -> "faiss.Index":
+    def _build_faiss(self, vectors: Tensor) -> faiss.Index:
         """A faiss index of ``vectors``: HNSW (CPU), or flat (moved to their GPU for ``faiss-gpu``)."""
         faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         data = _as_float32_numpy(vectors)

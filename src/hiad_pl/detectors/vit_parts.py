@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -5,16 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from hiad_pl.data.sample import HRSample
 
-ImageLike = Union[str, Path, np.ndarray, HRSample]
+ImageLike = str | Path | np.ndarray | HRSample
 
 
 def _resize(image: np.ndarray, image_size: int | Sequence[int] | None) -> np.ndarray:

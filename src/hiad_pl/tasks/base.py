@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, Size, as_pair, grid_shape
@@ -51,7 +52,7 @@ class Task:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Task":
+    def from_dict(d: dict[str, Any]) -> Task:
         """Inverse of :meth:`todict`."""
         size = d.get("thumbnail_size")
         return Task(

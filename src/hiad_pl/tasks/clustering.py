@@ -9,7 +9,8 @@ unaligned images use :class:`~hiad_pl.tasks.retrieval.RetrieveTaskGenerator`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage

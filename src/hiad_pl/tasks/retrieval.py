@@ -37,7 +37,8 @@ Centres carry ``D = channels * cells`` values; the cells of a square
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

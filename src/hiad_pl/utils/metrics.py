@@ -13,7 +13,8 @@ names (``pixel_pro`` next to ``pro``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hiad_pl import metrics as _metrics
 from hiad_pl.metrics import UndefinedMetricError
