@@ -229,7 +229,8 @@ class ValidationSelector(Callback):
             self.best_score = score
             self.best_epoch = trained
             self.best_statistics = normalization_statistics(maps, labels, self.scope)
-        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
+        # torch annotates Module.__setattr__ values as Tensor | Module; plain attributes are allowed
+        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)  # type: ignore[assignment]
 
     def evaluate(self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Run the evaluators on validation patch maps."""
@@ -254,7 +255,8 @@ class ValidationSelector(Callback):
             checkpoint = load_checkpoint(path)
             pl_module.on_load_checkpoint(checkpoint)  # fills in what the checkpoint leaves out (frozen backbone)
             pl_module.load_state_dict(checkpoint["state_dict"])
-        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
+        # torch annotates Module.__setattr__ values as Tensor | Module; plain attributes are allowed
+        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)  # type: ignore[assignment]
         log.info("kept the weights after epoch %s (validation score %.4f)", self.best_epoch, self.best_score)
 
     def state_dict(self) -> dict[str, Any]:

@@ -123,7 +123,10 @@ def flat_detector_file(value: Any) -> dict[str, Any] | None:
 class RunConfigFile(ActionConfigFile):
     """``--config``: a CLI config, or a tutorial detector file whose other settings come from defaults and flags."""
 
-    def __call__(self, parser: ArgumentParser, cfg: Namespace, values: Any, option_string: str | None = None) -> None:
+    # jsonargparse calls its actions with its own parser and Namespace, narrower than argparse.Action declares
+    def __call__(  # type: ignore[override]
+        self, parser: ArgumentParser, cfg: Namespace, values: Any, option_string: str | None = None
+    ) -> None:
         try:
             run = flat_detector_file(values)
         except ValueError as error:
@@ -351,7 +354,7 @@ def _run(command: str, sub: Namespace) -> int:
         else:
             from hiad_pl import commands
 
-            out = commands.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
+            out = commands.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices) or (), sub.strict)
         print(f"predictions written to {out}")
     elif command == "serve":
         from hiad_pl.serve import serve_command

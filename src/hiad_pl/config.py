@@ -517,5 +517,5 @@ class RunConfig:
             resume=plain.get("resume", True),
             refit=plain.get("refit", False),
             launcher=plain.get("launcher", "local"),
-            ray=plain.get("ray") or {},
+            ray=plain.get("ray") or RayOptions(),
         )

@@ -639,7 +639,8 @@ class TaskOrchestrator:
 
     def _finish_fit(self, trainer: L.Trainer, detector: L.LightningModule, data: HighResDataModule) -> None:
         """Hook after fitting: restore the best validated weights when a selector kept them."""
-        for callback in trainer.callbacks:
+        # Trainer.callbacks is public but assigned by Lightning's callback connector, undeclared on the class
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
             restore = getattr(callback, "restore_best", None)
             if callable(restore):
                 restore(trainer, detector)

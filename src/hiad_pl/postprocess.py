@@ -22,8 +22,8 @@ def gaussian_blur(anomaly_map: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch
         return anomaly_map
     radius = int(4 * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).tolist()
+    weights = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = (weights / weights.sum()).tolist()
     maps = anomaly_map.float()[None] if anomaly_map.ndim == 2 else anomaly_map.float()
     for dim in (2, 1):
         maps = _blur_axis(maps, kernel, radius, dim)

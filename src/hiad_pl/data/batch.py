@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -87,7 +88,7 @@ class PatchBatch:
         """
         if len(items) == 1:
             return items[0]
-        merged = {}
+        merged: dict[str, Any] = {}
         for f in fields(PatchBatch):
             values = [getattr(item, f.name) for item in items]
             if f.name == "clsname":

@@ -189,9 +189,9 @@ class HRSample:
         clsname: str | None = None,
         label_name: str | None = None,
     ):
-        self.image_size = None if image_size is None else as_pair(image_size, "image_size")
-        self.image = image if isinstance(image, HRImage) else HRImage(image, self.image_size)
-        self.mask = mask if mask is None or isinstance(mask, HRImage) else HRImage(mask, self.image_size, True)
+        size = None if image_size is None else as_pair(image_size, "image_size")
+        self.image = image if isinstance(image, HRImage) else HRImage(image, size)
+        self.mask = mask if mask is None or isinstance(mask, HRImage) else HRImage(mask, size, True)
         image_wh = self.image.original_size()
         if self.mask is not None:
             mask_wh = self.mask.original_size()
@@ -200,8 +200,8 @@ class HRSample:
                     f"{self.mask.image_path}: mask size {mask_wh[0]}x{mask_wh[1]} differs from "
                     f"image {self.image.image_path} size {image_wh[0]}x{image_wh[1]}"
                 )
-        if self.image_size is None:
-            self.image_size = image_wh
+        #: ``(width, height)`` the image is read at: the given size, or the file's own.
+        self.image_size: tuple[int, int] = image_wh if size is None else size
         self.label = label
         self.clsname = clsname
         self.label_name = label_name

@@ -78,7 +78,7 @@ def _check_range(value: Sequence[float], name: str, low: float = 0.0) -> Range:
     pair = tuple(float(v) for v in value)
     if len(pair) != 2 or not low <= pair[0] <= pair[1]:
         raise ValueError(f"{name} must be (min, max) with {low} <= min <= max, got {tuple(value)!r}")
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 def _is_fraction(value: Range) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -198,6 +198,10 @@ def grid_shape(indexes: Iterable[HRImageIndex | MultiResolutionIndex]) -> tuple[
     return len({m.y for m in mains}), len({m.x for m in mains})
 
 
+@overload
+def crop(image: np.ndarray, index: HRImageIndex) -> np.ndarray: ...
+@overload
+def crop(image: torch.Tensor, index: HRImageIndex) -> torch.Tensor: ...
 def crop(image: np.ndarray | torch.Tensor, index: HRImageIndex) -> np.ndarray | torch.Tensor:
     """The rectangle ``index`` of an ``[H, W, ...]`` array (a view, no copy)."""
     rows, cols = index.slices

@@ -76,11 +76,11 @@ def write_scores_csv(rows: list[dict], path: Path, normalized: bool) -> None:
 
 def unique_stems(paths: Sequence[str | Path]) -> list[str]:
     """Output names for input images: the file stem, prefixed by folders where stems collide."""
-    paths = [Path(p) for p in paths]
-    stems = [p.stem for p in paths]
+    files = [Path(p) for p in paths]
+    stems = [p.stem for p in files]
     depth = 1
-    while len(set(stems)) < len(stems) and depth < max(len(p.parts) for p in paths):
-        stems = ["_".join(p.parts[-depth - 1 : -1] + (p.stem,)) for p in paths]
+    while len(set(stems)) < len(stems) and depth < max(len(p.parts) for p in files):
+        stems = ["_".join(p.parts[-depth - 1 : -1] + (p.stem,)) for p in files]
         depth += 1
     if len(set(stems)) < len(stems):
         stems = [f"{k:05d}_{stem}" for k, stem in enumerate(stems)]

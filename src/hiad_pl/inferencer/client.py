@@ -22,7 +22,7 @@ def _resize(image: np.ndarray, image_size: int | Sequence[int] | None) -> np.nda
     """Bilinear resize to ``image_size`` (width, height or one side), as the original client does."""
     if image_size is None:
         return image
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     return np.array(Image.fromarray(image).resize(size, resample=Image.Resampling.BILINEAR))
 
 

@@ -106,8 +106,8 @@ def task_layout(tasks: Sequence[Task]) -> str:
     lines = [f"Row: {rows}, Column: {columns}, Patch Number: {len(owner)}, Task Number: {len(patch_tasks)}"]
     for y in ys:
         lines.append("|" + "|".join(cell(by_position.get((y, x), "-")) for x in xs) + "| ")
-    if any(t.is_thumbnail for t in tasks):
-        thumb = next(t for t in tasks if t.is_thumbnail)
+    thumb = next((t for t in tasks if t.is_thumbnail), None)
+    if thumb is not None and thumb.thumbnail_size is not None:
         lines.append(f"+ {thumb.name}: whole image at {thumb.thumbnail_size[0]}x{thumb.thumbnail_size[1]}")
     return "\n".join(lines)
 
@@ -139,10 +139,10 @@ class FeatureTaskGenerator(TaskGenerator):
 
     def __init__(
         self,
-        detector_class: type | str,
+        detector_class: type | str | None,
         detector_config: dict[str, Any] | None = None,
         batch_size: int = 8,
-        device: Sequence[int] | None = None,
+        device: Sequence[int | str] | None = None,
         feature_resolution: int | tuple[int, int] = 1,
         fusion_weights: Sequence[float] | None = None,
     ) -> None:

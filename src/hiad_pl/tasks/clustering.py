@@ -33,7 +33,9 @@ def position(index: MultiResolutionIndex) -> tuple[int, int]:
     return index.main_index.y, index.main_index.x
 
 
-def groups_by_label(indexes: Sequence[MultiResolutionIndex], labels: Sequence[int]) -> list[list[MultiResolutionIndex]]:
+def groups_by_label(
+    indexes: Sequence[MultiResolutionIndex], labels: Sequence[int] | np.ndarray
+) -> list[list[MultiResolutionIndex]]:
     """Indexes grouped by label, each group row-major, groups ordered by their first position.
 
     The order makes task numbering independent of the arbitrary label values a

@@ -25,6 +25,7 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import patch_to_batch
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex
+from hiad_pl.errors import DatasetError
 from hiad_pl.tasks.base import FeatureTaskGenerator
 
 
@@ -192,4 +193,6 @@ def index_embeddings(
         positions = torch.arange(start, start + len(chunk)) % len(indexes)
         sums.index_add_(0, positions, chunk.double())
         start += len(chunk)
+    if sums is None:
+        raise DatasetError(f"{type(generator).__name__}: no training images to embed")
     return F.normalize(sums, dim=1).float().numpy()

@@ -69,11 +69,11 @@ def stacked_centers(tasks: Sequence[Task]) -> tuple[Tensor, Tensor]:
     missing = [t.name for t in tasks if not t.centers]
     if missing:
         raise ValueError(f"retrieval routing needs centres in every patch task; {missing} have none (tasks.json)")
-    centers = [torch.as_tensor(c, dtype=torch.float32) for t in tasks for c in t.centers]
+    centers = [torch.as_tensor(c, dtype=torch.float32) for t in tasks for c in t.centers or ()]
     dims = {c.numel() for c in centers}
     if len(dims) != 1 or any(c.ndim != 1 for c in centers):
         raise ValueError(f"retrieval centres must be vectors of one length, got lengths {sorted(dims)} (tasks.json)")
-    owners = torch.tensor([k for k, t in enumerate(tasks) for _ in t.centers])
+    owners = torch.tensor([k for k, t in enumerate(tasks) for _ in t.centers or ()])
     return torch.stack(centers), owners
 
 
@@ -245,8 +245,8 @@ class RetrieveTaskGenerator(FeatureTaskGenerator):
             raise ValueError(f"{owner}: cluster_number={self.cluster_number} exceeds the {patches} training patches")
         embeddings = patch_embeddings(self, train_samples, indexes)  # [images, indexes, D]
         flat = torch.from_numpy(embeddings.reshape(-1, embeddings.shape[-1]))
-        _, centers = kmeans_labels(flat.numpy(), self.cluster_number, self.seed)
-        centers = F.normalize(torch.from_numpy(centers).float(), dim=1)
+        _, kmeans_centers = kmeans_labels(flat.numpy(), self.cluster_number, self.seed)
+        centers = F.normalize(torch.from_numpy(kmeans_centers).float(), dim=1)
         labels = nearest_center(flat, centers).numpy()
         # Centres that win no training patch under the cosine rule would be tasks with nothing to learn.
         used = np.unique(labels)
