@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hiad_pl.errors import WriteError
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 
 def mode_of(path: Path) -> int:
@@ -82,7 +82,7 @@ def test_atomic_write_replaces_whole_files_only(tmp_path: Path) -> None:
 
 HOLD_LOCK = """
 import sys, time
-from hiad_pl.io import run_folder_lock
+from hiad_pl.run_folder import run_folder_lock
 with run_folder_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)
@@ -97,7 +97,7 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(sm
 
     from conftest import write_config
     from hiad_pl.cli import main
-    from hiad_pl.io import LOCK_NAME, run_folder_lock
+    from hiad_pl.run_folder import LOCK_NAME, run_folder_lock
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

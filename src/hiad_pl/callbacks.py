@@ -33,9 +33,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from hiad_pl.io import load_checkpoint
 from hiad_pl.metrics import UndefinedMetricError
 from hiad_pl.postprocess import image_score
+from hiad_pl.run_folder import load_checkpoint
 
 log = logging.getLogger("hiad_pl")
 

@@ -259,7 +259,7 @@ def to_run_config(cfg: Namespace) -> RunConfig:
 
 def save_config(cfg: Namespace, run_dir: Path) -> None:
     """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    from hiad_pl.io import atomic_write
+    from hiad_pl.run_folder import atomic_write
 
     plain = cfg.as_dict()
     plain.pop("config", None)
@@ -371,7 +371,7 @@ def _run(command: str, sub: Namespace) -> int:
         if command == "tasks":
             commands.print_tasks(config)
         elif command == "fit":
-            from hiad_pl.io import run_folder_lock
+            from hiad_pl.run_folder import run_folder_lock
 
             with run_folder_lock(config.run_dir):
                 commands.check_fit(config)  # a refused fit leaves the folder's config.yaml as it was

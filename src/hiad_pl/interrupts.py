@@ -13,7 +13,7 @@ Where the stop lands:
   Ctrl-C): :func:`lightning_stop` turns that back into :class:`Interrupted`;
 - anywhere else (data discovery, task generation, scoring, writing results) the
   signal raises :class:`Interrupted` where the program is. Every file is written
-  atomically (:func:`hiad_pl.io.atomic_write`), so a stop in mid-write leaves the
+  atomically (:func:`hiad_pl.run_folder.atomic_write`), so a stop in mid-write leaves the
   previous file.
 """
 

@@ -61,7 +61,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.errors import ConfigTypeError
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 from hiad_pl.utils.array_store import Picked
 
 #: The torchmetrics releases whose private curve functions these metrics are tested with (as in pyproject.toml).

@@ -50,8 +50,15 @@ from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
 from hiad_pl.errors import ConfigError
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.interrupts import lightning_stop
-from hiad_pl.io import LOCK_NAME, atomic_write, check_checkpoint, load_checkpoint, locks_root, remove_stale_temporaries
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
+from hiad_pl.run_folder import (
+    LOCK_NAME,
+    atomic_write,
+    check_checkpoint,
+    load_checkpoint,
+    locks_root,
+    remove_stale_temporaries,
+)
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
 from hiad_pl.utils.allocator import keep_freed_memory

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage
 
 from hiad_pl.data.sample import resize_array
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 
 def heatmap(anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:

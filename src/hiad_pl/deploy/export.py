@@ -36,8 +36,8 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.patchcore import HRPatchCore, pooled_width
-from hiad_pl.io import atomic_write
 from hiad_pl.postprocess import BLUR_SIGMA, NORMALIZED_THRESHOLD, SCORE_WINDOW, normalize_scores
+from hiad_pl.run_folder import atomic_write
 from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")

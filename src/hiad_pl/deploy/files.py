@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from hiad_pl.data.sample import IMAGE_SUFFIXES
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 #: ``error`` is empty for scored images and says why the others were skipped.
 SCORES_FIELDS = ["image", "score", "map", "map_min", "map_max", "error"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, Size, as_pair, grid_shape
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 THUMBNAIL_TASK = "thumbnail"
 
