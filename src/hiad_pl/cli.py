@@ -46,7 +46,7 @@ from hiad_pl.config import (
     import_class,
     load_detector_file,
 )
-from hiad_pl.errors import UserError
+from hiad_pl.errors import ConfigError, UserError
 from hiad_pl.interrupts import Interrupted, stop_on_signals
 from hiad_pl.launchers import RayOptions
 from hiad_pl.utils.allocator import keep_freed_memory
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stopping:
             return _run(command, sub)
-    except USER_ERRORS as error:
+    except UserError as error:
         return report_error(command, error, verbose=cfg.verbose, internal=False)
     except Interrupted as stop:
         print(stopped_line(command, stop.signal_name, argv, sub), file=sys.stderr)
@@ -346,7 +346,7 @@ def _run(command: str, sub: Namespace) -> int:
         print("\n".join(commands.list_detectors(sub.modules)))
     elif command == "predict":
         if (sub.run_dir is None) == (sub.export is None):
-            raise ValueError("give either --run_dir (a fitted run) or --export (an exported model)")
+            raise ConfigError("give either --run_dir (a fitted run) or --export (an exported model)")
         if sub.export is not None:
             from hiad_pl.deploy.predictor import predict_export
 
@@ -399,11 +399,6 @@ def parse_arguments(parser: ArgumentParser, argv: list[str] | None) -> Namespace
         else:
             sys.stderr.write(text)
         raise
-
-
-#: Errors of input, configuration or environment (exit status 2). hiad-pl's own are UserError;
-#: ValueError and OSError are what its checks and the file system raise for the same causes.
-USER_ERRORS = (UserError, ValueError, OSError)
 
 
 def report_error(command: str, error: BaseException, verbose: bool, internal: bool) -> int:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hiad_pl.errors import ConfigError
+
 if TYPE_CHECKING:
     from hiad_pl.data.sample import HRSample
     from hiad_pl.orchestrator import Prediction, TaskOrchestrator, ValidationConfig
@@ -68,13 +70,13 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         if self.cpus_per_task <= 0:
-            raise ValueError(f"ray cpus_per_task must be positive, got {self.cpus_per_task}")
+            raise ConfigError(f"ray cpus_per_task must be positive, got {self.cpus_per_task}")
         if self.gpus_per_task < 0:
-            raise ValueError(f"ray gpus_per_task must be >= 0, got {self.gpus_per_task}")
+            raise ConfigError(f"ray gpus_per_task must be >= 0, got {self.gpus_per_task}")
         if self.max_retries < 0:
-            raise ValueError(f"ray max_retries must be >= 0, got {self.max_retries}")
+            raise ConfigError(f"ray max_retries must be >= 0, got {self.max_retries}")
         if self.shards is not None and self.shards <= 0:
-            raise ValueError(f"ray shards must be positive, got {self.shards}")
+            raise ConfigError(f"ray shards must be positive, got {self.shards}")
 
 
 class Launcher:
@@ -224,7 +226,7 @@ def make_launcher(name: str | Launcher, devices: Sequence[str], ray: RayOptions 
         if options is not None and options.gpus_per_task == 0 and any(d.startswith("cuda") for d in devices):
             options = RayOptions(**{**vars(options), "gpus_per_task": 1.0})
         return RayLauncher(options)
-    raise ValueError(f"launcher must be one of {LAUNCHERS}, got {name!r}")
+    raise ConfigError(f"launcher must be one of {LAUNCHERS}, got {name!r}")
 
 
 def import_ray() -> Any:

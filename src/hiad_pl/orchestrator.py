@@ -47,7 +47,7 @@ from hiad_pl.config import (
 from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResDataModule, split_validation
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
-from hiad_pl.errors import ConfigError
+from hiad_pl.errors import ConfigError, DatasetError, MissingFileError, UserError
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.interrupts import lightning_stop
 from hiad_pl.launchers import Launcher, RayOptions, make_launcher
@@ -116,14 +116,14 @@ def resolve_devices(devices: Sequence[int | str] | int | str | None) -> list[str
     for device in devices:
         if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
             if not torch.cuda.is_available():
-                raise ValueError(f"GPU id {device} requested but CUDA is not available; use gpu_ids=[] for CPU")
+                raise ConfigError(f"GPU id {device} requested but CUDA is not available; use gpu_ids=[] for CPU")
             if int(device) >= torch.cuda.device_count():
-                raise ValueError(f"GPU id {device} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+                raise ConfigError(f"GPU id {device} requested but only {torch.cuda.device_count()} GPU(s) are visible")
             resolved.append(f"cuda:{int(device)}")
         elif str(device) == "cpu" or str(device).startswith("cuda"):
             resolved.append(str(device))
         else:
-            raise ValueError(f"unknown device {device!r}: use GPU ids (0, 1, ...) or 'cpu'")
+            raise ConfigError(f"unknown device {device!r}: use GPU ids (0, 1, ...) or 'cpu'")
     return resolved
 
 
@@ -165,7 +165,7 @@ class ValidationConfig:
         from hiad_pl.callbacks import NORMALIZATION_SCOPES
 
         if self.normalization not in NORMALIZATION_SCOPES:
-            raise ValueError(f"val_config normalization must be one of {NORMALIZATION_SCOPES}, got {self.normalization!r}")
+            raise ConfigError(f"val_config normalization must be one of {NORMALIZATION_SCOPES}, got {self.normalization!r}")
 
     @staticmethod
     def from_any(value: ValidationConfig | dict | None) -> ValidationConfig | None:
@@ -174,9 +174,9 @@ class ValidationConfig:
             return value
         unknown = set(value) - {"anomaly_syn_fn", "val_sample_ratio", "max_patch_number", "evaluators", "normalization"}
         if unknown:
-            raise ValueError(f"val_config has unknown keys {sorted(unknown)}")
+            raise ConfigError(f"val_config has unknown keys {sorted(unknown)}")
         if "anomaly_syn_fn" not in value:
-            raise ValueError("val_config needs 'anomaly_syn_fn' (a synthesiser from hiad_pl.syn)")
+            raise ConfigError("val_config needs 'anomaly_syn_fn' (a synthesiser from hiad_pl.syn)")
         return ValidationConfig(**value)
 
 
@@ -253,7 +253,7 @@ class TaskOrchestrator:
         self.early_stop_epochs = int(early_stop_epochs)
         check_trainer_options(self.trainer_kwargs)
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         unknown = sorted(set(self.trainer_kwargs) - set(inspect.signature(L.Trainer).parameters))
         if unknown:
             raise ConfigError(f"trainer: unknown lightning.Trainer options {unknown}")
@@ -295,8 +295,11 @@ class TaskOrchestrator:
             kwargs["fusion_weights"] = fusion
         try:
             return self.detector_class(input_size=size, **kwargs)
-        except TypeError as error:
-            raise ValueError(f"{self.detector_class.__name__}: bad config for task {task.name!r}: {error}") from error
+        except UserError:
+            raise
+        except (TypeError, ValueError) as error:
+            # the constructor's arguments all come from the config: what it rejects is a config value
+            raise ConfigError(f"{self.detector_class.__name__}: bad config for task {task.name!r}: {error}") from error
 
     def check(self) -> None:
         """Fail before any training on a bad config (unknown backbone, unreachable weights, ...)."""
@@ -431,7 +434,7 @@ class TaskOrchestrator:
         :mod:`hiad_pl.launchers`; ``ray`` takes :class:`~hiad_pl.launchers.RayOptions`).
         """
         if not train_samples:
-            raise ValueError("no training samples")
+            raise DatasetError("no training samples")
         devices = resolve_devices(devices)
         val_config = ValidationConfig.from_any(val_config)
         if val_config is None and any(t.is_thumbnail for t in self.tasks):
@@ -448,7 +451,7 @@ class TaskOrchestrator:
         else:
             self.check_settings(current)
         if not resume and any((self.root / "checkpoints").glob("**/*.ckpt")):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.root} already holds checkpoints: resume, refit (--refit true), or choose another run folder"
             )
         self.root.mkdir(parents=True, exist_ok=True)
@@ -659,7 +662,7 @@ class TaskOrchestrator:
         backbones: dict[tuple, torch.nn.Module] = {}
         missing = [t.name for t in self.tasks if not self.checkpoint_path(t).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
+            raise MissingFileError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
         for task in self.tasks:
             path = self.checkpoint_path(task)
             checkpoint = load_checkpoint(path, task.name)

@@ -10,6 +10,7 @@ import numpy as np
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
+from hiad_pl.errors import DatasetError
 from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
 from hiad_pl.utils.array_store import ArrayStore
@@ -70,7 +71,7 @@ def evaluate_predictions(
     labels = np.array([s.resolved_label() for s in samples])
     if (labels < 0).any():
         unknown = [s.get_image_path() for s, label in zip(samples, labels) if label < 0][:3]
-        raise ValueError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
+        raise DatasetError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
     # decoded once; past a smaller budget than the maps' on disk (a mask reads back cheaply)
     masks = ArrayStore(len(samples), memory_limit=MASKS_MEMORY_LIMIT)
     for index, sample in enumerate(samples):

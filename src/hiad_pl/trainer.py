@@ -11,6 +11,7 @@ import numpy as np
 
 from hiad_pl.config import DetectorConfig
 from hiad_pl.data.sample import HRSample
+from hiad_pl.errors import ConfigError, DatasetError
 from hiad_pl.launchers import RayOptions, make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, write_visualizations
@@ -75,7 +76,7 @@ class HRTrainer:
         """The orchestrator behind this trainer (built on first use)."""
         if self._orchestrator is None:
             if not self.config:
-                raise ValueError("HRTrainer needs config={'patch': {...detector options, 'patch_size': ...}}")
+                raise ConfigError("HRTrainer needs config={'patch': {...detector options, 'patch_size': ...}}")
             detectors = DetectorConfig.from_tutorial(self.detector_class, self.config)
             self._orchestrator = TaskOrchestrator(
                 detectors.detector_class,
@@ -103,7 +104,7 @@ class HRTrainer:
         orchestrator = self.orchestrator()
         devices = resolve_devices(gpu_ids)
         if not orchestrator.tasks:
-            raise ValueError("HRTrainer has no tasks: create them with a task generator (e.g. A2OTaskGenerator)")
+            raise ConfigError("HRTrainer has no tasks: create them with a task generator (e.g. A2OTaskGenerator)")
         print(f"Start training, devices: {devices}")
         print(f"Tasks config is saved as: {orchestrator.tasks_path}")
         paths = orchestrator.fit(train_samples, devices, val_config, launcher=self.launcher, ray=self.ray_options)
@@ -127,7 +128,7 @@ class HRTrainer:
         ``evaluators`` (when given), prints the per-class table and returns it.
         """
         if not test_samples:
-            raise ValueError("no test samples")
+            raise DatasetError("no test samples")
         orchestrator = self.orchestrator()
         devices = resolve_devices(gpu_ids)
         device = devices[0]

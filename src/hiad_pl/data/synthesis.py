@@ -39,6 +39,7 @@ import numpy as np
 
 from hiad_pl.data.sample import IMAGE_SUFFIXES, LRPatch, read_image
 from hiad_pl.data.tiling import HRImageIndex
+from hiad_pl.errors import MissingFileError
 
 Range = tuple[float, float]
 Synthesis = tuple[np.ndarray, np.ndarray]
@@ -108,7 +109,7 @@ def _list_images(folder: str | Path) -> list[str]:
     """Every image file below ``folder``, sorted so that draws are reproducible."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"anomaly_source {root}: folder not found")
+        raise MissingFileError(f"anomaly_source {root}: folder not found")
     files = sorted(str(f) for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"anomaly_source {root}: no images ({', '.join(IMAGE_SUFFIXES)}) found in the folder")

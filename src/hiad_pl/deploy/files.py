@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from hiad_pl.data.sample import IMAGE_SUFFIXES
+from hiad_pl.errors import DatasetError, MissingFileError
 from hiad_pl.run_folder import atomic_write
 
 #: ``error`` is empty for scored images and says why the others were skipped.
@@ -94,10 +95,10 @@ def input_images(inputs: Sequence[str | Path]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
             if not found:
-                raise ValueError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise DatasetError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            raise MissingFileError(f"{item}: no such file or folder")
     return files

@@ -25,6 +25,7 @@ import numpy as np
 from hiad_pl.data.sample import read_image, resize_array
 from hiad_pl.data.tiling import HRImageIndex, MultiResolutionIndex, low_resolution_window
 from hiad_pl.deploy.files import input_images, unique_stems, write_prediction_files, write_scores_csv
+from hiad_pl.errors import InputError, MissingFileError, UserError
 
 MANIFEST = "manifest.json"
 SUPPORTED_VERSION = 1
@@ -71,7 +72,7 @@ def stitch(maps: Sequence[np.ndarray], indexes: Sequence[HRImageIndex], size: tu
         total[rows, cols] += patch_map
         count[rows, cols] += 1
     if (count == 0).any():
-        raise ValueError("the exported indexes do not cover the whole image")
+        raise InputError("the exported indexes do not cover the whole image")
     return (total / count).astype(np.float32)
 
 
@@ -95,10 +96,10 @@ class ExportedModel:
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not an export (no {MANIFEST}); write one with `hiad-pl export`")
+            raise MissingFileError(f"{path}: not an export (no {MANIFEST}); write one with `hiad-pl export`")
         manifest = json.loads(path.read_text())
         if manifest.get("version") != SUPPORTED_VERSION:
-            raise ValueError(f"{path}: export version {manifest.get('version')!r}, this predictor reads {SUPPORTED_VERSION}")
+            raise InputError(f"{path}: export version {manifest.get('version')!r}, this predictor reads {SUPPORTED_VERSION}")
         self.manifest = manifest
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -107,7 +108,7 @@ class ExportedModel:
         def session(graph: str) -> Any:
             file = self.folder / graph
             if not file.is_file():
-                raise FileNotFoundError(f"{file}: graph named in {path} is missing")
+                raise MissingFileError(f"{file}: graph named in {path} is missing")
             return ort.InferenceSession(str(file), options, providers=providers)
 
         self.tasks = [
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = predict_export(args.export, args.input, args.output, args.batch_size)
-    except (ValueError, OSError) as error:
+    except UserError as error:  # bad input only: anything else is a bug, with its traceback
         print(f"hiad_pl.deploy.predictor: error: {error}", file=sys.stderr)
         return 2
     print(f"predictions written to {out}")

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hiad_pl.detectors.token_pyramid import TOKEN_PYRAMIDS, pyramid_state_dict
-from hiad_pl.errors import WeightsUnavailableError
+from hiad_pl.errors import ConfigError, MissingFileError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        raise MissingFileError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -393,7 +393,7 @@ def _snapshot_folder(folder: Path) -> Path:
         return snapshots / ref.read_text().strip()
     found = sorted(p for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
     if len(found) != 1:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"weights folder {str(folder)!r} is a cached hub repository without refs/main and with "
             f"{len(found)} snapshots: name the snapshot folder or its weights file"
         )
@@ -416,16 +416,16 @@ def weights_file(weights: str | Path) -> Path:
         for name in WEIGHT_FILE_NAMES:
             if (folder / name).is_file():
                 return folder / name
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"weights folder {str(folder)!r} holds none of {', '.join(WEIGHT_FILE_NAMES)}"
         )
     if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(
+        raise ConfigError(
             f"weights {str(weights)!r} is neither 'hub', 'offline', 'none', a folder nor a weights file "
             f"(suffix one of {', '.join(WEIGHT_FILE_SUFFIXES)})"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        raise MissingFileError(f"weights file {str(path)!r} does not exist")
     return path
 
 

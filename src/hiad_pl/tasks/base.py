@@ -12,6 +12,7 @@ from typing import Any
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, Size, as_pair, grid_shape
+from hiad_pl.errors import InputError, MissingFileError
 from hiad_pl.run_folder import atomic_write
 
 THUMBNAIL_TASK = "thumbnail"
@@ -82,9 +83,9 @@ def load_tasks(path: str | Path) -> list[Task]:
         data = json.loads(path.read_text(encoding="utf-8"))
         return [Task.from_dict(d) for d in data]
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path}: tasks file not found") from error
+        raise MissingFileError(f"{path}: tasks file not found") from error
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: malformed tasks file ({error})") from error
+        raise InputError(f"{path}: malformed tasks file ({error})") from error
 
 
 def task_layout(tasks: Sequence[Task]) -> str:
