@@ -36,6 +36,7 @@ from hiad_pl.config import (
     RESERVED_TRAINER_KEYS,
     DataConfig,
     EvaluationConfig,
+    RayOptions,
     RunConfig,
     ThumbnailConfig,
     ValidationSection,
@@ -48,7 +49,6 @@ from hiad_pl.config import (
 )
 from hiad_pl.errors import ConfigError, UserError
 from hiad_pl.interrupts import Interrupted, stop_on_signals
-from hiad_pl.launchers import RayOptions
 from hiad_pl.utils.allocator import keep_freed_memory
 
 DEFAULT_DETECTOR = "hiad_pl.detectors.HRPatchCore"

@@ -33,7 +33,6 @@ from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from hiad_pl.data.synthesis import AnomalySynthesizer
 from hiad_pl.errors import ConfigError, InputError, UserError
-from hiad_pl.launchers import RayOptions
 
 #: Keys that size a branch's input; they are not detector arguments.
 SIZE_KEYS = ("patch_size", "thumbnail_size")
@@ -469,6 +468,39 @@ class EvaluationConfig:
 
     evaluators: list[Any] | None = None
     vis_size: int = 1024
+
+
+@dataclass
+class RayOptions:
+    """Settings of the Ray launcher.
+
+    Args:
+        address: an existing cluster (``auto``: the one this machine belongs to; ``ray://host:10001``);
+            ``None`` starts a local cluster for the run and stops it after.
+        num_cpus: CPUs of the local cluster (default: all of this machine's); ignored with ``address``.
+        cpus_per_task: CPUs each task fit or scoring shard asks for.
+        gpus_per_task: GPUs each task fit or scoring shard asks for (0: CPU only).
+        max_retries: how often a task whose worker died is started again (it resumes from its last epoch).
+        shards: scoring shards of the test images (default: one per ``cpus_per_task`` CPUs of the cluster).
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+    max_retries: int = 3
+    shards: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_task <= 0:
+            raise ConfigError(f"ray cpus_per_task must be positive, got {self.cpus_per_task}")
+        if self.gpus_per_task < 0:
+            raise ConfigError(f"ray gpus_per_task must be >= 0, got {self.gpus_per_task}")
+        if self.max_retries < 0:
+            raise ConfigError(f"ray max_retries must be >= 0, got {self.max_retries}")
+        if self.shards is not None and self.shards <= 0:
+            raise ConfigError(f"ray shards must be positive, got {self.shards}")
+
 
 
 @dataclass

@@ -29,54 +29,24 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+# RayOptions lives with the other config dataclasses; imported here, it stays importable from here
+from hiad_pl.config import RayOptions
 from hiad_pl.errors import ConfigError
+from hiad_pl.inference import Prediction
 
 if TYPE_CHECKING:
     from hiad_pl.data.sample import HRSample
-    from hiad_pl.orchestrator import Prediction, TaskOrchestrator, ValidationConfig
+    from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig
     from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
 
 LAUNCHERS = ("local", "ray")
-
-
-@dataclass
-class RayOptions:
-    """Settings of the Ray launcher.
-
-    Args:
-        address: an existing cluster (``auto``: the one this machine belongs to; ``ray://host:10001``);
-            ``None`` starts a local cluster for the run and stops it after.
-        num_cpus: CPUs of the local cluster (default: all of this machine's); ignored with ``address``.
-        cpus_per_task: CPUs each task fit or scoring shard asks for.
-        gpus_per_task: GPUs each task fit or scoring shard asks for (0: CPU only).
-        max_retries: how often a task whose worker died is started again (it resumes from its last epoch).
-        shards: scoring shards of the test images (default: one per ``cpus_per_task`` CPUs of the cluster).
-    """
-
-    address: str | None = None
-    num_cpus: int | None = None
-    cpus_per_task: float = 1.0
-    gpus_per_task: float = 0.0
-    max_retries: int = 3
-    shards: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.cpus_per_task <= 0:
-            raise ConfigError(f"ray cpus_per_task must be positive, got {self.cpus_per_task}")
-        if self.gpus_per_task < 0:
-            raise ConfigError(f"ray gpus_per_task must be >= 0, got {self.gpus_per_task}")
-        if self.max_retries < 0:
-            raise ConfigError(f"ray max_retries must be >= 0, got {self.max_retries}")
-        if self.shards is not None and self.shards <= 0:
-            raise ConfigError(f"ray shards must be positive, got {self.shards}")
 
 
 class Launcher:
@@ -189,8 +159,6 @@ class RayLauncher(Launcher):
     # ----------------------------------------------------------------- predict
     def predict(self, orchestrator, samples) -> Iterator[Prediction]:
         """Shard ``samples`` over Ray tasks (each loads the run once); yields in input order."""
-        from hiad_pl.orchestrator import Prediction
-
         ray = import_ray()
         started = self._connect()
         try:

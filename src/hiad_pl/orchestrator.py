@@ -38,6 +38,7 @@ from hiad_pl import fit_settings
 from hiad_pl.checkpoint_io import AtomicCheckpointIO
 from hiad_pl.config import (
     DetectorConfig,
+    RayOptions,
     check_trainer_options,
     class_path,
     import_class,
@@ -50,7 +51,7 @@ from hiad_pl.data.tiling import MultiResolutionIndex, as_pair
 from hiad_pl.errors import ConfigError, DatasetError, MissingFileError, UserError
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.interrupts import lightning_stop
-from hiad_pl.launchers import Launcher, RayOptions, make_launcher
+from hiad_pl.launchers import Launcher, make_launcher
 from hiad_pl.run_folder import (
     LOCK_NAME,
     atomic_write,
@@ -431,7 +432,7 @@ class TaskOrchestrator:
         its models are discarded and every task is fitted again.
         A model folder that another live process is fitting is refused.
         ``launcher`` says where the fits run (``local`` processes or ``ray``, see
-        :mod:`hiad_pl.launchers`; ``ray`` takes :class:`~hiad_pl.launchers.RayOptions`).
+        :mod:`hiad_pl.launchers`; ``ray`` takes :class:`~hiad_pl.config.RayOptions`).
         """
         if not train_samples:
             raise DatasetError("no training samples")

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from hiad_pl.config import DetectorConfig
+from hiad_pl.config import DetectorConfig, RayOptions
 from hiad_pl.data.sample import HRSample
 from hiad_pl.errors import ConfigError, DatasetError
-from hiad_pl.launchers import RayOptions, make_launcher
+from hiad_pl.launchers import make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.outputs import evaluate_predictions, run_inference, score_range, write_visualizations
 from hiad_pl.tasks.base import Task
@@ -36,7 +36,7 @@ class HRTrainer:
     writes no visualisations. ``trainer_kwargs`` may hold ``logger`` and ``callbacks``
     as ``{class_path, init_args}`` specs, built fresh for every task. ``launcher="ray"``
     fits each task as a Ray task and scores test images in shards (``ray_options``:
-    :class:`~hiad_pl.launchers.RayOptions`).
+    :class:`~hiad_pl.config.RayOptions`).
     """
 
     def __init__(
