@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import patch_to_batch
@@ -52,6 +52,9 @@ from hiad_pl.data.tiling import MultiResolutionIndex
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task
 from hiad_pl.tasks.clustering import check_cluster_number, kmeans_labels, position, warn_if_fewer
 from hiad_pl.tasks.embedding import module_device, patch_batches, patch_embeddings, pool_features
+
+if TYPE_CHECKING:
+    from hiad_pl.detectors.base import HRDetector
 
 
 def nearest_center(embeddings: Tensor, centers: Tensor) -> Tensor:
@@ -103,7 +106,7 @@ def route_features(features: Sequence[Tensor], tasks: Sequence[Task]) -> Tensor:
     return feature_similarities(features, tasks).argmax(dim=1)
 
 
-def task_similarities(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
+def task_similarities(detector: HRDetector, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
     """``[N, T]`` cosine similarity of each patch of ``batches`` to each task (its nearest centre), in order."""
     device = module_device(detector)
     stacked_centers(tasks)  # checks the centres before any patch is embedded
@@ -114,13 +117,13 @@ def task_similarities(detector: nn.Module, batches: Iterable[PatchBatch], tasks:
     return torch.cat(rows) if rows else torch.zeros(0, len(tasks))
 
 
-def assign_batches(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
+def assign_batches(detector: HRDetector, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
     """Position in ``tasks`` of the task each patch of ``batches`` is routed to, in order."""
     return task_similarities(detector, batches, tasks).argmax(dim=1)
 
 
 def route_by_retrieval(
-    detector: nn.Module, sample: HRSample, patch_tasks: Sequence[Task], batch_size: int = 8
+    detector: HRDetector, sample: HRSample, patch_tasks: Sequence[Task], batch_size: int = 8
 ) -> list[tuple[Task, list[MultiResolutionIndex]]]:
     """The indexes of ``sample`` each task scores: every patch goes to the task of its nearest centre.
 
@@ -142,7 +145,7 @@ def route_by_retrieval(
 
 
 def retrieval_train_items(
-    detector: nn.Module,
+    detector: HRDetector,
     samples: Sequence[HRSample],
     patch_tasks: Sequence[Task],
     batch_size: int = 8,
