@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiad_pl.detectors.token_pyramid import TOKEN_PYRAMIDS, pyramid_state_dict
+from hiad_pl.detectors.token_pyramid import TOKEN_PYRAMIDS, TokenPyramid, pyramid_state_dict
 from hiad_pl.errors import ConfigError, MissingFileError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -166,11 +166,16 @@ def renormalisation(model: nn.Module) -> tuple[bool, Tensor, Tensor]:
 class TimmFeatureExtractor(nn.Module):
     """A timm ``features_only`` model returning the chosen layers' maps in the order asked for."""
 
+    # a timm features_only model: feature_info is not nn.Module's
+    model: Any
+    _scale: Tensor
+    _shift: Tensor
+
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
         super().__init__()
         self.model = model
         self.layers = list(layers)
-        info = model.feature_info
+        info = self.model.feature_info
         names = info.module_name()
         # timm returns the maps sorted by depth; remember where each asked layer sits.
         sorted_layers = [name for name in names if name in self.layers]
@@ -228,7 +233,7 @@ def _out_indices(timm_name: str, layers: Sequence[str], **model_kwargs: Any) -> 
 
 def _classifier_keys(timm_name: str, model_kwargs: Mapping[str, Any]) -> tuple[dict[str, Tensor], set[str]]:
     """The full model's state-dict shapes (meta tensors) and the keys of its classifier head."""
-    full = skeleton(timm_name, **model_kwargs)
+    full: Any = skeleton(timm_name, **model_kwargs)  # a timm model: pretrained_cfg is not nn.Module's
     heads = full.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     state = full.state_dict()
@@ -432,7 +437,8 @@ def weights_file(weights: str | Path) -> Path:
 def _hub_id(timm_name: str) -> str | None:
     """The Hugging Face repository of ``timm_name``'s default pretrained weights, if any."""
     try:
-        return timm.models.get_pretrained_cfg(timm_name).hf_hub_id or None
+        config = timm.models.get_pretrained_cfg(timm_name)
+        return (config.hf_hub_id if config is not None else None) or None
     except Exception:  # names without a pretrained config
         return None
 
@@ -563,14 +569,16 @@ def _build_token_pyramid(timm_name: str, weights: str, **kwargs: Any) -> nn.Modu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_INIT_SEED)
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    assert isinstance(model, TokenPyramid)  # the names in TOKEN_PYRAMIDS are registered with timm as TokenPyramid
     if weights == "none":
         return model.eval()
+    cnn_state: Mapping[str, Tensor]
     if weights == "offline":
-        state, source = offline_state_dict(cnn.removeprefix("tf_")), "'offline'"
+        cnn_state, source = offline_state_dict(cnn.removeprefix("tf_")), "'offline'"
     else:
         path = weights_file(weights)
-        state, source = read_state_dict(path), f"file {str(path)!r}"
-    state = pyramid_state_dict(state, model)
+        cnn_state, source = read_state_dict(path), f"file {str(path)!r}"
+    state = pyramid_state_dict(cnn_state, model)
     expected = model.state_dict().keys()
     missing = [key for key in expected if key not in state]
     # A full CNN state dict also holds its head (conv_head, bn2, classifier), which the pyramid does not use.
@@ -687,7 +695,10 @@ def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[nn.Conv
     pairs = []
     for norm, convs in fed.items():
         conv = convs[0]
-        if len(convs) == 1 and conv is not None and calls.get(conv) == 1 and norm.track_running_stats:
+        # the predicates above picked the kinds; isinstance tells the type checker
+        if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)):
+            continue
+        if len(convs) == 1 and calls.get(conv) == 1 and norm.track_running_stats:
             pairs.append((conv, names[norm], norm))
     return pairs, output
 
@@ -793,14 +804,15 @@ class SymmetricSameConv2d(nn.Conv2d):
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, 1,
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        super().__init__(conv.in_channels, conv.out_channels, (kh, kw), (sh, sw), 0, 1,
                          conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             self.weight.copy_(conv.weight)
-            if conv.bias is not None:
+            if self.bias is not None and conv.bias is not None:
                 self.bias.copy_(conv.bias)
         self.weight.requires_grad_(conv.weight.requires_grad)
-        if self.bias is not None:
+        if self.bias is not None and conv.bias is not None:
             self.bias.requires_grad_(conv.bias.requires_grad)
         for rows, columns in ((1, 0), (0, 1), (1, 1)):
             grown = F.pad(conv.weight.detach(), (columns, 0, rows, 0))
@@ -845,7 +857,7 @@ def _post_operation(activation: nn.Module) -> tuple[str, list[float]] | None:
     """oneDNN's name and scalars for ``activation``, or ``None`` when it has none."""
     for kind, name in _FUSED_ACTIVATIONS.items():
         if isinstance(activation, kind):  # ReLU6 is a Hardtanh
-            scalars = [float(activation.min_val), float(activation.max_val)] if name == "hardtanh" else []
+            scalars = [float(activation.min_val), float(activation.max_val)] if isinstance(activation, nn.Hardtanh) else []
             return name, scalars
     return None
 
@@ -869,8 +881,11 @@ class ConvActivation(nn.Module):
         operation = _post_operation(activation)
         if operation is None:
             raise ValueError(f"{type(activation).__name__} has no oneDNN post-operation")
+        if isinstance(conv.padding, str):
+            raise ValueError(f"{type(conv).__name__} with padding {conv.padding!r}: give the padding in pixels")
         self.conv, self.activation = conv, activation
         self._operation, self._scalars = operation
+        self._padding = (int(conv.padding[0]), int(conv.padding[1]))
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
@@ -886,7 +901,7 @@ class ConvActivation(nn.Module):
         if isinstance(conv, SymmetricSameConv2d):
             weight, padding = conv.weight_and_padding(x)
         else:
-            weight, padding = conv.weight, conv.padding
+            weight, padding = conv.weight, self._padding
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
             self._operation, self._scalars, "",
@@ -932,6 +947,7 @@ def fuse_conv_activations(model: nn.Module, sample: Tensor) -> int:
     undo = []
     for conv_name, activation_name in pairs:
         conv, activation = model.get_submodule(conv_name), model.get_submodule(activation_name)
+        assert isinstance(conv, nn.Conv2d)  # _fusable_convolution picked it
         undo.append(_replace_module(model, conv_name, ConvActivation(conv, activation)))
         undo.append(_replace_module(model, activation_name, nn.Identity()))
     try:
