@@ -50,7 +50,7 @@ from torch import Tensor
 try:
     import faiss
 except ImportError:  # faiss is optional: torch does the search without it
-    faiss = None
+    faiss = None  # type: ignore[assignment]  # the optional module's stand-in
 
 #: Distance-matrix entries per chunk of the torch backend (64M floats = 256 MB).
 TORCH_CHUNK_ELEMENTS = 1 << 26
@@ -468,12 +468,12 @@ class NearestNeighbourIndex:
         faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         data = _as_float32_numpy(vectors)
         if self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, HNSW_LINKS)
-            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            index.hnsw.efSearch = HNSW_EF_SEARCH
-            index.add(data)
-            return index  # faiss has no GPU HNSW
-        index = faiss.IndexFlatL2(self.dim)
+            hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_LINKS)
+            hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            hnsw.hnsw.efSearch = HNSW_EF_SEARCH
+            hnsw.add(data)
+            return hnsw  # faiss has no GPU HNSW
+        index: faiss.Index = faiss.IndexFlatL2(self.dim)
         index.add(data)
         if self.backend == "faiss-gpu":
             self._gpu_resources = faiss.StandardGpuResources()

@@ -259,12 +259,12 @@ class _ScaleGradient(torch.autograd.Function):
     """Identity forward; the backward multiplies the gradient by a fixed tensor."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, scale: Tensor) -> Tensor:
         ctx.save_for_backward(scale)
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         (scale,) = ctx.saved_tensors  # type: ignore[attr-defined]
         return grad * scale, None
 
