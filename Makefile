@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_ROOT ?= demo_data
 RUN_DIR   ?= runs/patchcore_quickstart
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo lint test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ demo: $(STAMP)
 	$(VENV)/bin/hiad-pl fit --config configs/patchcore_quickstart.yaml --run_dir $(RUN_DIR)
 	$(VENV)/bin/hiad-pl test --config configs/patchcore_quickstart.yaml --run_dir $(RUN_DIR)
 
-test: $(STAMP)
+# ruff (style, imports, likely bugs) and mypy (types of src/hiad_pl), as configured in pyproject.toml
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

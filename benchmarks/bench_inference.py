@@ -42,8 +42,9 @@ import multiprocessing
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,7 +220,6 @@ def knn_experiment(saved: Path, threads: int, with_faiss_flat: bool = False) -> 
     import torch
 
     from hiad_pl.detectors.nn_search import CellIndex, NearestNeighbourIndex, ivf_cells
-
     from hiad_pl.utils.allocator import keep_freed_memory
 
     keep_freed_memory()  # as the pipeline runs

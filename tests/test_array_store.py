@@ -150,9 +150,9 @@ def test_binned_metrics_hold_one_map_at_a_time():
 
 
 def test_evaluate_predictions_with_every_map_and_mask_on_disk(monkeypatch, small_demo):
+    from hiad_pl import outputs
     from hiad_pl.data.discovery import discover
     from hiad_pl.outputs import evaluate_predictions
-    from hiad_pl import outputs
     from hiad_pl.utils import array_store
 
     (split,) = discover(small_demo, categories=["texture"], image_size=512)

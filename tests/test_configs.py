@@ -105,7 +105,8 @@ def test_a_misspelt_argument_is_named_with_its_section() -> None:
 
 
 def test_a_misspelt_tutorial_option_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"config\['patch'\]: HRPatchCore has no option 'percentag' \(did you mean 'percentage'\?\); valid options: .*merge_size"):
+    expected = r"config\['patch'\]: HRPatchCore has no option 'percentag' \(did you mean 'percentage'\?\); valid options: "
+    with pytest.raises(ValueError, match=expected + ".*merge_size"):
         HRTrainer(detector_class=HRPatchCore, config={"patch": {"percentag": 0.1, "patch_size": 256}}).orchestrator()
 
 

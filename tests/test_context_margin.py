@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import PATCHCORE_TEST_CONFIG
 from hiad_pl.callbacks import ValidationSelector
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
@@ -23,7 +24,6 @@ from hiad_pl.data.tiling import (
 from hiad_pl.errors import ConfigError
 from hiad_pl.orchestrator import TaskOrchestrator, collect
 from hiad_pl.task import A2OTaskGenerator
-from conftest import PATCHCORE_TEST_CONFIG
 
 #: Score band on each side of an interior patch border, as the real benchmark's seam statistics.
 SEAM_BAND = 8

@@ -16,13 +16,11 @@ from lightning.pytorch.callbacks import Callback
 from conftest import batch_of, fit_and_score, loader, tensorboard_scalars, texture_split
 from hiad_pl.data.datamodule import HighResDataModule
 from hiad_pl.detectors import DETECTORS, HRDesTSeg
-from hiad_pl.orchestrator import TaskOrchestrator
-
 from hiad_pl.detectors.destseg import (
     SEGMENTATION_PHASE,
     STUDENT_PHASE,
-    DeSTSegModel,
     DenoisingStudent,
+    DeSTSegModel,
     SegmentationNet,
     binary_mask,
     cosine_distance_loss,
@@ -32,6 +30,7 @@ from hiad_pl.detectors.destseg import (
     student_anomaly_map,
     training_phase,
 )
+from hiad_pl.orchestrator import TaskOrchestrator
 
 TEACHER_CHANNELS = [8, 16]
 GRIDS = [(4, 4), (2, 2)]

@@ -95,11 +95,13 @@ def test_cli_fit_then_test_and_predict_in_new_processes(small_demo: Path, tmp_pa
     assert float(row["image_threshold"]) == pytest.approx(thresholds["image"], rel=1e-5)
     mask = np.asarray(Image.open(out / row["mask"]))
     assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
-    assert int(row["defect_pixels"]) == int((mask == 255).sum()) == int((np.load(out / row["map"].replace(".png", ".npy")) > thresholds["pixel"]).sum())
+    above = np.load(out / row["map"].replace(".png", ".npy")) > thresholds["pixel"]
+    assert int(row["defect_pixels"]) == int((mask == 255).sum()) == int(above.sum())
 
     # a run fitted before thresholds existed: scores and maps, no label, no mask, one clear line
     (run / "texture" / "thresholds.json").unlink()
-    assert main(["predict", "--run_dir", str(run), "--input", str(small_demo / "texture" / "test" / "spot"), "--output", str(tmp_path / "old")]) == 0
+    spot = str(small_demo / "texture" / "test" / "spot")
+    assert main(["predict", "--run_dir", str(run), "--input", spot, "--output", str(tmp_path / "old")]) == 0
     lines = (tmp_path / "old" / "scores.csv").read_text().splitlines()
     assert lines[1].startswith("# thresholds: no thresholds in this model")
     (old_row,) = csv.DictReader(lines[2:])
@@ -125,7 +127,10 @@ def test_rerun_skips_fitted_tasks(small_demo: Path, tmp_path: Path) -> None:
     [
         ({"data": {"root": "/no/such/folder"}}, "/no/such/folder: data set path not found"),
         ({"detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"backbone_name": "resnet5000"}}}, "backbone_name"),
-        ({"detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"weights": "offline", "backbone_name": "resnet18"}}}, "offline"),
+        (
+            {"detector": {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"weights": "offline", "backbone_name": "resnet18"}}},
+            "offline",
+        ),
     ],
 )
 def test_bad_config_fails_before_training(small_demo: Path, tmp_path: Path, capsys, override, message) -> None:
@@ -148,7 +153,10 @@ def test_hub_weights_offline_names_the_alternatives(small_demo: Path, tmp_path: 
 
     original = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    detector = {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]}}
+    detector = {
+        "class_path": "hiad_pl.detectors.HRPatchCore",
+        "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]},
+    }
     config = write_config(tmp_path, small_demo, detector=detector)
     assert main(["fit", "--config", str(config)]) == 2
     err = capsys.readouterr().err

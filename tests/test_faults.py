@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hiad_pl.errors import WriteError
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 
 def mode_of(path: Path) -> int:
@@ -27,16 +27,18 @@ def umask_022():
 
 
 def test_every_run_file_gets_the_same_mode_from_the_umask(tmp_path: Path, umask_022) -> None:
-    from hiad_pl.outputs import write_scores_csv
+    import numpy as np
+
     from hiad_pl.checkpoint_io import AtomicCheckpointIO
     from hiad_pl.metrics import save_report
+    from hiad_pl.outputs import write_scores_csv
     from hiad_pl.tasks.base import Task, save_tasks
     from hiad_pl.visualize import save_png
-    import numpy as np
 
     save_tasks([Task("task_0")], tmp_path / "tasks.json")
     save_report({"texture": {"image_auroc": 1.0}}, tmp_path)
-    write_scores_csv([{"image": "a.png", "score": "0.5", "map": "a_map.png", "map_min": "0", "map_max": "1"}], tmp_path / "scores.csv", True)
+    row = {"image": "a.png", "score": "0.5", "map": "a_map.png", "map_min": "0", "map_max": "1"}
+    write_scores_csv([row], tmp_path / "scores.csv", True)
     save_png(np.zeros((4, 4, 3), dtype=np.uint8), tmp_path / "panel.png")
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "checkpoints" / "task_0.ckpt")
     written = {p.name: mode_of(p) for p in tmp_path.rglob("*") if p.is_file()}
@@ -80,7 +82,7 @@ def test_atomic_write_replaces_whole_files_only(tmp_path: Path) -> None:
 
 HOLD_LOCK = """
 import sys, time
-from hiad_pl.io import run_folder_lock
+from hiad_pl.run_folder import run_folder_lock
 with run_folder_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)
@@ -95,7 +97,7 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(sm
 
     from conftest import write_config
     from hiad_pl.cli import main
-    from hiad_pl.io import LOCK_NAME, run_folder_lock
+    from hiad_pl.run_folder import LOCK_NAME, run_folder_lock
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -188,7 +190,9 @@ def best_weights_before(epochs: Path) -> dict[str, torch.Tensor]:
     return state_of(epochs / "best-epoch001.ckpt")
 
 
-def test_crash_during_a_validated_fit_then_rerun_keeps_the_best_epoch_of_before(small_demo: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_crash_during_a_validated_fit_then_rerun_keeps_the_best_epoch_of_before(
+    small_demo: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     from faults_support import SCRIPT_ENV
     from hiad_pl.cli import main
 
@@ -224,7 +228,10 @@ def test_kill_during_a_validated_fit_then_rerun_keeps_the_best_epoch_of_before(s
         first.send_signal(signal.SIGKILL)
         first.communicate()
     best_before = best_weights_before(epochs)
-    rerun = subprocess.run(cli_process("--verbose", "true", "fit", "--config", str(config)), env=cli_env(script), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        cli_process("--verbose", "true", "fit", "--config", str(config)),
+        env=cli_env(script), capture_output=True, text=True, timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr and "kept the weights after epoch 2" in rerun.stderr
     assert_resumed_with_the_best_epoch_of_before(epochs, best_before, script)
@@ -237,13 +244,18 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_and_the_rerun_con
     config = fastflow_config(tmp_path, small_demo, epochs=3)
     epochs = tmp_path / "run" / "texture" / "checkpoints" / "task_0"
     inject = "import faults_support; faults_support.write_then_kill('last.ckpt', 2)"
-    killed = subprocess.run(cli_process("fit", "--config", str(config), inject=inject), env=cli_env(), capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        cli_process("fit", "--config", str(config), inject=inject), env=cli_env(), capture_output=True, text=True, timeout=600
+    )
     assert killed.returncode == -9, killed.stderr
     previous = torch.load(epochs / "last.ckpt", weights_only=True)  # complete, as written after epoch 1
     assert previous["epoch"] == 0 and previous["global_step"] > 0  # Lightning counts the epoch in progress, from 0
     assert list(epochs.glob(".last.ckpt.*.tmp"))  # the half-written file never took the checkpoint's name
 
-    rerun = subprocess.run(cli_process("--verbose", "true", "fit", "--config", str(config)), env=cli_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        cli_process("--verbose", "true", "fit", "--config", str(config)),
+        env=cli_env(), capture_output=True, text=True, timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr
     final = torch.load(epochs.parent / "task_0.ckpt", weights_only=True)
@@ -251,7 +263,9 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_and_the_rerun_con
     assert not list(epochs.glob(".*.tmp"))  # the rerun removed what the killed write left
 
 
-def test_disk_full_while_writing_a_checkpoint_then_corrupt_checkpoint_is_named(small_demo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_disk_full_while_writing_a_checkpoint_then_corrupt_checkpoint_is_named(
+    small_demo: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     from hiad_pl.cli import main
 
     config = fastflow_config(tmp_path, small_demo, epochs=2)
@@ -281,7 +295,8 @@ def test_disk_full_while_writing_a_checkpoint_then_corrupt_checkpoint_is_named(s
     capsys.readouterr()
 
     final.write_bytes(final.read_bytes()[:1000])  # a truncated copy, a broken disk ...
-    status = main(["predict", "--run_dir", str(tmp_path / "run"), "--input", str(small_demo / "texture" / "test" / "spot"), "--output", str(tmp_path / "out")])
+    spots = small_demo / "texture" / "test" / "spot"
+    status = main(["predict", "--run_dir", str(tmp_path / "run"), "--input", str(spots), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
     assert f"{final}: unreadable checkpoint" in err and "refit task 'task_0'" in err
@@ -296,12 +311,12 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
     import pickle
 
     from conftest import PATCHCORE_TEST_CONFIG
+    from hiad_pl import orchestrator as orchestrator_module
     from hiad_pl.data.discovery import discover
     from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
     from hiad_pl.detectors import HRPatchCore
     from hiad_pl.launchers import LocalLauncher
     from hiad_pl.orchestrator import TaskOrchestrator
-    from hiad_pl import orchestrator as orchestrator_module
     from hiad_pl.tasks.base import Task
 
     (split,) = discover(small_demo, categories=["texture"], image_size=512)

@@ -167,7 +167,10 @@ def test_hub_weights_offline_is_a_user_error(small_demo: Path, tmp_path: Path, c
         return original(*args, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    detector = {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]}}
+    detector = {
+        "class_path": "hiad_pl.detectors.HRPatchCore",
+        "init_args": {"backbone_name": "resnet18", "weights": "hub", "layers_to_extract_from": ["layer2", "layer3"]},
+    }
     status = main(["fit", "--config", str(write_config(tmp_path, small_demo, detector=detector))])
     assert_user_error(status, capsys.readouterr().err, "resnet18", "weights: offline")
 
@@ -185,3 +188,45 @@ def test_internal_errors_exit_1_with_the_traceback_only_when_verbose(small_demo:
     assert "Traceback" not in err and "internal error: KeyError: 'a bug'" in err and "--verbose true" in err
     assert main(["--verbose", "true", "tasks", "--config", config]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [ValueError("an internal check failed"), OSError(5, "an internal read failed"), TypeError("a wrong call")],
+    ids=["ValueError", "OSError", "TypeError"],
+)
+def test_a_builtin_error_from_inside_is_internal_not_a_user_error(
+    small_demo: Path, tmp_path: Path, capsys, monkeypatch, bug: Exception
+) -> None:
+    """Only UserError means bad input (status 2): a ValueError or OSError of hiad-pl's own code is a bug (status 1)."""
+    from hiad_pl import commands
+
+    def broken(config):
+        raise bug
+
+    monkeypatch.setattr(commands, "print_tasks", broken)
+    assert main(["tasks", "--config", str(write_config(tmp_path, small_demo))]) == 1
+    err = capsys.readouterr().err
+    assert f"internal error: {type(bug).__name__}" in err, err
+
+
+def test_the_error_types_of_bad_input_exit_2(small_demo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The project's input and configuration errors are user errors, whichever built-in they also derive from."""
+    from hiad_pl import commands
+    from hiad_pl.errors import ConfigError, MissingFileError
+
+    config = str(write_config(tmp_path, small_demo))
+    for error in (ConfigError("tasks: a bad value"), MissingFileError("weights.pth: no such file")):
+
+        def broken(config, error=error):
+            raise error
+
+        monkeypatch.setattr(commands, "print_tasks", broken)
+        assert_user_error(main(["tasks", "--config", config]), capsys.readouterr().err, str(error))
+
+
+def test_a_detector_option_its_constructor_rejects_is_a_config_error(small_demo: Path, tmp_path: Path, capsys) -> None:
+    """A value error raised by a detector's own checks names the detector and the task, status 2."""
+    detector = {"class_path": "hiad_pl.detectors.HRPatchCore", "init_args": {"weights": "none", "percentage": 7.0}}
+    status = main(["fit", "--config", str(write_config(tmp_path, small_demo, detector=detector))])
+    assert_user_error(status, capsys.readouterr().err, "HRPatchCore", "task_0")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hiad_pl import inference
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import patch_to_batch
 from hiad_pl.data.sample import HRSample
@@ -17,7 +18,6 @@ from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, stitch
 from hiad_pl.detectors import HRPatchCore
 from hiad_pl.detectors.backbones import TimmFeatureExtractor
 from hiad_pl.detectors.features import clear_shared_extractors
-from hiad_pl import inference
 from hiad_pl.inference import InferencePipeline, share_frozen_backbones
 from hiad_pl.orchestrator import TaskOrchestrator
 from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample

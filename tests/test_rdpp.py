@@ -11,6 +11,7 @@ import timm
 import torch
 import yaml
 
+from conftest import auroc, tensorboard_scalars
 from hiad_pl.data.demo import make_demo_dataset
 from hiad_pl.data.discovery import discover
 from hiad_pl.detectors import DETECTORS, HRRDPP
@@ -26,8 +27,6 @@ from hiad_pl.orchestrator import TaskOrchestrator
 from hiad_pl.syn import SimplexNoiseSynthesizer
 from hiad_pl.tasks import A2OTaskGenerator
 from hiad_pl.utils.split_and_gather import MultiResolutionHRImageSpliter
-
-from conftest import auroc, tensorboard_scalars
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LITE0 = {"backbone_name": "efficientnet_lite0", "weights": "offline", "layers_to_extract_from": ["blocks.2", "blocks.4"]}

@@ -315,10 +315,9 @@ def test_the_control_fit_leaves_the_trainable_parts_at_their_initialisation(real
                                                                            tmp_path: Path) -> None:
     import torch
 
+    from conftest import texture_split
     from hiad_pl.detectors import HRFastFlow
     from hiad_pl.orchestrator import TaskOrchestrator
-
-    from conftest import texture_split
 
     split, tasks = texture_split(small_demo)
     config = {"backbone_name": "resnet18", "layers_to_extract_from": ["layer1"], "weights": "none", "flow_steps": 1,

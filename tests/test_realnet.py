@@ -12,8 +12,6 @@ import yaml
 
 from conftest import DEMO_1024_TWO_TRAIN, batch_of, fit_and_score, tensorboard_scalars, texture_split
 from hiad_pl.detectors import DETECTORS, HRRealNet
-from hiad_pl.orchestrator import TaskOrchestrator
-
 from hiad_pl.detectors.realnet import (
     AttentionBlock,
     FeatureSelection,
@@ -27,6 +25,7 @@ from hiad_pl.detectors.realnet import (
     select_residual_channels,
     top_channels,
 )
+from hiad_pl.orchestrator import TaskOrchestrator
 
 
 def planted_batch(seed: int, signal_channels: tuple[int, ...], channels: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +114,7 @@ def test_discriminator_decodes_raw_or_normalised_residuals_chosen_on_the_normali
     for normalised_input, source in ((False, stacked), (True, normalised)):
         discriminator = ResidualDiscriminator(12, counts=(4, 3), residual_layers=1, normalised_input=normalised_input).train()
         seen: list[torch.Tensor] = []
-        discriminator.decoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        discriminator.decoder.register_forward_hook(lambda module, inputs, output, seen=seen: seen.append(inputs[0]))
         with torch.no_grad():
             discriminator(residuals, size=(16, 16))
         expected = select_residual_channels(source, normalised, ["max", "mean"], [4, 3])
@@ -150,12 +149,17 @@ def test_losses_match_hand_computed_values() -> None:
     mask = torch.tensor([[[1.0, 0.0]]])
     expected = (-math.log(0.75) + math.log(2.0)) / 2
     assert float(segmentation_cross_entropy(logits, mask)) == pytest.approx(expected, rel=1e-6)
-    assert float(feature_mse([torch.ones(1, 2, 1, 1), torch.zeros(1, 1, 2, 2)], [torch.zeros(1, 2, 1, 1), torch.full((1, 1, 2, 2), 2.0)])) == pytest.approx(1.0 + 4.0)
+    targets = [torch.ones(1, 2, 1, 1), torch.zeros(1, 1, 2, 2)]
+    predictions = [torch.zeros(1, 2, 1, 1), torch.full((1, 1, 2, 2), 2.0)]
+    assert float(feature_mse(targets, predictions)) == pytest.approx(1.0 + 4.0)
 
 
 def test_model_trains_end_to_end_on_tiny_features() -> None:
     torch.manual_seed(0)
-    model = RealNetModel([8, 16], afs_channels=[4, 8], init_bsn=1, width_ratio=1.0, channel_mult=(1, 2), res_blocks=1, attention_at=(2,), rrs_counts=(4, 4), rrs_residual_layers=1)
+    model = RealNetModel(
+        [8, 16], afs_channels=[4, 8], init_bsn=1, width_ratio=1.0, channel_mult=(1, 2), res_blocks=1,
+        attention_at=(2,), rrs_counts=(4, 4), rrs_residual_layers=1,
+    )
     clean = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
     corrupted = [c + 0.5 for c in clean]
     mask = torch.zeros(2, 32, 32)

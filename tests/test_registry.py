@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hiad_pl.cli import main
-from hiad_pl.detectors import DETECTORS, HRDetector, HRRDPP, get_detector, register_detector
 from hiad_pl.config import detector_class_of
+from hiad_pl.detectors import DETECTORS, HRRDPP, HRDetector, get_detector, register_detector
 
 USER_MODULE = '''
 """A user's own detector, outside the package."""

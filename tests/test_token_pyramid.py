@@ -122,7 +122,10 @@ def test_lite1_and_lite2_pyramids_run_only_the_blocks_asked_for(name: str, depth
     extractor = create_extractor(FeatureSettings.of(name, ["blocks.6", "blocks.2"], "offline", model_kwargs={"embed_dim": 64}))
     assert len(extractor.model.blocks) == depth
     calls = [0] * depth
-    hooks = [block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, block in enumerate(extractor.model.blocks)]
+    hooks = [
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(extractor.model.blocks)
+    ]
     with torch.no_grad():
         grids = extractor(torch.randn(2, 3, 72, 100))  # sides rounded to 64 x 96 px of tokens
     for hook in hooks:

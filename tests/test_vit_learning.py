@@ -15,10 +15,10 @@ import lightning
 import numpy as np
 import pytest
 import torch
-from conftest import auroc, batch_of, loader
 from PIL import Image
 from torch import Tensor
 
+from conftest import auroc, batch_of, loader
 from hiad_pl.detectors import HRDinomaly, HRINPFormer, HRVitAD
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 

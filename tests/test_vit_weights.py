@@ -11,9 +11,9 @@ import lightning
 import pytest
 import timm
 import torch
-from conftest import loader
 from safetensors.torch import load_file, save_file
 
+from conftest import loader
 from hiad_pl.detectors import HRDinomaly
 from hiad_pl.detectors.features import (
     FeatureSettings,
@@ -121,7 +121,9 @@ except Exception as err:
     for name, (settings, file, cache) in runs.items():
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         env = {**inherited, **settings, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC)}
-        done = subprocess.run([sys.executable, "-c", script, name, str(file)], env=env, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", script, name, str(file)], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         message = done.stdout
         assert message.startswith("WeightsUnavailableError"), message
@@ -143,7 +145,8 @@ def test_missing_or_mismatched_files_are_named(tmp_path: Path) -> None:
         loaded_state(DINOV2, str(tmp_path / "broken.safetensors"))
     save_file(random_state(DINOV2, seed=7), str(tmp_path / "wide.safetensors"))
     with pytest.raises(ValueError, match="wide.safetensors.*shape mismatch"):
-        create_extractor(FeatureSettings.of(DINOV2, ["blocks.1"], str(tmp_path / "wide.safetensors"), model_kwargs={**SMALL, "embed_dim": 192, "num_heads": 3}))
+        wide = {**SMALL, "embed_dim": 192, "num_heads": 3}
+        create_extractor(FeatureSettings.of(DINOV2, ["blocks.1"], str(tmp_path / "wide.safetensors"), model_kwargs=wide))
 
 
 def test_a_dinomaly_fit_runs_on_a_local_dinov2_file(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ import json
 import logging
 import random
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,9 @@ from hiad_pl.decisions import (
     quantile_threshold,
 )
 from hiad_pl.deploy.files import png_bytes
-from hiad_pl.io import atomic_write
+from hiad_pl.errors import ConfigError
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig
+from hiad_pl.run_folder import atomic_write
 
 log = logging.getLogger("hiad_pl")
 
@@ -116,7 +118,7 @@ def prepare_holdout(
             log.info("%s: %d training image(s) stay held out of fitting, as when this folder was fitted (%s)",
                      folder.name, len(held), path)
         return fit, held
-    wanted = {"share": section.holdout, "seed": seed, "images": [s.get_image_path() for s in held]}
+    wanted: dict[str, Any] = {"share": section.holdout, "seed": seed, "images": [s.get_image_path() for s in held]}
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     if saved != wanted:
         atomic_write(path, json.dumps(wanted, indent=1) + "\n")
@@ -136,7 +138,9 @@ def checkpoints_key(orchestrator: TaskOrchestrator) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def _pixel_sample(anomaly_map: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def _pixel_sample(
+    anomaly_map: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The map's pixels (and the mask's), or a seeded uniform sample of :data:`PIXELS_PER_IMAGE` of them."""
     values = anomaly_map.reshape(-1)
     truth = None if mask is None else (mask.reshape(-1) > 0)
@@ -146,7 +150,9 @@ def _pixel_sample(anomaly_map: np.ndarray, rng: np.random.Generator, mask: np.nd
     return values.astype(np.float32), truth
 
 
-def _score(orchestrator: TaskOrchestrator, samples: Sequence[HRSample], device: str, seed: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray | None]]:
+def _score(
+    orchestrator: TaskOrchestrator, samples: Sequence[HRSample], device: str, seed: int
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray | None]]:
     """Image scores, pixel samples and (for samples with masks) the matching mask samples."""
     scores = np.zeros(len(samples))
     pixels: list[np.ndarray] = [np.empty(0, np.float32)] * len(samples)
@@ -232,10 +238,14 @@ def calibrate(
         log.info("%s: thresholds up to date: %s", orchestrator.root.name, existing.describe())
         return existing
     if rule == "given":
-        thresholds = Thresholds(float(section.image), float(section.pixel), rule, scale, given_display_range(float(section.pixel)))
+        assert section.image is not None and section.pixel is not None  # rule "given" means both are set
+        image, pixel = float(section.image), float(section.pixel)
+        thresholds = Thresholds(image, pixel, rule, scale, given_display_range(pixel))
     elif rule == "normal_fpr":
         thresholds = _normal_fpr(orchestrator, section, device, held_out, scale, seed)
     else:
+        if val_config is None:
+            raise ConfigError("threshold.rule f1_adaptive needs a validation set (validation.anomaly_syn_fn)")
         thresholds = _f1_adaptive(orchestrator, device, fit_samples, val_config, scale, seed)
     thresholds.details.update(settings_key=key, checkpoints=settings["checkpoints"])
     path = thresholds.save(orchestrator.root)

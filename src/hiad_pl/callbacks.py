@@ -23,8 +23,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -33,9 +34,9 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from hiad_pl.data.tiling import inner_maps
-from hiad_pl.io import load_checkpoint
 from hiad_pl.metrics import UndefinedMetricError
 from hiad_pl.postprocess import ImageScore
+from hiad_pl.run_folder import load_checkpoint
 
 log = logging.getLogger("hiad_pl")
 
@@ -210,7 +211,7 @@ class ValidationSelector(Callback):
         if self.context_margin:
             # Patches read with context: the patch alone is scored, as inference stitches it. A
             # synthetic defect that lies wholly in the context leaves the patch normal.
-            inner = inner_maps(masks, self.context_margin)
+            inner = torch.as_tensor(inner_maps(masks, self.context_margin))
             in_context_only = (masks.flatten(1) > 0).any(1) & ~(inner.flatten(1) > 0).any(1)
             labels = torch.where(in_context_only, torch.zeros_like(labels), labels)
             maps, masks = inner_maps(maps, self.context_margin), inner
@@ -241,7 +242,8 @@ class ValidationSelector(Callback):
             self.best_score = score
             self.best_epoch = trained
             self.best_statistics = normalization_statistics(maps, labels, self.scope)
-        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
+        # torch annotates Module.__setattr__ values as Tensor | Module; plain attributes are allowed
+        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)  # type: ignore[assignment]
 
     def evaluate(
         self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, image_score: ImageScore | None = None
@@ -268,7 +270,8 @@ class ValidationSelector(Callback):
             checkpoint = load_checkpoint(path)
             pl_module.on_load_checkpoint(checkpoint)  # fills in what the checkpoint leaves out (frozen backbone)
             pl_module.load_state_dict(checkpoint["state_dict"])
-        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)
+        # torch annotates Module.__setattr__ values as Tensor | Module; plain attributes are allowed
+        pl_module.hiad_normalization = copy.deepcopy(self.best_statistics)  # type: ignore[assignment]
         log.info("kept the weights after epoch %s (validation score %.4f)", self.best_epoch, self.best_score)
 
     def state_dict(self) -> dict[str, Any]:
@@ -290,5 +293,9 @@ def validation_callbacks(
         )
     ]
     if early_stop_epochs > 0 and not getattr(detector, "fits_in_one_pass", False):
-        callbacks.append(SelectionEarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False))
+        callbacks.append(
+            SelectionEarlyStopping(
+                monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False
+            )
+        )
     return callbacks

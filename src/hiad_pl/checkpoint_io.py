@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -36,6 +36,7 @@ from hiad_pl.config import (
     RESERVED_TRAINER_KEYS,
     DataConfig,
     EvaluationConfig,
+    RayOptions,
     RunConfig,
     ThresholdSection,
     ThumbnailConfig,
@@ -47,6 +48,10 @@ from hiad_pl.config import (
     import_class,
     load_detector_file,
 )
+from hiad_pl.errors import ConfigError, UserError
+from hiad_pl.interrupts import Interrupted, stop_on_signals
+from hiad_pl.private_apis import parser_destinations
+from hiad_pl.utils.allocator import keep_freed_memory
 
 DEFAULT_DETECTOR = "hiad_pl.detectors.HRPatchCore"
 DEFAULT_TASKS = "hiad_pl.tasks.A2OTaskGenerator"
@@ -98,7 +103,7 @@ def flat_detector_file(value: Any) -> dict[str, Any] | None:
     ``patch_size`` goes to ``data``, HiAD's step counters to ``trainer``.
     """
     path = Path(str(value))
-    if not path.suffix.lower() in (".yaml", ".yml") or not path.is_file():
+    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
         return None
     content = load_detector_file(path)
     if "class_path" not in content or "detector" in content:
@@ -116,7 +121,10 @@ def flat_detector_file(value: Any) -> dict[str, Any] | None:
 class RunConfigFile(ActionConfigFile):
     """``--config``: a CLI config, or a tutorial detector file whose other settings come from defaults and flags."""
 
-    def __call__(self, parser: ArgumentParser, cfg: Namespace, values: Any, option_string: str | None = None) -> None:
+    # jsonargparse calls its actions with its own parser and Namespace, narrower than argparse.Action declares
+    def __call__(  # type: ignore[override]
+        self, parser: ArgumentParser, cfg: Namespace, values: Any, option_string: str | None = None
+    ) -> None:
         try:
             run = flat_detector_file(values)
         except ValueError as error:
@@ -125,11 +133,6 @@ class RunConfigFile(ActionConfigFile):
             super().__call__(parser, cfg, values, option_string)
         else:
             self.apply_config(parser, cfg, self.dest, yaml.safe_dump(run))
-from hiad_pl.errors import UserError
-from hiad_pl.interrupts import Interrupted, stop_on_signals
-from hiad_pl.launchers import RayOptions
-from hiad_pl.private_apis import parser_destinations
-from hiad_pl.utils.allocator import keep_freed_memory
 
 
 def _run_arguments(parser: ArgumentParser) -> None:
@@ -255,7 +258,7 @@ def to_run_config(cfg: Namespace) -> RunConfig:
 
 def save_config(cfg: Namespace, run_dir: Path) -> None:
     """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    from hiad_pl.io import atomic_write
+    from hiad_pl.run_folder import atomic_write
 
     plain = cfg.as_dict()
     plain.pop("config", None)
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stopping:
             return _run(command, sub)
-    except USER_ERRORS as error:
+    except UserError as error:
         return report_error(command, error, verbose=cfg.verbose, internal=False)
     except Interrupted as stop:
         print(stopped_line(command, stop.signal_name, argv, sub), file=sys.stderr)
@@ -342,7 +345,7 @@ def _run(command: str, sub: Namespace) -> int:
         print("\n".join(commands.list_detectors(sub.modules)))
     elif command == "predict":
         if (sub.run_dir is None) == (sub.export is None):
-            raise ValueError("give either --run_dir (a fitted run) or --export (an exported model)")
+            raise ConfigError("give either --run_dir (a fitted run) or --export (an exported model)")
         if sub.export is not None:
             from hiad_pl.deploy.predictor import predict_export
 
@@ -350,7 +353,7 @@ def _run(command: str, sub: Namespace) -> int:
         else:
             from hiad_pl import commands
 
-            out = commands.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices), sub.strict)
+            out = commands.predict(Path(sub.run_dir), sub.input, Path(sub.output), sub.category, as_list(sub.devices) or (), sub.strict)
         print(f"predictions written to {out}")
     elif command == "serve":
         from hiad_pl.serve import serve_command
@@ -367,7 +370,7 @@ def _run(command: str, sub: Namespace) -> int:
         if command == "tasks":
             commands.print_tasks(config)
         elif command == "fit":
-            from hiad_pl.io import run_folder_lock
+            from hiad_pl.run_folder import run_folder_lock
 
             with run_folder_lock(config.run_dir):
                 commands.check_fit(config)  # a refused fit leaves the folder's config.yaml as it was
@@ -395,11 +398,6 @@ def parse_arguments(parser: ArgumentParser, argv: list[str] | None) -> Namespace
         else:
             sys.stderr.write(text)
         raise
-
-
-#: Errors of input, configuration or environment (exit status 2). hiad-pl's own are UserError;
-#: ValueError and OSError are what its checks and the file system raise for the same causes.
-USER_ERRORS = (UserError, ValueError, OSError)
 
 
 def report_error(command: str, error: BaseException, verbose: bool, internal: bool) -> int:

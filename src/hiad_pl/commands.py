@@ -15,9 +15,10 @@ A run folder holds one model folder per category::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hiad_pl import fit_settings
 from hiad_pl.calibration import calibrate, model_thresholds, plan_holdout, prepare_holdout, threshold_rule
@@ -25,8 +26,11 @@ from hiad_pl.config import RunConfig, import_class, instantiate
 from hiad_pl.data.discovery import CategorySplit, discover
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, as_pair
-from hiad_pl.deploy.files import input_images
 from hiad_pl.decisions import Thresholds
+from hiad_pl.deploy.files import input_images
+from hiad_pl.errors import ConfigError, DatasetError, InputError, MissingFileError, PredictionError
+from hiad_pl.launchers import make_launcher
+from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.outputs import (
     decision_report,
     evaluate_predictions,
@@ -37,9 +41,6 @@ from hiad_pl.outputs import (
     write_scores_csv,
     write_visualizations,
 )
-from hiad_pl.errors import InputError, PredictionError
-from hiad_pl.launchers import make_launcher
-from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task, TaskGenerator
 from hiad_pl.utils.array_store import ArrayStore, Picked
 
@@ -55,7 +56,7 @@ def make_indexes(config: RunConfig) -> list:
     """The patch indexes of the configured image and patch sizes."""
     data = config.data
     if config.fusion_weights is not None and len(config.fusion_weights) != len(data.ds_factors or [0]):
-        raise ValueError(
+        raise ConfigError(
             f"fusion_weights has {len(config.fusion_weights)} values but ds_factors has "
             f"{len(data.ds_factors or [0])}: give one weight per resolution"
         )
@@ -103,7 +104,7 @@ def validation_config(config: RunConfig) -> ValidationConfig | None:
     section = {k: v for k, v in dict(config.validation or {}).items() if v is not None}
     if not section.get("anomaly_syn_fn"):
         if set(section) - {"val_sample_ratio", "normalization"}:  # more than the defaults: a forgotten synthesiser
-            raise ValueError("validation needs anomaly_syn_fn: {class_path: hiad_pl.syn.RandomBoxSynthesizer, init_args: {p: 0.5}}")
+            raise ConfigError("validation needs anomaly_syn_fn: {class_path: hiad_pl.syn.RandomBoxSynthesizer, init_args: {p: 0.5}}")
         return None
     from hiad_pl.metrics import resolve_evaluator
 
@@ -205,7 +206,7 @@ def test(config: RunConfig) -> dict[str, dict]:
     splits = splits_of(config, test=True)
     for split in splits:
         if not split.test:
-            raise ValueError(f"{config.data.root}: category {split.name!r} has no test images")
+            raise DatasetError(f"{config.data.root}: category {split.name!r} has no test images")
     # every category's maps in one store: in memory up to its budget, on disk beyond it
     maps = ArrayStore(sum(len(split.test) for split in splits))
     decisions: dict[str, dict] = {}
@@ -239,7 +240,7 @@ def saved_image_size(run_dir: Path) -> tuple[int, int]:
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a run folder (no config.yaml); run `hiad-pl fit` first")
+        raise MissingFileError(f"{path}: not a run folder (no config.yaml); run `hiad-pl fit` first")
     data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
     return as_pair(data.get("image_size", 2048), "image_size")
 
@@ -260,7 +261,7 @@ def run_categories(run_dir: Path) -> list[str]:
     """The fitted categories of a run folder (folders holding a tasks.json)."""
     categories = sorted(p.parent.name for p in Path(run_dir).glob("*/tasks.json"))
     if not categories:
-        raise FileNotFoundError(f"{run_dir}: no fitted category (no */tasks.json)")
+        raise MissingFileError(f"{run_dir}: no fitted category (no */tasks.json)")
     return categories
 
 
@@ -269,10 +270,10 @@ def choose_category(run_dir: Path, category: str | None) -> str:
     categories = run_categories(run_dir)
     if category is None:
         if len(categories) > 1:
-            raise ValueError(f"{run_dir} holds several categories {categories}: choose one with --category")
+            raise ConfigError(f"{run_dir} holds several categories {categories}: choose one with --category")
         return categories[0]
     if category not in categories:
-        raise ValueError(f"category {category!r} is not in {run_dir}; available: {categories}")
+        raise ConfigError(f"category {category!r} is not in {run_dir}; available: {categories}")
     return category
 
 
@@ -349,7 +350,7 @@ def list_detectors(modules: Sequence[str] = ()) -> list[str]:
         try:
             importlib.import_module(module)
         except ImportError as error:
-            raise ValueError(f"detectors --modules: cannot import {module!r}: {error}") from error
+            raise ConfigError(f"detectors --modules: cannot import {module!r}: {error}") from error
     return describe_detectors()
 
 

@@ -26,14 +26,15 @@ import functools
 import importlib
 import inspect
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from hiad_pl.data.synthesis import AnomalySynthesizer
-from hiad_pl.launchers import RayOptions
+from hiad_pl.errors import ConfigError, InputError, UserError
 from hiad_pl.private_apis import parser_destinations
 
 #: Keys that size a branch's input; they are not detector arguments.
@@ -59,7 +60,7 @@ def import_class(path: str) -> type:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"cannot import {path!r}: {error}") from error
+        raise ConfigError(f"cannot import {path!r}: {error}") from error
 
 
 def class_path(cls: type) -> str:
@@ -106,12 +107,12 @@ def validate_options(cls: type, options: Mapping[str, Any], section: str) -> dic
     """``options`` checked against ``cls``'s typed signature and converted to its types.
 
     Raises:
-        ValueError: naming ``section``, the offending option and the valid ones.
+        ConfigError: naming ``section``, the offending option and the valid ones.
     """
     valid = option_names(cls)
     for name in options:
         if name not in valid:
-            raise ValueError(
+            raise ConfigError(
                 f"{section}: {cls.__name__} has no option {name!r}{did_you_mean(name, valid)}; "
                 f"valid options: {', '.join(valid)}"
             )
@@ -121,14 +122,14 @@ def validate_options(cls: type, options: Mapping[str, Any], section: str) -> dic
     try:
         parsed = _options_parser(cls).parse_object(dict(options), defaults=False)
     except ArgumentError as error:
-        raise ValueError(f"{section}: bad value for {cls.__name__}: {error}") from None
+        raise ConfigError(f"{section}: bad value for {cls.__name__}: {error}") from None
     return {name: _plain(parsed[name]) for name in options}
 
 
 def _settings_type(cls: type, name: str) -> type | None:
     """The dataclass that types ``cls``'s keyword argument ``name`` (alone or in a union), or ``None``."""
     try:
-        hint = typing.get_type_hints(cls.__init__).get(name)
+        hint = typing.get_type_hints(cls.__init__).get(name)  # type: ignore[misc]  # the class, not an instance
     except (NameError, TypeError):  # an annotation that does not resolve here: the parser reports bad values
         return None
     for candidate in typing.get_args(hint) or (hint,):
@@ -189,7 +190,7 @@ def _flat_options(spec: Mapping[str, Any], section: str) -> tuple[str | None, di
     if "init_args" in spec:
         init = spec.pop("init_args") or {}
         if not isinstance(init, Mapping):
-            raise ValueError(f"{section}: init_args must be a mapping, got {init!r}")
+            raise ConfigError(f"{section}: init_args must be a mapping, got {init!r}")
         spec = {**spec, **init}
     return path, spec
 
@@ -198,7 +199,7 @@ def branch_config(cls: type, spec: Mapping[str, Any] | None, section: str) -> Br
     """One branch of a tutorial config (flat HiAD options) or of a CLI ``detector`` section."""
     path, options = _flat_options(spec or {}, section)
     if path is not None and detector_class_of(path) is not cls:
-        raise ValueError(f"{section}: class_path {path!r} is not the detector {class_path(cls)}")
+        raise ConfigError(f"{section}: class_path {path!r} is not the detector {class_path(cls)}")
     size = None
     for key in SIZE_KEYS:
         if key in options:
@@ -220,11 +221,11 @@ def load_detector_file(path: str | Path) -> dict[str, Any]:
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ValueError(f"{path}: cannot read the detector file ({error.strerror})") from None
+        raise InputError(f"{path}: cannot read the detector file ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(content, dict):
-        raise ValueError(f"{path}: a detector file holds a mapping of options, got {type(content).__name__}")
+        raise ConfigError(f"{path}: a detector file holds a mapping of options, got {type(content).__name__}")
     return content
 
 
@@ -244,11 +245,11 @@ class DetectorConfig:
     def branch(self, thumbnail: bool) -> BranchConfig:
         """The thumbnail or the patch branch."""
         if thumbnail and self.thumbnail is None:
-            raise ValueError("a thumbnail task needs a thumbnail config (thumbnail_size and its detector options)")
+            raise ConfigError("a thumbnail task needs a thumbnail config (thumbnail_size and its detector options)")
         return self.thumbnail if thumbnail else self.patch  # type: ignore[return-value]
 
     @staticmethod
-    def from_tutorial(detector_class: type | str | None, config: Mapping[str, Any] | None) -> "DetectorConfig":
+    def from_tutorial(detector_class: type | str | None, config: Mapping[str, Any] | None) -> DetectorConfig:
         """The tutorial's ``{'patch': {...}, 'thumbnail': {...}}`` (or the patch section alone).
 
         Each section is a flat detector file (HiAD's option names) plus ``patch_size`` /
@@ -256,13 +257,13 @@ class DetectorConfig:
         the files name it (``class_path``).
         """
         if not config:
-            raise ValueError("the detector config is empty: give {'patch': {...detector options, 'patch_size': ...}}")
+            raise ConfigError("the detector config is empty: give {'patch': {...detector options, 'patch_size': ...}}")
         config = dict(config)
         if "patch" not in config:
             config = {"patch": config}
         unknown = set(config) - {"patch", "thumbnail"}
         if unknown:
-            raise ValueError(f"config has unknown sections {sorted(unknown)}; expected 'patch' and optionally 'thumbnail'")
+            raise ConfigError(f"config has unknown sections {sorted(unknown)}; expected 'patch' and optionally 'thumbnail'")
         patch, thumbnail = dict(config["patch"] or {}), config.get("thumbnail")
         if _is_cli_config(patch):
             base = DetectorConfig.from_cli(patch, detector_class)
@@ -274,7 +275,7 @@ class DetectorConfig:
         return DetectorConfig(base.detector_class, base.patch, _tutorial_thumbnail(base.detector_class, thumbnail))
 
     @staticmethod
-    def from_cli(run: Mapping[str, Any], detector_class: type | str | None = None) -> "DetectorConfig":
+    def from_cli(run: Mapping[str, Any], detector_class: type | str | None = None) -> DetectorConfig:
         """The ``detector`` / ``data.patch_size`` / ``thumbnail`` sections of a CLI config."""
         spec = dict(run["detector"])
         cls = _chosen_class(detector_class, spec.get("class_path"), "detector")
@@ -303,14 +304,14 @@ def _tutorial_thumbnail(cls: type, thumbnail: Mapping[str, Any]) -> BranchConfig
     else:
         branch = branch_config(cls, thumbnail, "config['thumbnail']")
     if branch.size is None:
-        raise ValueError("config['thumbnail'] needs 'thumbnail_size'")
+        raise ConfigError("config['thumbnail'] needs 'thumbnail_size'")
     return branch
 
 
 def _chosen_class(given: type | str | None, named: str | None, section: str) -> type:
     """The detector class given to the trainer, else the one the config names."""
     if given is None and named is None:
-        raise ValueError(f"{section}: no detector: pass detector_class (e.g. HRPatchCore) or give class_path")
+        raise ConfigError(f"{section}: no detector: pass detector_class (e.g. HRPatchCore) or give class_path")
     return detector_class_of(given if given is not None else named)  # type: ignore[arg-type]
 
 
@@ -334,7 +335,7 @@ def _specs(value: Any, section: str) -> list[Mapping[str, Any]]:
         if isinstance(item, Namespace):
             item = item.as_dict()
         if not isinstance(item, Mapping) or "class_path" not in item:
-            raise ValueError(
+            raise ConfigError(
                 f"{section}: give {{class_path: ..., init_args: {{...}}}} (one is built for every task), got {item!r}"
             )
         specs.append(item)
@@ -352,18 +353,24 @@ def instantiate(spec: Mapping[str, Any] | str, section: str = "config", **defaul
     cls = import_class(spec["class_path"])
     kwargs = {**defaults, **dict(spec.get("init_args") or {})}
     check_arguments(cls, kwargs, section)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:
+        # what a constructor rejects here are the values of the config section it was built from
+        raise ConfigError(f"{section}: bad init_args for {cls.__name__}: {error}") from error
 
 
 def check_arguments(cls: type, kwargs: Mapping[str, Any], section: str) -> None:
-    """Raise a ValueError naming ``section`` when ``cls`` cannot be called with ``kwargs``."""
+    """Raise a ConfigError naming ``section`` when ``cls`` cannot be called with ``kwargs``."""
     signature = inspect.signature(cls)
     accepted = [p for p in signature.parameters if p not in ("args", "kwargs")]
     try:
         signature.bind(**kwargs)
     except TypeError as error:
         hints = "".join(did_you_mean(k, accepted) for k in kwargs if k not in accepted)
-        raise ValueError(
+        raise ConfigError(
             f"{section}: bad init_args for {cls.__name__} ({error}){hints}; it accepts: {', '.join(accepted)}"
         ) from None
 
@@ -412,7 +419,7 @@ def check_trainer_options(options: Mapping[str, Any]) -> None:
     """Refuse Trainer options that hiad-pl sets for every task."""
     clash = sorted(set(options) & set(RESERVED_TRAINER_KEYS))
     if clash:
-        raise ValueError(f"trainer options {clash} are set by hiad-pl per task; choose devices with gpu_ids/devices")
+        raise ConfigError(f"trainer options {clash} are set by hiad-pl per task; choose devices with gpu_ids/devices")
 
 
 # ------------------------------------------------------------------ the run
@@ -557,6 +564,39 @@ class EvaluationConfig:
 
 
 @dataclass
+class RayOptions:
+    """Settings of the Ray launcher.
+
+    Args:
+        address: an existing cluster (``auto``: the one this machine belongs to; ``ray://host:10001``);
+            ``None`` starts a local cluster for the run and stops it after.
+        num_cpus: CPUs of the local cluster (default: all of this machine's); ignored with ``address``.
+        cpus_per_task: CPUs each task fit or scoring shard asks for.
+        gpus_per_task: GPUs each task fit or scoring shard asks for (0: CPU only).
+        max_retries: how often a task whose worker died is started again (it resumes from its last epoch).
+        shards: scoring shards of the test images (default: one per ``cpus_per_task`` CPUs of the cluster).
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+    max_retries: int = 3
+    shards: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_task <= 0:
+            raise ConfigError(f"ray cpus_per_task must be positive, got {self.cpus_per_task}")
+        if self.gpus_per_task < 0:
+            raise ConfigError(f"ray gpus_per_task must be >= 0, got {self.gpus_per_task}")
+        if self.max_retries < 0:
+            raise ConfigError(f"ray max_retries must be >= 0, got {self.max_retries}")
+        if self.shards is not None and self.shards <= 0:
+            raise ConfigError(f"ray shards must be positive, got {self.shards}")
+
+
+
+@dataclass
 class RunConfig:
     """Everything `fit` and `test` need: the parsed CLI config."""
 
@@ -594,7 +634,7 @@ class RunConfig:
         )
 
     @staticmethod
-    def from_dict(plain: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(plain: Mapping[str, Any]) -> RunConfig:
         """A parsed CLI config (as a dict) -> :class:`RunConfig`."""
         return RunConfig(
             run_dir=Path(plain["run_dir"]),
@@ -613,5 +653,5 @@ class RunConfig:
             resume=plain.get("resume", True),
             refit=plain.get("refit", False),
             launcher=plain.get("launcher", "local"),
-            ray=plain.get("ray") or {},
+            ray=plain.get("ray") or RayOptions(),
         )

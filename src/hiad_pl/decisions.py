@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 #: The thresholds of a category model, in its folder next to ``checkpoints/``.
 THRESHOLDS_FILE = "thresholds.json"
@@ -76,7 +77,7 @@ class Thresholds:
         low, high = (float(v) for v in self.display)
         self.display = (low, high if high > low else low + 1e-6)
 
-    def decide(self, score: float) -> "Decision":
+    def decide(self, score: float) -> Decision:
         """The decision on an image score."""
         return Decision(NG if float(score) > self.image else OK, float(score), self.image)
 
@@ -86,7 +87,10 @@ class Thresholds:
 
     def describe(self) -> str:
         """One line: the two thresholds, their scale and rule."""
-        basis = ", ".join(f"{k} {v}" for k, v in self.details.items() if isinstance(v, (int, float, str)) and k not in ("settings_key", "checkpoints"))
+        basis = ", ".join(
+            f"{k} {v}" for k, v in self.details.items()
+            if isinstance(v, (int, float, str)) and k not in ("settings_key", "checkpoints")
+        )
         return f"image {self.image:.6g}, pixel {self.pixel:.6g} on {self.scale} scores ({self.rule}{'; ' + basis if basis else ''})"
 
     def todict(self) -> dict[str, Any]:
@@ -96,7 +100,7 @@ class Thresholds:
         return out
 
     @staticmethod
-    def fromdict(data: dict[str, Any], source: str = "thresholds") -> "Thresholds":
+    def fromdict(data: dict[str, Any], source: str = "thresholds") -> Thresholds:
         """Read :meth:`todict`'s dict; a missing or bad field is named with ``source``."""
         try:
             return Thresholds(
@@ -113,7 +117,7 @@ class Thresholds:
         return path
 
     @staticmethod
-    def load(folder: str | Path) -> "Thresholds | None":
+    def load(folder: str | Path) -> Thresholds | None:
         """The thresholds stored in ``folder`` (``None`` when it holds none)."""
         path = Path(folder) / THRESHOLDS_FILE
         if not path.is_file():

@@ -30,6 +30,10 @@ class InputError(UserError, ValueError):
     """An input file or folder is missing, unreadable or inconsistent."""
 
 
+class MissingFileError(InputError, FileNotFoundError):
+    """A file or folder that a command needs does not exist (a run folder, weights, a texture folder)."""
+
+
 class ImageReadError(InputError):
     """An image or mask file is missing, unreadable, truncated or inconsistent."""
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from itertools import islice
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -357,7 +358,7 @@ class InferencePipeline:
 
         if self.prefetch == 0:
             for sample_id, sample in enumerate(samples):
-                decoded = result(sample_id, lambda: self.decode(sample, sample_id))
+                decoded = result(sample_id, lambda sample=sample, sample_id=sample_id: self.decode(sample, sample_id))
                 if decoded is not None:
                     yield decoded
             return

@@ -13,7 +13,7 @@ Where the stop lands:
   Ctrl-C): :func:`lightning_stop` turns that back into :class:`Interrupted`;
 - anywhere else (data discovery, task generation, scoring, writing results) the
   signal raises :class:`Interrupted` where the program is. Every file is written
-  atomically (:func:`hiad_pl.io.atomic_write`), so a stop in mid-write leaves the
+  atomically (:func:`hiad_pl.run_folder.atomic_write`), so a stop in mid-write leaves the
   previous file.
 """
 
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 #: The signals that stop a run.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -27,16 +27,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+# RayOptions lives with the other config dataclasses; imported here, it stays importable from here
+from hiad_pl.config import RayOptions
+from hiad_pl.errors import ConfigError
+from hiad_pl.inference import Prediction
+
 if TYPE_CHECKING:
     from hiad_pl.data.sample import HRSample
-    from hiad_pl.orchestrator import Prediction, TaskOrchestrator, ValidationConfig
+    from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig
     from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
@@ -44,52 +49,20 @@ log = logging.getLogger("hiad_pl")
 LAUNCHERS = ("local", "ray")
 
 
-@dataclass
-class RayOptions:
-    """Settings of the Ray launcher.
-
-    Args:
-        address: an existing cluster (``auto``: the one this machine belongs to; ``ray://host:10001``);
-            ``None`` starts a local cluster for the run and stops it after.
-        num_cpus: CPUs of the local cluster (default: all of this machine's); ignored with ``address``.
-        cpus_per_task: CPUs each task fit or scoring shard asks for.
-        gpus_per_task: GPUs each task fit or scoring shard asks for (0: CPU only).
-        max_retries: how often a task whose worker died is started again (it resumes from its last epoch).
-        shards: scoring shards of the test images (default: one per ``cpus_per_task`` CPUs of the cluster).
-    """
-
-    address: str | None = None
-    num_cpus: int | None = None
-    cpus_per_task: float = 1.0
-    gpus_per_task: float = 0.0
-    max_retries: int = 3
-    shards: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.cpus_per_task <= 0:
-            raise ValueError(f"ray cpus_per_task must be positive, got {self.cpus_per_task}")
-        if self.gpus_per_task < 0:
-            raise ValueError(f"ray gpus_per_task must be >= 0, got {self.gpus_per_task}")
-        if self.max_retries < 0:
-            raise ValueError(f"ray max_retries must be >= 0, got {self.max_retries}")
-        if self.shards is not None and self.shards <= 0:
-            raise ValueError(f"ray shards must be positive, got {self.shards}")
-
-
 class Launcher:
     """Runs task fits and image scoring somewhere."""
 
     def fit(
         self,
-        orchestrator: "TaskOrchestrator",
-        tasks: Sequence["Task"],
-        samples: Sequence["HRSample"],
-        val_config: "ValidationConfig | None",
+        orchestrator: TaskOrchestrator,
+        tasks: Sequence[Task],
+        samples: Sequence[HRSample],
+        val_config: ValidationConfig | None,
     ) -> None:
         """Fit every task of ``tasks`` (each writes its final checkpoint)."""
         raise NotImplementedError
 
-    def predict(self, orchestrator: "TaskOrchestrator", samples: Sequence["HRSample"]) -> Iterator["Prediction"]:
+    def predict(self, orchestrator: TaskOrchestrator, samples: Sequence[HRSample]) -> Iterator[Prediction]:
         """Predictions of ``samples`` in input order."""
         raise NotImplementedError
 
@@ -116,7 +89,7 @@ class LocalLauncher(Launcher):
             for done, future in enumerate(futures, 1):
                 log.info("task %s fitted (%d/%d)", future.result(), done, len(futures))
 
-    def predict(self, orchestrator, samples) -> Iterator["Prediction"]:
+    def predict(self, orchestrator, samples) -> Iterator[Prediction]:
         """Score on the first device, one image at a time."""
         yield from orchestrator.predict(samples, self.devices[0])
 
@@ -184,10 +157,8 @@ class RayLauncher(Launcher):
                 ray.shutdown()
 
     # ----------------------------------------------------------------- predict
-    def predict(self, orchestrator, samples) -> Iterator["Prediction"]:
+    def predict(self, orchestrator, samples) -> Iterator[Prediction]:
         """Shard ``samples`` over Ray tasks (each loads the run once); yields in input order."""
-        from hiad_pl.orchestrator import Prediction
-
         ray = import_ray()
         started = self._connect()
         try:
@@ -223,7 +194,7 @@ def make_launcher(name: str | Launcher, devices: Sequence[str], ray: RayOptions 
         if options is not None and options.gpus_per_task == 0 and any(d.startswith("cuda") for d in devices):
             options = RayOptions(**{**vars(options), "gpus_per_task": 1.0})
         return RayLauncher(options)
-    raise ValueError(f"launcher must be one of {LAUNCHERS}, got {name!r}")
+    raise ConfigError(f"launcher must be one of {LAUNCHERS}, got {name!r}")
 
 
 def import_ray() -> Any:
@@ -252,12 +223,12 @@ def _claim_device(queue: Any, threads: int) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
 
-def _fit_in_worker(orchestrator: "TaskOrchestrator", task: "Task", samples: list, val_config: Any) -> str:
+def _fit_in_worker(orchestrator: TaskOrchestrator, task: Task, samples: list, val_config: Any) -> str:
     orchestrator.fit_task(task, samples, _WORKER_DEVICE, val_config, progress=False)
     return task.name
 
 
-def _ray_fit_task(orchestrator: "TaskOrchestrator", task: "Task", samples: list, val_config: Any, device: str, threads: int) -> str:
+def _ray_fit_task(orchestrator: TaskOrchestrator, task: Task, samples: list, val_config: Any, device: str, threads: int) -> str:
     """Fit one task on a Ray worker; a retry after a final checkpoint was written does nothing."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -267,7 +238,7 @@ def _ray_fit_task(orchestrator: "TaskOrchestrator", task: "Task", samples: list,
     return "fitted"
 
 
-def _ray_predict_shard(orchestrator: "TaskOrchestrator", samples: list, first_id: int, device: str) -> list[tuple[int, float, np.ndarray]]:
+def _ray_predict_shard(orchestrator: TaskOrchestrator, samples: list, first_id: int, device: str) -> list[tuple[int, float, np.ndarray]]:
     """Score one contiguous shard: (sample id, image score, float16 map) per image."""
     orchestrator.load(device)
     return [

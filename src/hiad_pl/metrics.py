@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from hiad_pl import curves
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.errors import ConfigTypeError
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 from hiad_pl.utils.array_store import Picked
 
 __all__ = [
@@ -97,8 +97,8 @@ __all__ = [
 
 log = logging.getLogger("hiad_pl")
 
-ArrayLike = Union[np.ndarray, Tensor]
-Device = Union[torch.device, str, None]
+ArrayLike = np.ndarray | Tensor
+Device = torch.device | str | None
 Mode = Literal["auto", "exact", "binned"]
 Evaluator = Callable[..., Mapping[str, float]]
 
@@ -894,7 +894,7 @@ def _evaluator_name(evaluator: Evaluator) -> str:
 
 # -------------------------------------------------------------------------- reports
 
-MetricValues = dict[str, Union[float, None]]
+MetricValues = dict[str, float | None]
 _TABLE_ORDER = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1", "pro")
 MEAN_ROW = "mean"
 

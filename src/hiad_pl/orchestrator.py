@@ -24,17 +24,21 @@ import logging
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from hiad_pl import fit_settings
+from hiad_pl.checkpoint_io import AtomicCheckpointIO
 from hiad_pl.config import (
     DetectorConfig,
+    RayOptions,
     check_trainer_options,
     class_path,
     import_class,
@@ -44,13 +48,18 @@ from hiad_pl.config import (
 from hiad_pl.data.datamodule import MIN_RELIABLE_VALIDATION_PATCHES, HighResDataModule, split_validation
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, as_pair, check_context_margin
-from hiad_pl.checkpoint_io import AtomicCheckpointIO
-from hiad_pl import fit_settings
-from hiad_pl.errors import ConfigError
+from hiad_pl.errors import ConfigError, DatasetError, MissingFileError, UserError
 from hiad_pl.inference import InferencePipeline, Prediction, share_frozen_backbones
 from hiad_pl.interrupts import lightning_stop
-from hiad_pl.io import LOCK_NAME, atomic_write, check_checkpoint, load_checkpoint, locks_root, remove_stale_temporaries
-from hiad_pl.launchers import Launcher, RayOptions, make_launcher
+from hiad_pl.launchers import Launcher, make_launcher
+from hiad_pl.run_folder import (
+    LOCK_NAME,
+    atomic_write,
+    check_checkpoint,
+    load_checkpoint,
+    locks_root,
+    remove_stale_temporaries,
+)
 from hiad_pl.tasks.base import Task, load_tasks, save_tasks, thumbnail_task
 from hiad_pl.tasks.retrieval import retrieval_train_items
 from hiad_pl.utils.allocator import keep_freed_memory
@@ -108,14 +117,14 @@ def resolve_devices(devices: Sequence[int | str] | int | str | None) -> list[str
     for device in devices:
         if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
             if not torch.cuda.is_available():
-                raise ValueError(f"GPU id {device} requested but CUDA is not available; use gpu_ids=[] for CPU")
+                raise ConfigError(f"GPU id {device} requested but CUDA is not available; use gpu_ids=[] for CPU")
             if int(device) >= torch.cuda.device_count():
-                raise ValueError(f"GPU id {device} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+                raise ConfigError(f"GPU id {device} requested but only {torch.cuda.device_count()} GPU(s) are visible")
             resolved.append(f"cuda:{int(device)}")
         elif str(device) == "cpu" or str(device).startswith("cuda"):
             resolved.append(str(device))
         else:
-            raise ValueError(f"unknown device {device!r}: use GPU ids (0, 1, ...) or 'cpu'")
+            raise ConfigError(f"unknown device {device!r}: use GPU ids (0, 1, ...) or 'cpu'")
     return resolved
 
 
@@ -162,18 +171,18 @@ class ValidationConfig:
         from hiad_pl.callbacks import NORMALIZATION_SCOPES
 
         if self.normalization not in NORMALIZATION_SCOPES:
-            raise ValueError(f"val_config normalization must be one of {NORMALIZATION_SCOPES}, got {self.normalization!r}")
+            raise ConfigError(f"val_config normalization must be one of {NORMALIZATION_SCOPES}, got {self.normalization!r}")
 
     @staticmethod
-    def from_any(value: "ValidationConfig | dict | None") -> "ValidationConfig | None":
+    def from_any(value: ValidationConfig | dict | None) -> ValidationConfig | None:
         """Accept the tutorial's dict or an instance."""
         if value is None or isinstance(value, ValidationConfig):
             return value
         unknown = set(value) - {"anomaly_syn_fn", "val_sample_ratio", "max_patch_number", "evaluators", "normalization"}
         if unknown:
-            raise ValueError(f"val_config has unknown keys {sorted(unknown)}")
+            raise ConfigError(f"val_config has unknown keys {sorted(unknown)}")
         if "anomaly_syn_fn" not in value:
-            raise ValueError("val_config needs 'anomaly_syn_fn' (a synthesiser from hiad_pl.syn)")
+            raise ConfigError("val_config needs 'anomaly_syn_fn' (a synthesiser from hiad_pl.syn)")
         return ValidationConfig(**value)
 
 
@@ -257,7 +266,7 @@ class TaskOrchestrator:
         self.context_margin = check_context_margin(context_margin)
         check_trainer_options(self.trainer_kwargs)
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         unknown = sorted(set(self.trainer_kwargs) - set(inspect.signature(L.Trainer).parameters))
         if unknown:
             raise ConfigError(f"trainer: unknown lightning.Trainer options {unknown}")
@@ -299,8 +308,11 @@ class TaskOrchestrator:
             kwargs["fusion_weights"] = fusion
         try:
             return self.detector_class(input_size=size, **kwargs)
-        except TypeError as error:
-            raise ValueError(f"{self.detector_class.__name__}: bad config for task {task.name!r}: {error}") from error
+        except UserError:
+            raise
+        except (TypeError, ValueError) as error:
+            # the constructor's arguments all come from the config: what it rejects is a config value
+            raise ConfigError(f"{self.detector_class.__name__}: bad config for task {task.name!r}: {error}") from error
 
     def check(self) -> None:
         """Fail before any training on a bad config (unknown backbone, unreachable weights, ...)."""
@@ -393,7 +405,8 @@ class TaskOrchestrator:
         The old contents are first renamed into one hidden folder (each rename is atomic),
         the new settings file replaces the old one only after that, and the hidden folder is
         deleted last; the old settings file goes only after every model has gone: a crash
-        leaves old models under their own settings, or none, never old models under new settings. A leftover hidden folder is deleted by the next fit.
+        leaves old models under their own settings, or none, never old models under new settings.
+        A leftover hidden folder is deleted by the next fit.
         """
         if not self.root.is_dir():
             return
@@ -418,8 +431,8 @@ class TaskOrchestrator:
         devices: Sequence[int | str] | None = None,
         val_config: ValidationConfig | dict | None = None,
         resume: bool = True,
-        launcher: "str | Launcher" = "local",
-        ray: "RayOptions | dict | None" = None,
+        launcher: str | Launcher = "local",
+        ray: RayOptions | dict | None = None,
         refit: bool = False,
         settings: dict[str, Any] | None = None,
     ) -> list[Path]:
@@ -433,10 +446,10 @@ class TaskOrchestrator:
         its models are discarded and every task is fitted again.
         A model folder that another live process is fitting is refused.
         ``launcher`` says where the fits run (``local`` processes or ``ray``, see
-        :mod:`hiad_pl.launchers`; ``ray`` takes :class:`~hiad_pl.launchers.RayOptions`).
+        :mod:`hiad_pl.launchers`; ``ray`` takes :class:`~hiad_pl.config.RayOptions`).
         """
         if not train_samples:
-            raise ValueError("no training samples")
+            raise DatasetError("no training samples")
         devices = resolve_devices(devices)
         val_config = ValidationConfig.from_any(val_config)
         if val_config is None and any(t.is_thumbnail for t in self.tasks):
@@ -453,7 +466,7 @@ class TaskOrchestrator:
         else:
             self.check_settings(current)
         if not resume and any((self.root / "checkpoints").glob("**/*.ckpt")):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.root} already holds checkpoints: resume, refit (--refit true), or choose another run folder"
             )
         self.root.mkdir(parents=True, exist_ok=True)
@@ -654,7 +667,8 @@ class TaskOrchestrator:
 
     def _finish_fit(self, trainer: L.Trainer, detector: L.LightningModule, data: HighResDataModule) -> None:
         """Hook after fitting: restore the best validated weights when a selector kept them."""
-        for callback in trainer.callbacks:
+        # Trainer.callbacks is public but assigned by Lightning's callback connector, undeclared on the class
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
             restore = getattr(callback, "restore_best", None)
             if callable(restore):
                 restore(trainer, detector)
@@ -674,7 +688,7 @@ class TaskOrchestrator:
         margins: set[int] = set()
         missing = [t.name for t in self.tasks if not self.checkpoint_path(t).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
+            raise MissingFileError(f"{self.root}: tasks {missing} have no checkpoint; run fit first")
         for task in self.tasks:
             path = self.checkpoint_path(task)
             checkpoint = load_checkpoint(path, task.name)
@@ -739,7 +753,7 @@ class TaskOrchestrator:
             context_margin=self.context_margin,
         )
 
-    def detached(self) -> "TaskOrchestrator":
+    def detached(self) -> TaskOrchestrator:
         """A copy without loaded detectors, cheap to send to another process."""
         clone = copy.copy(self)
         clone._detectors, clone._normalization = {}, {}

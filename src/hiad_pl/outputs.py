@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.decisions import NO_THRESHOLDS, Thresholds, confusion, counts_to_metrics
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
+from hiad_pl.errors import DatasetError
 from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
 from hiad_pl.utils.array_store import ArrayStore
@@ -55,8 +56,9 @@ def write_visualizations(
     for sample, anomaly_map, score in zip(samples, maps, scores):
         with sample:
             truth = sample.full_mask() if sample.mask is not None else None
+            kind = sample.label_name or ("defect" if sample.resolved_label() == 1 else "good")
             panel = render_panel(sample.image.open(), anomaly_map.astype(np.float32), truth, vis_size, display,
-                                 float(score), thresholds, title=f"truth: {sample.label_name or ('defect' if sample.resolved_label() == 1 else 'good')}")
+                                 float(score), thresholds, title=f"truth: {kind}")
         path = Path(folder) / (sample.clsname or "unknown") / f"{visual_name(sample)}.png"
         save_png(panel, path)
         written.append(path)
@@ -78,7 +80,7 @@ def evaluate_predictions(
     labels = np.array([s.resolved_label() for s in samples])
     if (labels < 0).any():
         unknown = [s.get_image_path() for s, label in zip(samples, labels) if label < 0][:3]
-        raise ValueError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
+        raise DatasetError(f"evaluation needs a label or mask for every test image; unknown for e.g. {unknown}")
     # decoded once; past a smaller budget than the maps' on disk (a mask reads back cheaply)
     masks = ArrayStore(len(samples), memory_limit=MASKS_MEMORY_LIMIT)
     for index, sample in enumerate(samples):

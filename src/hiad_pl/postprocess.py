@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,8 @@ def gaussian_blur(anomaly_map: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch
         return anomaly_map
     radius = int(4 * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).tolist()
+    weights = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = (weights / weights.sum()).tolist()
     maps = anomaly_map.float()[None] if anomaly_map.ndim == 2 else anomaly_map.float()
     for dim in (2, 1):
         maps = _blur_axis(maps, kernel, radius, dim)
@@ -99,7 +100,7 @@ class ImageScore:
             raise ValueError(f"image-score k must be an integer >= 1, got {self.k!r}")
 
     @classmethod
-    def of(cls, value: "ImageScore | Mapping[str, Any] | None", default: "ImageScore | None" = None) -> "ImageScore":
+    def of(cls, value: ImageScore | Mapping[str, Any] | None, default: ImageScore | None = None) -> ImageScore:
         """``value`` as an :class:`ImageScore`: a mapping overrides the fields of ``default`` it names; ``None`` is ``default``.
 
         Raises:

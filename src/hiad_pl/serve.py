@@ -35,11 +35,12 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -114,7 +115,7 @@ class RunScorer:
         self.extent = (max((m.x + m.width for m in mains), default=1), max((m.y + m.height for m in mains), default=1))
 
     @staticmethod
-    def from_run(run_dir: str | Path, category: str | None = None, devices: Sequence[int | str] = ()) -> "RunScorer":
+    def from_run(run_dir: str | Path, category: str | None = None, devices: Sequence[int | str] = ()) -> RunScorer:
         """Load a run folder written by ``hiad-pl fit`` (as ``hiad-pl predict`` does)."""
         from hiad_pl.commands import load_run
 
@@ -319,7 +320,11 @@ def create_app(scorer: RunScorer, config: ServeConfig | None = None) -> FastAPI:
             raise RequestError(422, f"map_format must be one of {list(MAP_FORMATS)}, got {map_format!r}")
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
-            raise RequestError(415, f"POST /predict takes multipart/form-data with a file field 'image', got content-type {content_type or 'none'!r}")
+            raise RequestError(
+                415,
+                "POST /predict takes multipart/form-data with a file field 'image', "
+                f"got content-type {content_type or 'none'!r}",
+            )
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes + 65536:
             raise RequestError(413, f"upload of {int(length)} bytes exceeds max_upload_mb={config.max_upload_mb:g}")
@@ -391,7 +396,7 @@ class Service:
         """Serve until interrupted (Ctrl-C)."""
         self.server.run()
 
-    def start(self, timeout_s: float = 60.0) -> "Service":
+    def start(self, timeout_s: float = 60.0) -> Service:
         """Serve in a daemon thread; returns once the server listens."""
         self._thread = threading.Thread(target=self.server.run, name="hiad-serve", daemon=True)
         self._thread.start()
@@ -408,7 +413,7 @@ class Service:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,9 +15,10 @@ from hiad_pl.calibration import (
     prepare_holdout,
     threshold_rule,
 )
-from hiad_pl.config import DEFAULT_CONTEXT_MARGIN, DetectorConfig, ThresholdSection
+from hiad_pl.config import DEFAULT_CONTEXT_MARGIN, DetectorConfig, RayOptions, ThresholdSection
 from hiad_pl.data.sample import HRSample
-from hiad_pl.launchers import RayOptions, make_launcher
+from hiad_pl.errors import ConfigError, DatasetError
+from hiad_pl.launchers import make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.outputs import (
     evaluate_predictions,
@@ -45,7 +47,7 @@ class HRTrainer:
     writes no visualisations. ``trainer_kwargs`` may hold ``logger`` and ``callbacks``
     as ``{class_path, init_args}`` specs, built fresh for every task. ``launcher="ray"``
     fits each task as a Ray task and scores test images in shards (``ray_options``:
-    :class:`~hiad_pl.launchers.RayOptions`). ``threshold`` chooses the image and pixel
+    :class:`~hiad_pl.config.RayOptions`). ``threshold`` chooses the image and pixel
     thresholds after training (:class:`~hiad_pl.config.ThresholdSection`; by default F1-adaptive
     on the validation set when ``train`` gets one, else a 1 % false-alarm budget on 10 % of
     the training images, held out of fitting). ``context_margin``: pixels of image context read
@@ -93,7 +95,7 @@ class HRTrainer:
         """The orchestrator behind this trainer (built on first use)."""
         if self._orchestrator is None:
             if not self.config:
-                raise ValueError("HRTrainer needs config={'patch': {...detector options, 'patch_size': ...}}")
+                raise ConfigError("HRTrainer needs config={'patch': {...detector options, 'patch_size': ...}}")
             detectors = DetectorConfig.from_tutorial(self.detector_class, self.config)
             self._orchestrator = TaskOrchestrator(
                 detectors.detector_class,
@@ -122,7 +124,7 @@ class HRTrainer:
         orchestrator = self.orchestrator()
         devices = resolve_devices(gpu_ids)
         if not orchestrator.tasks:
-            raise ValueError("HRTrainer has no tasks: create them with a task generator (e.g. A2OTaskGenerator)")
+            raise ConfigError("HRTrainer has no tasks: create them with a task generator (e.g. A2OTaskGenerator)")
         print(f"Start training, devices: {devices}")
         print(f"Tasks config is saved as: {orchestrator.tasks_path}")
         val_config = ValidationConfig.from_any(val_config)
@@ -151,7 +153,7 @@ class HRTrainer:
         ``evaluators`` (when given), prints the per-class table and returns it.
         """
         if not test_samples:
-            raise ValueError("no test samples")
+            raise DatasetError("no test samples")
         orchestrator = self.orchestrator()
         devices = resolve_devices(gpu_ids)
         device = devices[0]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from hiad_pl.decisions import Thresholds
 from hiad_pl.deploy.files import decision_panel
-from hiad_pl.io import atomic_write
+from hiad_pl.run_folder import atomic_write
 
 #: OpenCV's JET colour map as 256 RGB entries (level 0: dark blue, 255: dark red); exports carry it as a file.
 JET_COLOURS: np.ndarray = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[None], cv2.COLORMAP_JET)[0, :, ::-1].copy()

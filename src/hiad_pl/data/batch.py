@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ class PatchBatch:
         """Whether the batch carries clean patches beside corrupted ones (training-time synthesis)."""
         return self.clean_image is not None
 
-    def clean(self) -> "PatchBatch":
+    def clean(self) -> PatchBatch:
         """The clean patches of a synthetic batch as a batch of their own (zero masks, label 0).
 
         Raises:
@@ -68,7 +69,7 @@ class PatchBatch:
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
-    def to(self, device: torch.device | str) -> "PatchBatch":
+    def to(self, device: torch.device | str) -> PatchBatch:
         """Move every tensor to ``device``."""
         moved = {
             f.name: getattr(self, f.name).to(device)
@@ -78,7 +79,7 @@ class PatchBatch:
         return replace(self, **moved)
 
     @staticmethod
-    def collate(items: list["PatchBatch"]) -> "PatchBatch":
+    def collate(items: list[PatchBatch]) -> PatchBatch:
         """Concatenate per-item batches (each of size 1 or more) into one.
 
         A single batch is returned as it is. A field that is one constant
@@ -87,7 +88,7 @@ class PatchBatch:
         """
         if len(items) == 1:
             return items[0]
-        merged = {}
+        merged: dict[str, Any] = {}
         for f in fields(PatchBatch):
             values = [getattr(item, f.name) for item in items]
             if f.name == "clsname":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -47,7 +47,7 @@ def patch_to_batch(patch: LRPatch, image_id: int = 0, default_label: int = -1) -
     main = patch.main_index
     index = torch.tensor([[0, 0, w, h] if main is None else [main.x, main.y, main.width, main.height]])
     low_images = low_windows = None
-    if patch.low_resolution_images:
+    if patch.low_resolution_images and patch.low_resolution_indexes is not None:
         low_images = torch.stack([image_to_tensor(i) for i in patch.low_resolution_images])[None]
         low_windows = torch.tensor([[[i.x, i.y, i.width, i.height] for i in patch.low_resolution_indexes]])
     return PatchBatch(
@@ -263,7 +263,9 @@ class ImageGroupedSampler(Sampler):
     (one item per image) are shuffled item by item.
     """
 
-    def __init__(self, dataset: Dataset, shuffle: bool, seed: int = 0, tag_epoch: bool = False) -> None:
+    def __init__(
+        self, dataset: PatchDataset | ThumbnailDataset, shuffle: bool, seed: int = 0, tag_epoch: bool = False
+    ) -> None:
         self.dataset = dataset
         self.shuffle = shuffle
         self.seed = seed
@@ -302,7 +304,7 @@ class ImageGroupedSampler(Sampler):
 
 
 def patch_loader(
-    dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = False, seed: int = 0
+    dataset: PatchDataset | ThumbnailDataset, batch_size: int, num_workers: int = 0, shuffle: bool = False, seed: int = 0
 ) -> DataLoader:
     """A loader of :class:`PatchBatch` for a patch or thumbnail dataset."""
     tag_epoch = bool(getattr(dataset, "keep_clean", False))
@@ -406,7 +408,7 @@ class HighResDataModule(L.LightningDataModule):
         cap: int | None,
         items: Sequence[int] | None = None,
         keep_clean: bool = False,
-    ) -> Dataset:
+    ) -> PatchDataset | ThumbnailDataset:
         if self.thumbnail_size is not None:
             validation = synthesizer is not None and not keep_clean
             repeats = math.ceil(MIN_VALIDATION_THUMBNAILS / len(samples)) if validation else 1
@@ -414,7 +416,7 @@ class HighResDataModule(L.LightningDataModule):
         chosen = capped_items(len(samples), len(self.indexes), cap, self.seed, items)
         return PatchDataset(samples, self.indexes, synthesizer, self.seed, chosen, keep_clean, self.context_margin)
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self) -> PatchDataset | ThumbnailDataset:
         """Training patches (normal images only), corrupted by ``train_synthesizer`` when one is set."""
         synthesizer, keep_clean = self.train_synthesizer, self.train_synthesizer is not None
         if self.train_items is not None:

@@ -85,10 +85,11 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -370,7 +371,7 @@ def _rotated_board(rng: np.random.Generator, size: int) -> _Scene:
     canvas, sites = _board(size, _ROTATED_SCALE, pad)
     centre = (size + 2 * pad - 1) / 2
     shift = rng.uniform(-1.0, 1.0, 2) * size * _ROTATED_SHIFT
-    matrix = cv2.getRotationMatrix2D((centre, centre), float(rng.uniform(0.0, 360.0)), 1.0)
+    matrix = np.asarray(cv2.getRotationMatrix2D((centre, centre), float(rng.uniform(0.0, 360.0)), 1.0), dtype=np.float64)
     matrix[:, 2] += shift - pad
     turned = cv2.warpAffine(canvas, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     base = turned * _mottle(rng, size, 0.03)[..., None]

@@ -13,9 +13,9 @@ opens a test image or mask.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from hiad_pl.data.sample import IMAGE_SUFFIXES, HRSample
 from hiad_pl.data.tiling import Size

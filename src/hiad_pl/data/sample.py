@@ -6,9 +6,9 @@ never sits in memory at once. Every reading error names the file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -218,9 +218,9 @@ class HRSample:
         clsname: str | None = None,
         label_name: str | None = None,
     ):
-        self.image_size = None if image_size is None else as_pair(image_size, "image_size")
-        self.image = image if isinstance(image, HRImage) else HRImage(image, self.image_size)
-        self.mask = mask if mask is None or isinstance(mask, HRImage) else HRImage(mask, self.image_size, True)
+        size = None if image_size is None else as_pair(image_size, "image_size")
+        self.image = image if isinstance(image, HRImage) else HRImage(image, size)
+        self.mask = mask if mask is None or isinstance(mask, HRImage) else HRImage(mask, size, True)
         image_wh = self.image.original_size()
         if self.mask is not None:
             mask_wh = self.mask.original_size()
@@ -229,8 +229,8 @@ class HRSample:
                     f"{self.mask.image_path}: mask size {mask_wh[0]}x{mask_wh[1]} differs from "
                     f"image {self.image.image_path} size {image_wh[0]}x{image_wh[1]}"
                 )
-        if self.image_size is None:
-            self.image_size = image_wh
+        #: ``(width, height)`` the image is read at: the given size, or the file's own.
+        self.image_size: tuple[int, int] = image_wh if size is None else size
         self.label = label
         self.clsname = clsname
         self.label_name = label_name
@@ -243,7 +243,7 @@ class HRSample:
         """Path of the image file."""
         return self.image.image_path
 
-    def open(self) -> "HRSample":
+    def open(self) -> HRSample:
         """Decode the image and mask."""
         self.image.open()
         if self.mask is not None:
@@ -256,7 +256,7 @@ class HRSample:
         if self.mask is not None:
             self.mask.close()
 
-    def __enter__(self) -> "HRSample":
+    def __enter__(self) -> HRSample:
         return self.open()
 
     def __exit__(self, *exc) -> None:
@@ -313,7 +313,7 @@ class HRSample:
 
 
 def make_samples(
-    paths: Sequence[Union[str, Path]], image_size: Size | None = None, **kwargs
+    paths: Sequence[str | Path], image_size: Size | None = None, **kwargs
 ) -> list[HRSample]:
     """One :class:`HRSample` per image path."""
     return [HRSample(image=p, image_size=image_size, **kwargs) for p in paths]

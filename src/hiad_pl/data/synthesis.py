@@ -29,8 +29,9 @@ import logging
 import math
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import albumentations as A
 import cv2
@@ -38,6 +39,7 @@ import numpy as np
 
 from hiad_pl.data.sample import IMAGE_SUFFIXES, LRPatch, read_image
 from hiad_pl.data.tiling import HRImageIndex
+from hiad_pl.errors import MissingFileError
 
 Range = tuple[float, float]
 Synthesis = tuple[np.ndarray, np.ndarray]
@@ -77,7 +79,7 @@ def _check_range(value: Sequence[float], name: str, low: float = 0.0) -> Range:
     pair = tuple(float(v) for v in value)
     if len(pair) != 2 or not low <= pair[0] <= pair[1]:
         raise ValueError(f"{name} must be (min, max) with {low} <= min <= max, got {tuple(value)!r}")
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 def _is_fraction(value: Range) -> bool:
@@ -107,7 +109,7 @@ def _list_images(folder: str | Path) -> list[str]:
     """Every image file below ``folder``, sorted so that draws are reproducible."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"anomaly_source {root}: folder not found")
+        raise MissingFileError(f"anomaly_source {root}: folder not found")
     files = sorted(str(f) for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"anomaly_source {root}: no images ({', '.join(IMAGE_SUFFIXES)}) found in the folder")

@@ -8,8 +8,9 @@ image exactly, for any size, stride and shape.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so indexes and crops lo
 
 from hiad_pl.errors import ConfigError
 
-Size = Union[int, Sequence[int]]
+Size = int | Sequence[int]
 
 
 def as_pair(value: Size, name: str = "size") -> tuple[int, int]:
@@ -56,7 +57,7 @@ class HRImageIndex:
         """Row and column slices selecting this rectangle from an ``[H, W, ...]`` array."""
         return slice(self.y, self.y + self.height), slice(self.x, self.x + self.width)
 
-    def contains(self, other: "HRImageIndex") -> bool:
+    def contains(self, other: HRImageIndex) -> bool:
         """Whether ``other`` lies entirely inside this rectangle."""
         return (
             self.x <= other.x
@@ -66,12 +67,12 @@ class HRImageIndex:
         )
 
     @staticmethod
-    def from_dict(d: dict) -> "HRImageIndex":
+    def from_dict(d: dict) -> HRImageIndex:
         """Build an index from :meth:`todict` output."""
         return HRImageIndex(int(d["x"]), int(d["y"]), int(d["width"]), int(d["height"]))
 
     @staticmethod
-    def from_str(s: str) -> "HRImageIndex":
+    def from_str(s: str) -> HRImageIndex:
         """Parse the JSON form produced by ``str()``."""
         return HRImageIndex.from_dict(json.loads(s))
 
@@ -95,7 +96,7 @@ class MultiResolutionIndex:
         return json.dumps(self.todict())
 
     @staticmethod
-    def from_dict(d: dict) -> "MultiResolutionIndex":
+    def from_dict(d: dict) -> MultiResolutionIndex:
         """Build an index from :meth:`todict` output."""
         low = d.get("low_resolution_indexes")
         return MultiResolutionIndex(
@@ -104,7 +105,7 @@ class MultiResolutionIndex:
         )
 
     @staticmethod
-    def from_str(s: str) -> "MultiResolutionIndex":
+    def from_str(s: str) -> MultiResolutionIndex:
         """Parse the JSON form produced by ``str()``."""
         return MultiResolutionIndex.from_dict(json.loads(s))
 
@@ -232,8 +233,9 @@ def crop_with_margin(image: np.ndarray, index: HRImageIndex, margin: int, margin
         return inside.copy()
     pads += [(0, 0)] * (inside.ndim - 2)
     # reflect needs two rows; a one-pixel-thin image can only be repeated
-    mode = "reflect" if min(inside.shape[:2]) > 1 else "edge"
-    return np.pad(inside, pads, mode=mode)
+    if min(inside.shape[:2]) > 1:
+        return np.pad(inside, pads, mode="reflect")
+    return np.pad(inside, pads, mode="edge")
 
 
 def inner_maps(maps: torch.Tensor | np.ndarray, margin: int) -> torch.Tensor | np.ndarray:
@@ -252,6 +254,10 @@ def grid_shape(indexes: Iterable[HRImageIndex | MultiResolutionIndex]) -> tuple[
     return len({m.y for m in mains}), len({m.x for m in mains})
 
 
+@overload
+def crop(image: np.ndarray, index: HRImageIndex) -> np.ndarray: ...
+@overload
+def crop(image: torch.Tensor, index: HRImageIndex) -> torch.Tensor: ...
 def crop(image: np.ndarray | torch.Tensor, index: HRImageIndex) -> np.ndarray | torch.Tensor:
     """The rectangle ``index`` of an ``[H, W, ...]`` array (a view, no copy)."""
     rows, cols = index.slices

@@ -22,8 +22,9 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +33,12 @@ from torch import Tensor, nn
 
 from hiad_pl import __version__
 from hiad_pl.data.batch import PatchBatch
-from hiad_pl.io import atomic_write
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.features import ViTTokenExtractor
 from hiad_pl.detectors.patchcore import HRPatchCore
 from hiad_pl.postprocess import BLUR_SIGMA, normalize_scores
+from hiad_pl.run_folder import atomic_write
 from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")

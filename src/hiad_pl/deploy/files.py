@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hiad_pl.data.sample import IMAGE_SUFFIXES, resize_array
 from hiad_pl.decisions import NG, NO_THRESHOLDS, Thresholds
-from hiad_pl.io import atomic_write
+from hiad_pl.errors import DatasetError, MissingFileError
+from hiad_pl.run_folder import atomic_write
 
 #: ``label`` is OK/NG (empty without thresholds); ``error`` is empty for scored images and says why the others were skipped.
 SCORES_FIELDS = [
@@ -210,7 +211,7 @@ def write_prediction_files(
             "label": thresholds.decide(score).label,
             "image_threshold": f"{thresholds.image:.6g}",
             "pixel_threshold": f"{thresholds.pixel:.6g}",
-            "defect_pixels": int(np.count_nonzero(mask)),
+            "defect_pixels": str(int(np.count_nonzero(mask))),
             "mask": f"{stem}_mask.png",
         })
     atomic_write(folder / f"{stem}_overlay.png", png_bytes(heat, compress_level=1))
@@ -233,11 +234,11 @@ def write_scores_csv(rows: list[dict], path: Path, normalized: bool, thresholds:
 
 def unique_stems(paths: Sequence[str | Path]) -> list[str]:
     """Output names for input images: the file stem, prefixed by folders where stems collide."""
-    paths = [Path(p) for p in paths]
-    stems = [p.stem for p in paths]
+    files = [Path(p) for p in paths]
+    stems = [p.stem for p in files]
     depth = 1
-    while len(set(stems)) < len(stems) and depth < max(len(p.parts) for p in paths):
-        stems = ["_".join(p.parts[-depth - 1 : -1] + (p.stem,)) for p in paths]
+    while len(set(stems)) < len(stems) and depth < max(len(p.parts) for p in files):
+        stems = ["_".join(p.parts[-depth - 1 : -1] + (p.stem,)) for p in files]
         depth += 1
     if len(set(stems)) < len(stems):
         stems = [f"{k:05d}_{stem}" for k, stem in enumerate(stems)]
@@ -251,10 +252,10 @@ def input_images(inputs: Sequence[str | Path]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
             if not found:
-                raise ValueError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise DatasetError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            raise MissingFileError(f"{item}: no such file or folder")
     return files

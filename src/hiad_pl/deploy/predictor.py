@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from hiad_pl.deploy.files import (
     write_prediction_files,
     write_scores_csv,
 )
+from hiad_pl.errors import InputError, MissingFileError, UserError
 
 MANIFEST = "manifest.json"
 #: Manifest versions this predictor reads: 1 scored every export by the 16-px window mean; 2 names the rule.
@@ -126,7 +128,7 @@ def stitch(maps: Sequence[np.ndarray], indexes: Sequence[HRImageIndex], size: tu
         total[rows, cols] += patch_map
         count[rows, cols] += 1
     if (count == 0).any():
-        raise ValueError("the exported indexes do not cover the whole image")
+        raise InputError("the exported indexes do not cover the whole image")
     return (total / count).astype(np.float32)
 
 
@@ -150,11 +152,11 @@ class ExportedModel:
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not an export (no {MANIFEST}); write one with `hiad-pl export`")
+            raise MissingFileError(f"{path}: not an export (no {MANIFEST}); write one with `hiad-pl export`")
         manifest = json.loads(path.read_text())
         version = manifest.get("version")
         if version not in SUPPORTED_VERSIONS:
-            raise ValueError(
+            raise InputError(
                 f"{path}: export version {version!r}, this predictor reads {', '.join(map(str, SUPPORTED_VERSIONS))}"
             )
         self.manifest = manifest
@@ -165,7 +167,7 @@ class ExportedModel:
         def session(graph: str) -> Any:
             file = self.folder / graph
             if not file.is_file():
-                raise FileNotFoundError(f"{file}: graph named in {path} is missing")
+                raise MissingFileError(f"{file}: graph named in {path} is missing")
             return ort.InferenceSession(str(file), options, providers=providers)
 
         self.tasks = [
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = predict_export(args.export, args.input, args.output, args.batch_size)
-    except (ValueError, OSError) as error:
+    except UserError as error:  # bad input only: anything else is a bug, with its traceback
         print(f"hiad_pl.deploy.predictor: error: {error}", file=sys.stderr)
         return 2
     print(f"predictions written to {out}")

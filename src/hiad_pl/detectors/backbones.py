@@ -41,18 +41,19 @@ import importlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiad_pl.detectors.token_pyramid import TOKEN_PYRAMIDS, pyramid_state_dict
-from hiad_pl.errors import WeightsUnavailableError
+from hiad_pl.detectors.token_pyramid import TOKEN_PYRAMIDS, TokenPyramid, pyramid_state_dict
+from hiad_pl.errors import ConfigError, MissingFileError, WeightsUnavailableError
 from hiad_pl.private_apis import (
     convolution_pointwise,
     fused_convolution_available,
@@ -171,11 +172,16 @@ def renormalisation(model: nn.Module) -> tuple[bool, Tensor, Tensor]:
 class TimmFeatureExtractor(nn.Module):
     """A timm ``features_only`` model returning the chosen layers' maps in the order asked for."""
 
+    # a timm features_only model: feature_info is not nn.Module's
+    model: Any
+    _scale: Tensor
+    _shift: Tensor
+
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
         super().__init__()
         self.model = model
         self.layers = list(layers)
-        info = model.feature_info
+        info = self.model.feature_info
         names = info.module_name()
         # timm returns the maps sorted by depth; remember where each asked layer sits.
         sorted_layers = [name for name in names if name in self.layers]
@@ -233,7 +239,7 @@ def _out_indices(timm_name: str, layers: Sequence[str], **model_kwargs: Any) -> 
 
 def _classifier_keys(timm_name: str, model_kwargs: Mapping[str, Any]) -> tuple[dict[str, Tensor], set[str]]:
     """The full model's state-dict shapes (meta tensors) and the keys of its classifier head."""
-    full = skeleton(timm_name, **model_kwargs)
+    full: Any = skeleton(timm_name, **model_kwargs)  # a timm model: pretrained_cfg is not nn.Module's
     heads = full.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     state = full.state_dict()
@@ -263,7 +269,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        raise MissingFileError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -346,7 +352,7 @@ def offline_architecture(backbone: str) -> str:
     return OFFLINE_ARCHITECTURE if backbone == OFFLINE_BACKBONE else f"tf_{backbone}"
 
 
-def offline_state_dict(backbone: str = OFFLINE_BACKBONE) -> "OrderedDict[str, Tensor]":
+def offline_state_dict(backbone: str = OFFLINE_BACKBONE) -> OrderedDict[str, Tensor]:
     """The shipped ImageNet weights of ``backbone`` (a key of :data:`OFFLINE_WEIGHTS`), renamed to timm's keys.
 
     The shipped files have their own key names but the same tensors in the same
@@ -385,7 +391,7 @@ def offline_state_dict(backbone: str = OFFLINE_BACKBONE) -> "OrderedDict[str, Te
     return renamed
 
 
-def offline_lite0_state_dict() -> "OrderedDict[str, Tensor]":
+def offline_lite0_state_dict() -> OrderedDict[str, Tensor]:
     """The shipped EfficientNet-Lite0 ImageNet weights in timm's keys (:func:`offline_state_dict`)."""
     return offline_state_dict(OFFLINE_BACKBONE)
 
@@ -398,7 +404,7 @@ def _snapshot_folder(folder: Path) -> Path:
         return snapshots / ref.read_text().strip()
     found = sorted(p for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
     if len(found) != 1:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"weights folder {str(folder)!r} is a cached hub repository without refs/main and with "
             f"{len(found)} snapshots: name the snapshot folder or its weights file"
         )
@@ -421,23 +427,24 @@ def weights_file(weights: str | Path) -> Path:
         for name in WEIGHT_FILE_NAMES:
             if (folder / name).is_file():
                 return folder / name
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"weights folder {str(folder)!r} holds none of {', '.join(WEIGHT_FILE_NAMES)}"
         )
     if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(
+        raise ConfigError(
             f"weights {str(weights)!r} is neither 'hub', 'offline', 'none', a folder nor a weights file "
             f"(suffix one of {', '.join(WEIGHT_FILE_SUFFIXES)})"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        raise MissingFileError(f"weights file {str(path)!r} does not exist")
     return path
 
 
 def _hub_id(timm_name: str) -> str | None:
     """The Hugging Face repository of ``timm_name``'s default pretrained weights, if any."""
     try:
-        return timm.models.get_pretrained_cfg(timm_name).hf_hub_id or None
+        config = timm.models.get_pretrained_cfg(timm_name)
+        return (config.hf_hub_id if config is not None else None) or None
     except Exception:  # names without a pretrained config
         return None
 
@@ -568,14 +575,16 @@ def _build_token_pyramid(timm_name: str, weights: str, **kwargs: Any) -> nn.Modu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_INIT_SEED)
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    assert isinstance(model, TokenPyramid)  # the names in TOKEN_PYRAMIDS are registered with timm as TokenPyramid
     if weights == "none":
         return model.eval()
+    cnn_state: Mapping[str, Tensor]
     if weights == "offline":
-        state, source = offline_state_dict(cnn.removeprefix("tf_")), "'offline'"
+        cnn_state, source = offline_state_dict(cnn.removeprefix("tf_")), "'offline'"
     else:
         path = weights_file(weights)
-        state, source = read_state_dict(path), f"file {str(path)!r}"
-    state = pyramid_state_dict(state, model)
+        cnn_state, source = read_state_dict(path), f"file {str(path)!r}"
+    state = pyramid_state_dict(cnn_state, model)
     expected = model.state_dict().keys()
     missing = [key for key in expected if key not in state]
     # A full CNN state dict also holds its head (conv_head, bn2, classifier), which the pyramid does not use.
@@ -631,7 +640,7 @@ def _inputs_made_by_convolutions(
     the modules' names; the model's output. Each output is kept until the end so
     that a freed tensor's id, reused by a later one, cannot pair the wrong modules.
     """
-    made_by: dict[int, tuple[nn.Module, Tensor, int]] = {}
+    made_by: dict[int, tuple[nn.Module, Tensor, int | None]] = {}
     fed: dict[nn.Module, list[nn.Module | None]] = {}
     calls: dict[nn.Module, int] = {}
     handles = []
@@ -693,7 +702,10 @@ def _conv_bn_pairs(model: nn.Module, sample: Tensor) -> tuple[list[tuple[nn.Conv
     pairs = []
     for norm, convs in fed.items():
         conv = convs[0]
-        if len(convs) == 1 and conv is not None and calls.get(conv) == 1 and norm.track_running_stats:
+        # the predicates above picked the kinds; isinstance tells the type checker
+        if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)):
+            continue
+        if len(convs) == 1 and calls.get(conv) == 1 and norm.track_running_stats:
             pairs.append((conv, names[norm], norm))
     return pairs, output
 
@@ -799,14 +811,15 @@ class SymmetricSameConv2d(nn.Conv2d):
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, 1,
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        super().__init__(conv.in_channels, conv.out_channels, (kh, kw), (sh, sw), 0, 1,
                          conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             self.weight.copy_(conv.weight)
-            if conv.bias is not None:
+            if self.bias is not None and conv.bias is not None:
                 self.bias.copy_(conv.bias)
         self.weight.requires_grad_(conv.weight.requires_grad)
-        if self.bias is not None:
+        if self.bias is not None and conv.bias is not None:
             self.bias.requires_grad_(conv.bias.requires_grad)
         for rows, columns in ((1, 0), (0, 1), (1, 1)):
             grown = F.pad(conv.weight.detach(), (columns, 0, rows, 0))
@@ -851,7 +864,7 @@ def _post_operation(activation: nn.Module) -> tuple[str, list[float]] | None:
     """oneDNN's name and scalars for ``activation``, or ``None`` when it has none."""
     for kind, name in _FUSED_ACTIVATIONS.items():
         if isinstance(activation, kind):  # ReLU6 is a Hardtanh
-            scalars = [float(activation.min_val), float(activation.max_val)] if name == "hardtanh" else []
+            scalars = [float(activation.min_val), float(activation.max_val)] if isinstance(activation, nn.Hardtanh) else []
             return name, scalars
     return None
 
@@ -871,8 +884,11 @@ class ConvActivation(nn.Module):
         operation = _post_operation(activation)
         if operation is None:
             raise ValueError(f"{type(activation).__name__} has no oneDNN post-operation")
+        if isinstance(conv.padding, str):
+            raise ValueError(f"{type(conv).__name__} with padding {conv.padding!r}: give the padding in pixels")
         self.conv, self.activation = conv, activation
         self._operation, self._scalars = operation
+        self._padding = (int(conv.padding[0]), int(conv.padding[1]))
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
@@ -888,7 +904,7 @@ class ConvActivation(nn.Module):
         if isinstance(conv, SymmetricSameConv2d):
             weight, padding = conv.weight_and_padding(x)
         else:
-            weight, padding = conv.weight, conv.padding
+            weight, padding = conv.weight, self._padding
         return convolution_pointwise(
             x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
             self._operation, self._scalars,
@@ -934,6 +950,7 @@ def fuse_conv_activations(model: nn.Module, sample: Tensor) -> int:
     undo = []
     for conv_name, activation_name in pairs:
         conv, activation = model.get_submodule(conv_name), model.get_submodule(activation_name)
+        assert isinstance(conv, nn.Conv2d)  # _fusable_convolution picked it
         undo.append(_replace_module(model, conv_name, ConvActivation(conv, activation)))
         undo.append(_replace_module(model, activation_name, nn.Identity()))
     try:

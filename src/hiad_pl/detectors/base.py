@@ -28,7 +28,8 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import lightning
 import torch
@@ -45,10 +46,10 @@ DEFAULT_LAYERS: tuple[str, ...] = ("blocks.2", "blocks.4")
 #: State-dict prefix of the backbone inside a detector.
 BACKBONE_PREFIX = "backbone."
 #: Every concrete detector class by its short name (filled as classes are defined).
-DETECTOR_REGISTRY: dict[str, type["HRDetector"]] = {}
+DETECTOR_REGISTRY: dict[str, type[HRDetector]] = {}
 
 
-def register_detector(cls: type["HRDetector"], name: str | None = None) -> type["HRDetector"]:
+def register_detector(cls: type[HRDetector], name: str | None = None) -> type[HRDetector]:
     """Add ``cls`` to :data:`DETECTOR_REGISTRY` under ``name`` (default :attr:`HRDetector.detector_name`).
 
     Re-defining a class of the same module and name (a reloaded module, a
@@ -436,7 +437,7 @@ class HRDetector(lightning.LightningModule, ABC):
 
     # ------------------------------------------------------- Lightning plumbing
 
-    def train(self, mode: bool = True) -> "HRDetector":
+    def train(self, mode: bool = True) -> HRDetector:
         """Set training mode; frozen parts stay in eval mode (their BatchNorm statistics are fixed)."""
         super().train(mode)
         for module in self.frozen_modules.values():

@@ -29,7 +29,8 @@ segmentation input is their products resized to the first layer's grid
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import timm
 import torch

@@ -19,7 +19,8 @@ norm clipped to 0.1, 5000 steps.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -28,8 +29,8 @@ from hiad_pl.detectors.vit_parts import (
     LinearAttentionBlock,
     NoisyBottleneck,
     ViTTokenDetector,
-    check_positive,
     check_grids,
+    check_positive,
     cosine_distance_map,
     global_cosine_loss,
     grid_to_tokens,
@@ -123,7 +124,9 @@ class DinomalyReconstructor(nn.Module):
         return grouped(tokens, self.groups, grid_size), grouped(decoded[::-1], self.groups, grid_size)
 
 
-def dinomaly_loss(targets: Sequence[Tensor], reconstructions: Sequence[Tensor], step: int, ramp_steps: int = HARD_MINING_RAMP_STEPS) -> Tensor:
+def dinomaly_loss(
+    targets: Sequence[Tensor], reconstructions: Sequence[Tensor], step: int, ramp_steps: int = HARD_MINING_RAMP_STEPS
+) -> Tensor:
     """Global cosine loss with hard mining at the share of optimiser ``step`` (see :func:`hard_mining_share`)."""
     share = hard_mining_share(step, HARD_MINING_SHARE, ramp_steps)
     return global_cosine_loss(targets, reconstructions, hard_mining_rule(share, HARD_MINING_FACTOR))

@@ -31,8 +31,9 @@ reference. A detector that trains its backbone must build a private one with
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -85,17 +86,22 @@ class ViTTokenExtractor(nn.Module):
         layers: block names ``blocks.<i>`` (or plain indices ``"<i>"``), in the order returned.
     """
 
+    # a timm vision transformer: blocks, patch_embed and forward_intermediates are not nn.Module's
+    model: Any
+    _scale: Tensor
+    _shift: Tensor
+
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
         super().__init__()
         self.model = model
         self.layers = list(layers)
-        self.block_indices = [block_index(name, len(model.blocks)) for name in self.layers]
-        embed = model.patch_embed
+        self.block_indices = [block_index(name, len(self.model.blocks)) for name in self.layers]
+        embed = self.model.patch_embed
         # A hybrid's patch embedding (a CNN stem) reduces by its feature stride times its patch size.
         patch = embed.feat_ratio(as_scalar=False) if hasattr(embed, "feat_ratio") else embed.patch_size
         #: ``(height, width)`` of one patch token in pixels.
         self.patch_size: tuple[int, int] = (int(patch[0]), int(patch[1]))
-        width = int(getattr(model, "embed_dim", 0) or model.num_features)
+        width = int(getattr(model, "embed_dim", 0) or self.model.num_features)
         self.channels: list[int] = [width] * len(self.layers)
         self.reductions: list[int] = [self.patch_size[0]] * len(self.layers)
         self.renormalises, scale, shift = renormalisation(model)
@@ -188,7 +194,7 @@ class FeatureSettings:
         weights: str = "hub",
         kind: str = "auto",
         model_kwargs: Mapping[str, Any] | None = None,
-    ) -> "FeatureSettings":
+    ) -> FeatureSettings:
         """Settings from config values (lists and dicts accepted)."""
         if kind not in FEATURE_KINDS:
             raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
@@ -235,7 +241,7 @@ def check_sample(extractor: TimmFeatureExtractor) -> Tensor:
     return torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
 
 
-_SHARED: "OrderedDict[FeatureSettings, nn.Module]" = OrderedDict()
+_SHARED: OrderedDict[FeatureSettings, nn.Module] = OrderedDict()
 
 
 def shared_feature_extractor(settings: FeatureSettings) -> nn.Module:

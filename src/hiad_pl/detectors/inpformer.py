@@ -22,7 +22,8 @@ to 1e-4, gradient norm clipped to 0.1.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F

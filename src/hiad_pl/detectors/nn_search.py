@@ -40,8 +40,8 @@ import functools
 import logging
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from torch import Tensor
 try:
     import faiss
 except ImportError:  # faiss is optional: torch does the search without it
-    faiss = None
+    faiss = None  # type: ignore[assignment]  # the optional module's stand-in
 
 #: Distance-matrix entries per chunk of the torch backend (64M floats = 256 MB).
 TORCH_CHUNK_ELEMENTS = 1 << 26
@@ -463,17 +463,17 @@ class NearestNeighbourIndex:
         uses_faiss = kind == "hnsw" or (kind == "exact" and self.backend == "faiss-gpu")
         self._index = self._build_faiss(vectors) if uses_faiss else None
 
-    def _build_faiss(self, vectors: Tensor) -> "faiss.Index":
+    def _build_faiss(self, vectors: Tensor) -> faiss.Index:
         """A faiss index of ``vectors``: HNSW (CPU), or flat (moved to their GPU for ``faiss-gpu``)."""
         faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
         data = _as_float32_numpy(vectors)
         if self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, HNSW_LINKS)
-            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            index.hnsw.efSearch = HNSW_EF_SEARCH
-            index.add(data)
-            return index  # faiss has no GPU HNSW
-        index = faiss.IndexFlatL2(self.dim)
+            hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_LINKS)
+            hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            hnsw.hnsw.efSearch = HNSW_EF_SEARCH
+            hnsw.add(data)
+            return hnsw  # faiss has no GPU HNSW
+        index: faiss.Index = faiss.IndexFlatL2(self.dim)
         index.add(data)
         if self.backend == "faiss-gpu":
             self._gpu_resources = faiss.StandardGpuResources()

@@ -27,8 +27,9 @@ The cost grows as ``P * d^2``: WideResNet-50 ``layer2``/``layer3`` with
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

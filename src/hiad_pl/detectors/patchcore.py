@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -17,8 +17,9 @@ after 80 % of the epochs, gradients clipped to norm 5.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed

@@ -5,23 +5,24 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from hiad_pl.data.sample import HRSample
 
-ImageLike = Union[str, Path, np.ndarray, HRSample]
+ImageLike = str | Path | np.ndarray | HRSample
 
 
 def _resize(image: np.ndarray, image_size: int | Sequence[int] | None) -> np.ndarray:
     """Bilinear resize to ``image_size`` (width, height or one side), as the original client does."""
     if image_size is None:
         return image
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     return np.array(Image.fromarray(image).resize(size, resample=Image.Resampling.BILINEAR))
 
 

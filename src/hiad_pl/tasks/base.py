@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex, Size, as_pair, grid_shape
-from hiad_pl.io import atomic_write
+from hiad_pl.errors import InputError, MissingFileError
+from hiad_pl.run_folder import atomic_write
 
 THUMBNAIL_TASK = "thumbnail"
 
@@ -51,7 +53,7 @@ class Task:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Task":
+    def from_dict(d: dict[str, Any]) -> Task:
         """Inverse of :meth:`todict`."""
         size = d.get("thumbnail_size")
         return Task(
@@ -81,9 +83,9 @@ def load_tasks(path: str | Path) -> list[Task]:
         data = json.loads(path.read_text(encoding="utf-8"))
         return [Task.from_dict(d) for d in data]
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path}: tasks file not found") from error
+        raise MissingFileError(f"{path}: tasks file not found") from error
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: malformed tasks file ({error})") from error
+        raise InputError(f"{path}: malformed tasks file ({error})") from error
 
 
 def task_layout(tasks: Sequence[Task]) -> str:
@@ -105,8 +107,8 @@ def task_layout(tasks: Sequence[Task]) -> str:
     lines = [f"Row: {rows}, Column: {columns}, Patch Number: {len(owner)}, Task Number: {len(patch_tasks)}"]
     for y in ys:
         lines.append("|" + "|".join(cell(by_position.get((y, x), "-")) for x in xs) + "| ")
-    if any(t.is_thumbnail for t in tasks):
-        thumb = next(t for t in tasks if t.is_thumbnail)
+    thumb = next((t for t in tasks if t.is_thumbnail), None)
+    if thumb is not None and thumb.thumbnail_size is not None:
         lines.append(f"+ {thumb.name}: whole image at {thumb.thumbnail_size[0]}x{thumb.thumbnail_size[1]}")
     return "\n".join(lines)
 
@@ -138,10 +140,10 @@ class FeatureTaskGenerator(TaskGenerator):
 
     def __init__(
         self,
-        detector_class: type | str,
+        detector_class: type | str | None,
         detector_config: dict[str, Any] | None = None,
         batch_size: int = 8,
-        device: Sequence[int] | None = None,
+        device: Sequence[int | str] | None = None,
         feature_resolution: int | tuple[int, int] = 1,
         fusion_weights: Sequence[float] | None = None,
     ) -> None:

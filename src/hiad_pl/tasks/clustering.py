@@ -9,7 +9,8 @@ unaligned images use :class:`~hiad_pl.tasks.retrieval.RetrieveTaskGenerator`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -32,7 +33,9 @@ def position(index: MultiResolutionIndex) -> tuple[int, int]:
     return index.main_index.y, index.main_index.x
 
 
-def groups_by_label(indexes: Sequence[MultiResolutionIndex], labels: Sequence[int]) -> list[list[MultiResolutionIndex]]:
+def groups_by_label(
+    indexes: Sequence[MultiResolutionIndex], labels: Sequence[int] | np.ndarray
+) -> list[list[MultiResolutionIndex]]:
     """Indexes grouped by label, each group row-major, groups ordered by their first position.
 
     The order makes task numbering independent of the arbitrary label values a

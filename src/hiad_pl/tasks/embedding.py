@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,13 +26,17 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import patch_to_batch
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionIndex
+from hiad_pl.errors import ConfigError, DatasetError, InputError, UserError
 from hiad_pl.tasks.base import FeatureTaskGenerator
+
+if TYPE_CHECKING:
+    from hiad_pl.detectors.base import HRDetector
 
 
 def load_detector_class(detector_class: type | str | None, owner: str = "task generator") -> type:
     """The detector class itself; a string is a short name (``patchcore``), class name or import path."""
     if detector_class is None:
-        raise ValueError(
+        raise ConfigError(
             f"{owner} needs a detector_class (e.g. HRPatchCore) and detector_config to embed patches; "
             "pass them, or let the CLI fill them in from the 'detector' section"
         )
@@ -42,7 +47,7 @@ def load_detector_class(detector_class: type | str | None, owner: str = "task ge
     try:
         return get_detector(str(detector_class))
     except ValueError as error:
-        raise ValueError(f"{owner}: {error}") from error
+        raise ConfigError(f"{owner}: {error}") from error
 
 
 def resolve_device(device: Sequence[int | str] | int | str | None) -> torch.device:
@@ -56,29 +61,31 @@ def resolve_device(device: Sequence[int | str] | int | str | None) -> torch.devi
     first = devices[0]
     if isinstance(first, int) or str(first).isdigit():
         if not torch.cuda.is_available():
-            raise ValueError(f"GPU id {first} requested but CUDA is not available; use device=[] for CPU")
+            raise ConfigError(f"GPU id {first} requested but CUDA is not available; use device=[] for CPU")
         return torch.device(f"cuda:{int(first)}")
     try:
         return torch.device(str(first))
     except RuntimeError as error:
-        raise ValueError(f"unknown device {first!r}: use GPU ids (0, 1, ...) or 'cpu'") from error
+        raise ConfigError(f"unknown device {first!r}: use GPU ids (0, 1, ...) or 'cpu'") from error
 
 
-def build_embedding_detector(generator: FeatureTaskGenerator, indexes: Sequence[MultiResolutionIndex]) -> nn.Module:
+def build_embedding_detector(generator: FeatureTaskGenerator, indexes: Sequence[MultiResolutionIndex]) -> HRDetector:
     """A detector built from a generator's ``detector_class``/``detector_config``, sized to the patches."""
     owner = type(generator).__name__
     cls = load_detector_class(generator.detector_class, owner)
     try:
         kwargs = patch_options(cls, generator.detector_config)
     except ValueError as error:
-        raise ValueError(f"{owner}: bad detector_config: {error}") from error
+        raise ConfigError(f"{owner}: bad detector_config: {error}") from error
     if generator.fusion_weights is not None:
         kwargs["fusion_weights"] = list(generator.fusion_weights)
     main = indexes[0].main_index
     try:
         detector = cls(input_size=(main.width, main.height), **kwargs)
-    except TypeError as error:
-        raise ValueError(f"{owner}: bad detector_config for {cls.__name__}: {error}") from error
+    except UserError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{owner}: bad detector_config for {cls.__name__}: {error}") from error
     return detector.eval()
 
 
@@ -100,7 +107,7 @@ def check_indexes_fit(samples: Sequence[HRSample], indexes: Sequence[MultiResolu
     for sample in samples:
         width, height = sample.image_size
         if width < right or height < bottom:
-            raise ValueError(
+            raise InputError(
                 f"{sample.get_image_path()}: image size {width}x{height} is smaller than the "
                 f"{right}x{bottom} area the patch indexes cover"
             )
@@ -133,13 +140,13 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def embed_batch(detector: nn.Module, batch: PatchBatch, feature_resolution: tuple[int, int]) -> Tensor:
+def embed_batch(detector: HRDetector, batch: PatchBatch, feature_resolution: tuple[int, int]) -> Tensor:
     """``[B, D]`` embeddings of one batch, computed on the detector's device."""
     return pool_features(detector.fused_embedding(batch.to(module_device(detector))), feature_resolution)
 
 
 def iter_patch_embeddings(
-    detector: nn.Module,
+    detector: HRDetector,
     samples: Sequence[HRSample],
     indexes: Sequence[MultiResolutionIndex],
     batch_size: int,
@@ -155,13 +162,13 @@ def iter_patch_embeddings(
 
 def _prepared(
     generator: FeatureTaskGenerator, samples: Sequence[HRSample], indexes: Sequence[MultiResolutionIndex]
-) -> nn.Module:
+) -> HRDetector:
     """Validate the inputs and build the detector on the generator's first device."""
     owner = type(generator).__name__
     if not samples:
-        raise ValueError(f"{owner}: no training samples to embed")
+        raise DatasetError(f"{owner}: no training samples to embed")
     if not indexes:
-        raise ValueError(f"{owner}: no patch indexes to assign: check image_size and patch_size")
+        raise ConfigError(f"{owner}: no patch indexes to assign: check image_size and patch_size")
     check_indexes_fit(samples, indexes)
     return build_embedding_detector(generator, indexes).to(resolve_device(generator.device))
 
@@ -192,4 +199,5 @@ def index_embeddings(
         positions = torch.arange(start, start + len(chunk)) % len(indexes)
         sums.index_add_(0, positions, chunk.double())
         start += len(chunk)
+    assert sums is not None  # _prepared refuses empty samples and indexes
     return F.normalize(sums, dim=1).float().numpy()

@@ -37,12 +37,13 @@ Centres carry ``D = channels * cells`` values; the cells of a square
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import patch_to_batch
@@ -51,6 +52,9 @@ from hiad_pl.data.tiling import MultiResolutionIndex
 from hiad_pl.tasks.base import FeatureTaskGenerator, Task
 from hiad_pl.tasks.clustering import check_cluster_number, kmeans_labels, position, warn_if_fewer
 from hiad_pl.tasks.embedding import module_device, patch_batches, patch_embeddings, pool_features
+
+if TYPE_CHECKING:
+    from hiad_pl.detectors.base import HRDetector
 
 
 def nearest_center(embeddings: Tensor, centers: Tensor) -> Tensor:
@@ -68,11 +72,11 @@ def stacked_centers(tasks: Sequence[Task]) -> tuple[Tensor, Tensor]:
     missing = [t.name for t in tasks if not t.centers]
     if missing:
         raise ValueError(f"retrieval routing needs centres in every patch task; {missing} have none (tasks.json)")
-    centers = [torch.as_tensor(c, dtype=torch.float32) for t in tasks for c in t.centers]
+    centers = [torch.as_tensor(c, dtype=torch.float32) for t in tasks for c in t.centers or ()]
     dims = {c.numel() for c in centers}
     if len(dims) != 1 or any(c.ndim != 1 for c in centers):
         raise ValueError(f"retrieval centres must be vectors of one length, got lengths {sorted(dims)} (tasks.json)")
-    owners = torch.tensor([k for k, t in enumerate(tasks) for _ in t.centers])
+    owners = torch.tensor([k for k, t in enumerate(tasks) for _ in t.centers or ()])
     return torch.stack(centers), owners
 
 
@@ -102,7 +106,7 @@ def route_features(features: Sequence[Tensor], tasks: Sequence[Task]) -> Tensor:
     return feature_similarities(features, tasks).argmax(dim=1)
 
 
-def task_similarities(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
+def task_similarities(detector: HRDetector, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
     """``[N, T]`` cosine similarity of each patch of ``batches`` to each task (its nearest centre), in order."""
     device = module_device(detector)
     stacked_centers(tasks)  # checks the centres before any patch is embedded
@@ -113,13 +117,13 @@ def task_similarities(detector: nn.Module, batches: Iterable[PatchBatch], tasks:
     return torch.cat(rows) if rows else torch.zeros(0, len(tasks))
 
 
-def assign_batches(detector: nn.Module, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
+def assign_batches(detector: HRDetector, batches: Iterable[PatchBatch], tasks: Sequence[Task]) -> Tensor:
     """Position in ``tasks`` of the task each patch of ``batches`` is routed to, in order."""
     return task_similarities(detector, batches, tasks).argmax(dim=1)
 
 
 def route_by_retrieval(
-    detector: nn.Module, sample: HRSample, patch_tasks: Sequence[Task], batch_size: int = 8, context_margin: int = 0
+    detector: HRDetector, sample: HRSample, patch_tasks: Sequence[Task], batch_size: int = 8, context_margin: int = 0
 ) -> list[tuple[Task, list[MultiResolutionIndex]]]:
     """The indexes of ``sample`` each task scores: every patch goes to the task of its nearest centre.
 
@@ -142,7 +146,7 @@ def route_by_retrieval(
 
 
 def retrieval_train_items(
-    detector: nn.Module,
+    detector: HRDetector,
     samples: Sequence[HRSample],
     patch_tasks: Sequence[Task],
     batch_size: int = 8,
@@ -247,8 +251,8 @@ class RetrieveTaskGenerator(FeatureTaskGenerator):
             raise ValueError(f"{owner}: cluster_number={self.cluster_number} exceeds the {patches} training patches")
         embeddings = patch_embeddings(self, train_samples, indexes)  # [images, indexes, D]
         flat = torch.from_numpy(embeddings.reshape(-1, embeddings.shape[-1]))
-        _, centers = kmeans_labels(flat.numpy(), self.cluster_number, self.seed)
-        centers = F.normalize(torch.from_numpy(centers).float(), dim=1)
+        _, kmeans_centers = kmeans_labels(flat.numpy(), self.cluster_number, self.seed)
+        centers = F.normalize(torch.from_numpy(kmeans_centers).float(), dim=1)
         labels = nearest_center(flat, centers).numpy()
         # Centres that win no training patch under the cosine rule would be tasks with nothing to learn.
         used = np.unique(labels)

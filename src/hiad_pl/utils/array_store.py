@@ -15,8 +15,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence, overload
+from typing import overload
 
 import numpy as np
 

@@ -13,7 +13,8 @@ names (``pixel_pro`` next to ``pro``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from hiad_pl import metrics as _metrics
 from hiad_pl.metrics import UndefinedMetricError
@@ -22,7 +23,7 @@ from hiad_pl.metrics import UndefinedMetricError
 HIAD_RESULT_NAMES = {"pro": "pixel_pro"}
 
 
-def tutorial_evaluator(evaluator: Callable[..., dict]) -> Callable[..., dict]:
+def tutorial_evaluator(evaluator: Callable[..., Mapping[str, float]]) -> Callable[..., dict[str, float]]:
     """``evaluator`` callable with keywords and the inputs it uses alone; results under both names."""
 
     @functools.wraps(evaluator)

@@ -19,16 +19,16 @@ import socket
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Union
-
+from typing import IO, Any
 
 from hiad_pl.errors import CheckpointError, RunFolderLockedError, WriteError
 
 log = logging.getLogger("hiad_pl")
 
-Content = Union[bytes, str, Callable[[IO[bytes]], None]]
+Content = bytes | str | Callable[[IO[bytes]], None]
 LOCK_NAME = ".hiad-pl.lock"
 _HELD_LOCKS: set[Path] = set()  # folders this process has locked (a nested lock of one folder is a no-op)
 
