@@ -522,17 +522,9 @@ def seam_statistics(maps: Iterable[np.ndarray], labels: Iterable[int], image_siz
     """
     import torch
 
-    from hiad_pl.data.tiling import HRImageSpliter
+    from hiad_pl.data.tiling import seam_band
 
-    width, height = image_size
-    band = np.zeros((height, width), bool)
-    for index in HRImageSpliter(image_size, patch_size):
-        for x in (index.x, index.x + index.width):
-            if 0 < x < width:
-                band[:, max(0, x - SEAM_BAND) : x + SEAM_BAND] = True
-        for y in (index.y, index.y + index.height):
-            if 0 < y < height:
-                band[max(0, y - SEAM_BAND) : y + SEAM_BAND, :] = True
+    band = seam_band(image_size, patch_size, SEAM_BAND)
     if not band.any():
         return {}
     ratios, hits = [], []

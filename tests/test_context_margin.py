@@ -16,10 +16,10 @@ from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import (
     HRImageIndex,
-    HRImageSpliter,
     MultiResolutionHRImageSpliter,
     crop_with_margin,
     inner_maps,
+    seam_band,
 )
 from hiad_pl.errors import ConfigError
 from hiad_pl.orchestrator import TaskOrchestrator, collect
@@ -39,14 +39,7 @@ def woven_texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def seam_ratio(maps: list[np.ndarray], size: int, patch: int) -> float:
     """Mean score within :data:`SEAM_BAND` px of an interior patch border over the mean elsewhere (1: no seam)."""
-    band = np.zeros((size, size), bool)
-    for index in HRImageSpliter(size, patch):
-        for edge in (index.x, index.x + index.width):
-            if 0 < edge < size:
-                band[:, max(0, edge - SEAM_BAND) : edge + SEAM_BAND] = True
-        for edge in (index.y, index.y + index.height):
-            if 0 < edge < size:
-                band[max(0, edge - SEAM_BAND) : edge + SEAM_BAND, :] = True
+    band = seam_band(size, patch, SEAM_BAND)
     return float(np.mean([m[band].mean() / m[~band].mean() for m in maps]))
 
 

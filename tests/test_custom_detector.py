@@ -71,7 +71,8 @@ def test_custom_detector_through_hrtrainer(small_demo: Path, tmp_path: Path) -> 
     checkpoints = trainer.train(train_samples=split.train, gpu_ids=[])
     assert len(checkpoints) == 4 and all(path.is_file() for path in checkpoints)
     state = torch.load(checkpoints[0], weights_only=True)["state_dict"]
-    assert state["mean_features"].shape == (40, 32, 32)  # blocks.2: 40 channels at stride 8
+    # blocks.2: 40 channels at stride 8 of the 256-px patch widened by the default 16-px context margin
+    assert state["mean_features"].shape == (40, 36, 36)
 
     scores, maps = trainer.inference(test_samples=split.test, return_results_only=True, gpu_ids=[])
     labels = np.array([s.label for s in split.test])

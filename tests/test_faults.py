@@ -324,7 +324,7 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
     tasks = [Task(f"task_{k}", indexes=grid[2 * k : 2 * k + 2], centers=[[float(k)]]) for k in range(2)]
     calls: list[int] = []
 
-    def route(detector, samples, patch_tasks, batch_size=8, top_k=None):  # stands in for embedding every patch
+    def route(detector, samples, patch_tasks, batch_size=8, top_k=None, context_margin=0):  # stands in for embedding
         calls.append(len(samples))
         count = len(samples) * len(grid)
         return list(grid), {t.name: [i for i in range(count) if i % len(patch_tasks) == k] for k, t in enumerate(patch_tasks)}

@@ -123,7 +123,13 @@ def validate_options(cls: type, options: Mapping[str, Any], section: str) -> dic
         parsed = _options_parser(cls).parse_object(dict(options), defaults=False)
     except ArgumentError as error:
         raise ConfigError(f"{section}: bad value for {cls.__name__}: {error}") from None
-    return {name: _plain(parsed[name]) for name in options}
+    plain = {name: _plain(parsed[name]) for name in options}
+    # a nested setting keeps only the keys given: the detector's own defaults fill the rest
+    return {
+        name: {k: v for k, v in value.items() if k in options[name]}
+        if isinstance(value, dict) and isinstance(options[name], Mapping) else value
+        for name, value in plain.items()
+    }
 
 
 def _settings_type(cls: type, name: str) -> type | None:

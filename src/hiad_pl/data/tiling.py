@@ -238,6 +238,20 @@ def crop_with_margin(image: np.ndarray, index: HRImageIndex, margin: int, margin
     return np.pad(inside, pads, mode="edge")
 
 
+def seam_band(image_size: int | tuple[int, int], patch_size: int | tuple[int, int], width: int = 8) -> np.ndarray:
+    """``[H, W]`` mask of the pixels within ``width`` px of an interior patch border (where seams show)."""
+    full_width, full_height = as_pair(image_size, "image_size")
+    band = np.zeros((full_height, full_width), bool)
+    for index in HRImageSpliter((full_width, full_height), patch_size):
+        for x in (index.x, index.x + index.width):
+            if 0 < x < full_width:
+                band[:, max(0, x - width) : x + width] = True
+        for y in (index.y, index.y + index.height):
+            if 0 < y < full_height:
+                band[max(0, y - width) : y + width, :] = True
+    return band
+
+
 def inner_maps(maps: torch.Tensor | np.ndarray, margin: int) -> torch.Tensor | np.ndarray:
     """Maps ``[..., h + 2m, w + 2m]`` of patches read with context ``margin`` cropped to the patches (a view).
 
