@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hiad_pl import fit_settings
 from hiad_pl.calibration import (
     calibrate,
     model_thresholds,
@@ -38,6 +39,7 @@ from hiad_pl.deploy.files import (
     outline_width,
     overlay,
 )
+from hiad_pl.errors import InputError
 from hiad_pl.inference import Prediction
 from hiad_pl.orchestrator import ValidationConfig
 from hiad_pl.syn import RandomBoxSynthesizer
@@ -87,8 +89,15 @@ def test_thresholds_round_trip_decide_and_mask(tmp_path: Path) -> None:
     assert path.name == THRESHOLDS_FILE and Thresholds.load(tmp_path) == thresholds
     assert Thresholds.load(tmp_path / "none") is None
     path.write_text(json.dumps({"image": 1.0}))
-    with pytest.raises(ValueError, match=f"{THRESHOLDS_FILE}: not valid thresholds"):
+    with pytest.raises(InputError, match=f"{THRESHOLDS_FILE}: not valid thresholds"):
         Thresholds.load(tmp_path)
+    path.write_text("{truncated")  # a bad file is the user's to mend (exit 2), named with the way out
+    with pytest.raises(InputError, match=f"{THRESHOLDS_FILE}: not valid JSON .*rerun fit"):
+        Thresholds.load(tmp_path)
+    settings = tmp_path / "fit_settings.json"
+    settings.write_text("{truncated")
+    with pytest.raises(InputError, match="fit_settings.json: not valid JSON .*--refit true"):
+        fit_settings.load(settings)
 
 
 # ------------------------------------------------------------ rules through calibrate, on a stub model

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from hiad_pl.run_folder import atomic_write
+from hiad_pl.errors import InputError
+from hiad_pl.run_folder import atomic_write, read_json
 
 #: The thresholds of a category model, in its folder next to ``checkpoints/``.
 THRESHOLDS_FILE = "thresholds.json"
@@ -108,7 +109,7 @@ class Thresholds:
                 tuple(data["display"]), dict(data.get("details") or {}),
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source}: not valid thresholds ({type(error).__name__}: {error})") from error
+            raise InputError(f"{source}: not valid thresholds ({type(error).__name__}: {error})") from error
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/thresholds.json`` atomically."""
@@ -120,13 +121,8 @@ class Thresholds:
     def load(folder: str | Path) -> Thresholds | None:
         """The thresholds stored in ``folder`` (``None`` when it holds none)."""
         path = Path(folder) / THRESHOLDS_FILE
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from error
-        return Thresholds.fromdict(data, str(path))
+        data = read_json(path, "delete it and rerun fit to choose the thresholds again")
+        return None if data is None else Thresholds.fromdict(data, str(path))
 
 
 @dataclass

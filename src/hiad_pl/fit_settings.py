@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from hiad_pl.errors import ConfigError
+from hiad_pl.run_folder import read_json
 
 SETTINGS_NAME = "fit_settings.json"
 #: The training images a model folder holds out of fitting for its thresholds: kept through a refit
@@ -123,12 +124,9 @@ def _shown(value: Any) -> str:
 
 def load(path: Path) -> dict[str, Any] | None:
     """The settings saved in ``path`` (``None`` when there is no file)."""
-    if not path.is_file():
+    saved = read_json(path, "rerun with --refit true to fit again")
+    if saved is None:
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: unreadable fit settings ({error}); rerun with --refit true to fit again") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise ConfigError(f"{path}: not a fit settings file; rerun with --refit true to fit again")
     return saved["settings"]

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from hiad_pl.errors import CheckpointError, RunFolderLockedError, WriteError
+from hiad_pl.errors import CheckpointError, InputError, RunFolderLockedError, WriteError
 
 log = logging.getLogger("hiad_pl")
 
@@ -74,6 +74,21 @@ def atomic_write(path: str | Path, content: Content) -> Path:
         raise
     _sync_folder(path.parent)
     return path
+
+
+def read_json(path: str | Path, remedy: str) -> Any | None:
+    """The JSON a run folder keeps in ``path``; ``None`` when there is no such file.
+
+    Raises:
+        InputError: naming the file and ``remedy`` when it is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error}); {remedy}") from None
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
