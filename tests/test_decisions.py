@@ -173,6 +173,16 @@ def test_normal_fpr_thresholds_are_the_quantiles_of_held_out_normal_images(tmp_p
     assert model_thresholds(model) is None
 
 
+def test_pixel_sampling_of_large_maps_is_announced_with_its_numbers(tmp_path: Path, monkeypatch, caplog) -> None:
+    from hiad_pl import calibration
+
+    monkeypatch.setattr(calibration, "PIXELS_PER_IMAGE", 64)  # the 16 x 16 stub maps hold 256 pixels
+    held = flat_images(tmp_path / "held", [10, 20, 30, 40])
+    with caplog.at_level("WARNING", logger="hiad_pl"):
+        calibrate(StubOrchestrator(tmp_path / "model"), ThresholdSection(rule="normal_fpr"), "normal_fpr", "cpu", [], held, None)
+    assert "sample of 64 of the 256 pixels of each map (25.0%)" in caplog.text
+
+
 def test_f1_adaptive_thresholds_on_synthetic_defects_of_the_validation_images(tmp_path: Path) -> None:
     train = flat_images(tmp_path / "train", [10, 12, 14, 16, 18, 20, 22, 24, 26, 28], size=32)
     model = StubOrchestrator(tmp_path / "model", normalized=True)

@@ -162,8 +162,14 @@ def _score(
         sample = samples[k]
         mask = None if sample.mask is None else sample.mask.open()
         scores[k] = prediction.score
+        full = prediction.anomaly_map.numel()
         pixels[k], truths[k] = _pixel_sample(prediction.anomaly_map.numpy(), np.random.default_rng([seed, k]), mask)
         sample.close()
+        if full > PIXELS_PER_IMAGE and k == 0:
+            log.warning(
+                "pixel thresholds from a seeded uniform sample of %d of the %d pixels of each map (%.1f%%)",
+                PIXELS_PER_IMAGE, full, 100 * PIXELS_PER_IMAGE / full,
+            )
     return scores, pixels, truths
 
 
