@@ -455,6 +455,8 @@ BACKBONE = {"backbone_name": "efficientnet_lite0", "weights": "offline", "layers
 #: The ViT detectors' encoder: no ViT weights ship offline, so (as their quickstart configs do) a token
 #: pyramid over the offline Lite0's ImageNet weights stands in for the ViT.
 TOKEN_PYRAMID = {"backbone_name": "lite0_token_pyramid", "weights": "offline", "backbone_kwargs": {"embed_dim": 192}}
+#: Dinomaly's and INP-Former's eight middle taps of the pyramid (their quickstarts').
+PYRAMID_TAPS = [f"blocks.{i}" for i in range(3, 11)]
 
 #: Detector class and settings: the offline Lite0 backbone (or its token pyramid), the method's
 #: settings otherwise, and a training length a 2-core CPU fits in minutes per set (the detectors'
@@ -482,6 +484,21 @@ DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "vitad": ("hiad_pl.detectors.HRVitAD", {**TOKEN_PYRAMID,
                                             "layers_to_extract_from": ["blocks.4", "blocks.7", "blocks.10", "blocks.15"],
                                             "lr": 0.001, "epochs": 4}),
+    # 300 steps with a 20-step warm-up and the hard-mining ramp over the first half: 5x the quickstart's,
+    # a tenth of the default 3000 (Dinomaly's groups: the pyramid's shallow and deep halves).
+    "dinomaly": ("hiad_pl.detectors.HRDinomaly", {**TOKEN_PYRAMID, "layers_to_extract_from": PYRAMID_TAPS,
+                                                  "total_steps": 300, "warmup_steps": 20,
+                                                  "hard_mining_ramp_steps": 150, "eval_every": 100}),
+    # 300 steps, as Dinomaly (the default: 3000 steps at lr 2e-3).
+    "inpformer": ("hiad_pl.detectors.HRINPFormer", {**TOKEN_PYRAMID, "layers_to_extract_from": PYRAMID_TAPS,
+                                                    "num_prototypes": 6, "total_steps": 300, "warmup_steps": 20,
+                                                    "eval_every": 100}),
+    # 4 epochs of ~50-63 steps (batch 8) with the quickstart's CPU-sized UNet and selections
+    # (the default, HiAD's: 1000 epochs on WideResNet-50 features).
+    "realnet": ("hiad_pl.detectors.HRRealNet", {**BACKBONE, "epochs": 4, "lr": 0.001, "afs_channels": [32, 64],
+                                                "init_bsn": 2, "width_ratio": 0.5, "channel_mult": [1, 2, 4],
+                                                "res_blocks": 1, "attention_at": [2, 4], "rrs_counts": [32, 32],
+                                                "rrs_residual_layers": 1, "rrs_normalised_input": True}),
 }
 
 #: Trainer options of the untrained control: the fit runs (callbacks, checkpoint, normalisation)
