@@ -162,9 +162,9 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
     start = time.perf_counter()
     report = evaluate_predictions(split.test, scores, maps, default_evaluators())  # full resolution, as `hiad-pl test`
     evaluation_s = time.perf_counter() - start
-    recalls = [d._search[1].recall_at_1 for d in orchestrator._detectors.values() if d._search is not None]
-    banks = [int(d.memory_bank.shape[0]) for d in orchestrator._detectors.values()]
-    kinds = sorted({d._search[1].kind for d in orchestrator._detectors.values() if d._search is not None})
+    recalls = [d.model._search[1].recall_at_1 for d in orchestrator._detectors.values() if d.model._search is not None]
+    banks = [int(d.model.memory_bank.shape[0]) for d in orchestrator._detectors.values()]
+    kinds = sorted({d.model._search[1].kind for d in orchestrator._detectors.values() if d.model._search is not None})
     return {
         "floor_s": floor,
         "inference_s": wall,
@@ -206,8 +206,8 @@ def knn_features(work: Path, train: int, threads: int) -> Path:
     with torch.inference_mode():
         for sample_id in (0, len(split.test) // 2):  # a normal and a defective image
             patches = pipeline.decode(split.test[sample_id], sample_id).patches
-            queries.append(detector.locally_aware_features(pipeline._embed(patches)).flatten(0, 2))
-    torch.save({"bank": detector.memory_bank.clone(), "queries": torch.cat(queries)}, saved)
+            queries.append(detector.model.locally_aware_features(pipeline._embed(patches)).flatten(0, 2))
+    torch.save({"bank": detector.model.memory_bank.clone(), "queries": torch.cat(queries)}, saved)
     shutil.rmtree(run, ignore_errors=True)
     return saved
 

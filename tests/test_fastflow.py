@@ -132,7 +132,7 @@ def test_loss_decreases_and_checkpoint_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "task_0.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    assert any(key.startswith("flows.") for key in checkpoint["state_dict"])
+    assert any(key.startswith("model.flows.") for key in checkpoint["state_dict"])
     assert not any(key.startswith("backbone.") for key in checkpoint["state_dict"])
     restored = HRFastFlow.load_from_checkpoint(path, weights_only=True)
     batch = batch_of(torch.randn(3, 3, 32, 32))

@@ -69,7 +69,7 @@ def test_detectors_with_equal_settings_share_one_frozen_extractor() -> None:
     checkpoint = {"state_dict": first.state_dict()}
     first.on_save_checkpoint(checkpoint)
     assert not any(key.startswith("backbone.") for key in checkpoint["state_dict"])
-    assert list(first.frozen_modules) == ["backbone"] and "flows" in first.trainable_modules
+    assert list(first.frozen_modules) == ["backbone"] and "model" in first.trainable_modules
 
 
 def test_vit_weights_from_a_local_file_load_at_another_size(tmp_path) -> None:

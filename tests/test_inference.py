@@ -198,12 +198,12 @@ def test_pipeline_builds_search_indexes_before_the_first_image(images) -> None:
     detectors = {t.name: detector_for(t, None) for t in tasks}
     for task in tasks:
         fit(detectors[task.name], task, images["train"])
-    assert all(d._search is None for d in detectors.values())  # built lazily without a pipeline
+    assert all(d.model._search is None for d in detectors.values())  # built lazily without a pipeline
     pipeline = InferencePipeline(tasks, detectors, batch_size=3, prefetch=0)
-    built = {name: d._search[1] for name, d in detectors.items()}
+    built = {name: d.model._search[1] for name, d in detectors.items()}
     assert all(index is not None for index in built.values()) and pipeline.times.setup > 0
     list(pipeline.predict(images["test"][:1]))
-    assert all(detectors[name]._search[1] is index for name, index in built.items())  # not rebuilt
+    assert all(detectors[name].model._search[1] is index for name, index in built.items())  # not rebuilt
     assert "setup" not in pipeline.times.per_image()
 
 

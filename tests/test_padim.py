@@ -67,20 +67,20 @@ def test_streamed_statistics_and_distances_equal_numpy() -> None:
     detector.finalize()
     assert not detector.has_pending_fit()
 
-    chosen = detector.channel_index
+    chosen = detector.model.channel_index
     assert chosen.shape == (8,) and torch.equal(chosen, chosen.unique())  # sorted, distinct
     mean, inverse, distances = numpy_reference(train[:, chosen].double().numpy(), tests[:, chosen].double().numpy(), 0.01)
-    assert np.allclose(detector.mean.numpy(), mean, atol=1e-5)
-    assert np.allclose(detector.inv_covariance.numpy(), inverse, rtol=1e-4, atol=1e-4)
+    assert np.allclose(detector.model.mean.numpy(), mean, atol=1e-5)
+    assert np.allclose(detector.model.inv_covariance.numpy(), inverse, rtol=1e-4, atol=1e-4)
     scores = detector.anomaly_map(batch_of(tests))
     assert scores.shape == (4, 3, 3)
     assert np.allclose(scores.reshape(4, -1).numpy(), distances, rtol=1e-4)
 
 
 def test_channel_selection_is_seeded() -> None:
-    assert torch.equal(given_feature_padim(8, seed=3).channel_index, given_feature_padim(8, seed=3).channel_index)
-    assert not torch.equal(given_feature_padim(8, seed=3).channel_index, given_feature_padim(8, seed=4).channel_index)
-    assert torch.equal(given_feature_padim(None).channel_index, torch.arange(64))
+    assert torch.equal(given_feature_padim(8, seed=3).model.channel_index, given_feature_padim(8, seed=3).model.channel_index)
+    assert not torch.equal(given_feature_padim(8, seed=3).model.channel_index, given_feature_padim(8, seed=4).model.channel_index)
+    assert torch.equal(given_feature_padim(None).model.channel_index, torch.arange(64))
 
 
 def test_lightning_fit_and_checkpoint_round_trip(tmp_path: Path) -> None:
@@ -94,15 +94,15 @@ def test_lightning_fit_and_checkpoint_round_trip(tmp_path: Path) -> None:
         **detector.trainer_defaults(),
     )
     trainer.fit(detector, loader(torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(1))))
-    assert detector.mean.shape == (8 * 8, 20) and detector.inv_covariance.shape == (8 * 8, 20, 20)
+    assert detector.model.mean.shape == (8 * 8, 20) and detector.model.inv_covariance.shape == (8 * 8, 20, 20)
 
     path = tmp_path / "task_0.ckpt"
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["state_dict"]
-    assert {"mean", "inv_covariance", "channel_index"} <= set(state)
+    assert {"model.mean", "model.inv_covariance", "model.channel_index"} <= set(state)
     assert not any(key.startswith("backbone.") for key in state)
     restored = HRPaDiM.load_from_checkpoint(path, weights_only=True)
-    assert torch.equal(restored.inv_covariance, detector.inv_covariance)
+    assert torch.equal(restored.model.inv_covariance, detector.model.inv_covariance)
     batch = batch_of(torch.randn(3, 3, 32, 32))
     maps = restored.predict_step(batch, 0)
     assert maps.shape == (3, 32, 32) and torch.equal(maps, detector.predict_step(batch, 0))
@@ -117,7 +117,7 @@ def test_fits_and_scores_fused_multi_resolution_features() -> None:
     batch.low_resolution_windows = torch.tensor([[[0, 0, 16, 16]], [[16, 0, 16, 16]], [[0, 16, 16, 16]]])
     detector.accumulate(batch)
     detector.finalize()
-    assert detector.mean.shape == (64, 100) and detector.anomaly_map(batch).shape == (3, 32, 32)
+    assert detector.model.mean.shape == (64, 100) and detector.anomaly_map(batch).shape == (3, 32, 32)
 
 
 def test_refusals_name_the_problem() -> None:

@@ -97,7 +97,7 @@ def test_patchcore_separates_and_localises_spots(fitted) -> None:
 
 def test_fit_is_one_quiet_pass(fitted) -> None:
     detector, _, caught = fitted
-    assert detector.memory_bank.shape == (math.ceil(0.5 * 12 * 12 * 12), detector.embed_dimension)
+    assert detector.model.memory_bank.shape == (math.ceil(0.5 * 12 * 12 * 12), detector.model.embed_dimension)
     assert not detector.has_pending_fit()
     noisy = [str(w.message) for w in caught if "optimizer" in str(w.message) or "eval mode" in str(w.message)]
     assert noisy == []
@@ -108,11 +108,11 @@ def test_checkpoint_round_trip(fitted, tmp_path: Path) -> None:
     path = tmp_path / "task_0.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    assert "memory_bank" in checkpoint["state_dict"]
+    assert "model.memory_bank" in checkpoint["state_dict"]
     assert not any(key.startswith("backbone.") for key in checkpoint["state_dict"])  # rebuilt from hparams
     assert checkpoint["hyper_parameters"]["weights"] == "offline"
     restored = HRPatchCore.load_from_checkpoint(path)
-    assert torch.equal(restored.memory_bank, detector.memory_bank)
+    assert torch.equal(restored.model.memory_bank, detector.model.memory_bank)
     batch = next(iter(loader(textures(2, seed=4, spots=True)[0])))
     assert torch.equal(restored.predict_step(batch, 0), detector.predict_step(batch, 0))
 
@@ -128,7 +128,7 @@ def test_bank_is_built_before_validation() -> None:
     detector.accumulate(next(iter(loader(torch.randn(2, 3, 32, 32)))))
     assert detector.has_pending_fit()
     detector.on_validation_epoch_start()
-    assert detector.memory_bank.shape == (2 * 4 * 4, detector.embed_dimension)
+    assert detector.model.memory_bank.shape == (2 * 4 * 4, detector.model.embed_dimension)
 
 
 def test_embedding_dimensions_and_fusion() -> None:
@@ -140,7 +140,7 @@ def test_embedding_dimensions_and_fusion() -> None:
     batch.low_resolution_images = torch.randn(2, 1, 3, 64, 64)
     batch.low_resolution_windows = torch.tensor([[[0, 0, 32, 32]], [[32, 0, 32, 32]]])
     features = detector.patch_features(batch)
-    assert features.shape == (2, 8, 8, 48) == (2, 8, 8, detector.embed_dimension)
+    assert features.shape == (2, 8, 8, 48) == (2, 8, 8, detector.model.embed_dimension)
     detector.accumulate(batch)
     detector.finalize()
     assert detector.anomaly_map(batch).shape == (2, 64, 64)
@@ -160,9 +160,9 @@ def test_invalid_options_are_named() -> None:
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_search_precision_reaches_the_index(precision: str) -> None:
     detector = HRPatchCore(weights="none", search="ivf", search_precision=precision)
-    detector.memory_bank = torch.randn(400, detector.embed_dimension, generator=torch.Generator().manual_seed(0))
+    detector.model.memory_bank = torch.randn(400, detector.model.embed_dimension, generator=torch.Generator().manual_seed(0))
     detector.prepare_scoring()
-    assert detector._search[1].scan_dtype == getattr(torch, precision)
+    assert detector.model._search[1].scan_dtype == getattr(torch, precision)
 
 
 def covering_radius(points: Tensor, chosen: Tensor) -> float:
@@ -212,13 +212,13 @@ def test_streamed_fit_equals_in_memory_fit() -> None:
     in_memory = []
     for batch in loader(images, batch_size=2):
         detector.accumulate(batch)
-        in_memory.append(detector.patch_features(batch).reshape(-1, detector.embed_dimension))
+        in_memory.append(detector.patch_features(batch).reshape(-1, detector.model.embed_dimension))
     store = detector._train_features
     assert store.path.is_file() and len(store) == 6 * 12 * 12
     detector.finalize()
     assert not store.path.exists()  # the temporary file is gone with the pass
     expected = coreset_subsample(torch.cat(in_memory), 0.2, chunk_size=300)
-    assert torch.equal(detector.memory_bank, expected)
+    assert torch.equal(detector.model.memory_bank, expected)
     # float16 streaming chooses from the same features rounded to half precision.
     half = FeatureStore("float16")
     half.append(torch.cat(in_memory))
@@ -228,31 +228,31 @@ def test_streamed_fit_equals_in_memory_fit() -> None:
 
 def test_channel_pooling_never_inflates() -> None:
     detector = HRPatchCore(weights="none", input_size=64, pretrain_embed_dimension=1024, target_embed_dimension=1024)
-    assert detector.embed_dimension == 40 + 112  # EfficientNet-Lite0 blocks.2 + blocks.4 keep their channels
+    assert detector.model.embed_dimension == 40 + 112  # EfficientNet-Lite0 blocks.2 + blocks.4 keep their channels
     features = detector.patch_features(next(iter(loader(torch.randn(1, 3, 64, 64)))))
     assert features.shape[-1] == 152
-    assert HRPatchCore(weights="none", pretrain_embed_dimension=64, target_embed_dimension=96).embed_dimension == 96
+    assert HRPatchCore(weights="none", pretrain_embed_dimension=64, target_embed_dimension=96).model.embed_dimension == 96
 
 
 def test_neighbourhood_aggregation_keeps_the_positions_side_by_side() -> None:
     detector = HRPatchCore(weights="none", input_size=64, aggregation="neighbourhood", merge_size=3)
-    assert detector.embed_dimension == 9 * (40 + 112)
+    assert detector.model.embed_dimension == 9 * (40 + 112)
     fine = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
     coarse = torch.arange(3 * 4 * 4, dtype=torch.float32).reshape(1, 3, 4, 4) + 1000
-    features = detector.locally_aware_features([fine, coarse])
+    features = detector.model.locally_aware_features([fine, coarse])
     assert features.shape == (1, 8, 8, 9 * 2 + 9 * 3)
     # an inner location holds its 3 x 3 window of each channel of the fine layer, channel by channel
     assert torch.equal(features[0, 3, 5, :18], fine[0, :, 2:5, 4:7].reshape(-1))
     # the patch border is zero-padded, as in the reference implementation
     assert float(features[0, 0, 0, 0]) == 0.0 and float(features[0, 0, 0, 4]) == float(fine[0, 0, 0, 0])
-    mean = HRPatchCore(weights="none", input_size=64, aggregation="mean").locally_aware_features([fine, coarse])
+    mean = HRPatchCore(weights="none", input_size=64, aggregation="mean").model.locally_aware_features([fine, coarse])
     assert torch.allclose(mean[0, 3, 5, :2], fine[0, :, 2:5, 4:7].mean(dim=(1, 2)))
 
 
 def test_equal_layer_weighting_gives_each_layer_one_share_of_the_distance() -> None:
     detector = HRPatchCore(weights="none", input_size=64, layer_weighting="equal", merge_size=1)
     narrow, wide = torch.ones(1, 4, 8, 8), torch.ones(1, 36, 8, 8)
-    features = detector.locally_aware_features([narrow, wide])[0, 0, 0]
+    features = detector.model.locally_aware_features([narrow, wide])[0, 0, 0]
     assert features.shape == (40,)
     # squared distance to the zero feature: 36 from each layer instead of 4 against 36
     assert torch.allclose(features[:4].square().sum(), features[4:].square().sum())

@@ -91,7 +91,7 @@ def test_decoder_mirrors_lite0_shapes_on_any_patch_size() -> None:
     detector = HRRDPP(**LITE0, input_size=96, ocbe_blocks=1, decoder_blocks=1)
     for side in (96, 120):  # 120: strided convolutions round up, the decoder still meets the encoder
         features = detector.embedding(torch.randn(2, 3, side, side))
-        rebuilt = detector.rebuild(detector.project(features))
+        rebuilt = detector.model.rebuild(detector.model.project(features))
         assert [f.shape for f in rebuilt] == [f.shape for f in features]
     assert detector.predict_step(_batch(torch.randn(2, 3, 96, 96)), 0).shape == (2, 96, 96)
 
@@ -125,8 +125,8 @@ def test_two_adams_with_the_papers_settings_and_every_loss_term() -> None:
     assert projection.defaults["betas"] == distillation.defaults["betas"] == (0.5, 0.999)
     proj_ids = {id(p) for group in projection.param_groups for p in group["params"]}
     distill_ids = {id(p) for group in distillation.param_groups for p in group["params"]}
-    assert proj_ids == {id(p) for p in detector.projection.parameters()}
-    assert distill_ids == {id(p) for m in (detector.bottleneck, detector.decoder) for p in m.parameters()}
+    assert proj_ids == {id(p) for p in detector.model.projection.parameters()}
+    assert distill_ids == {id(p) for m in (detector.model.bottleneck, detector.model.decoder) for p in m.parameters()}
     assert not proj_ids & {id(p) for p in detector.backbone.parameters()}
     assert isinstance(detector.training_synthesizer(), SimplexNoiseSynthesizer)
     batch = _batch(torch.randn(2, 3, 64, 64))

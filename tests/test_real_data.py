@@ -329,10 +329,10 @@ def test_the_control_fit_leaves_the_trainable_parts_at_their_initialisation(real
                                         trainer_kwargs=dict(real_data.CONTROL_TRAINER) if control else None)
         orchestrator.fit(split.train[:2], [])
         state = torch.load(orchestrator.checkpoint_path(tasks[0]), weights_only=True)
-        return {k: v for k, v in state["state_dict"].items() if k.startswith("flows.")}
+        return {k: v for k, v in state["state_dict"].items() if k.startswith("model.flows.")}
 
     torch.manual_seed(0)
-    initial = {f"flows.{k}": v for k, v in HRFastFlow(**config, input_size=256).flows.state_dict().items()}
+    initial = {f"model.flows.{k}": v for k, v in HRFastFlow(**config, input_size=256).model.flows.state_dict().items()}
     control, trained = flows(True), flows(False)
     assert control.keys() == initial.keys()
     assert all(torch.equal(control[k], initial[k]) for k in initial)

@@ -3,9 +3,11 @@
 Each task's graph maps ImageNet-normalised patch pixels ``[B, 3, h, w]`` (plus
 the low-resolution crops ``[B, L, 3, h, w]`` and windows ``[B, L, 4]`` when the
 run fuses resolutions) to the task's normalised anomaly map ``[B, h, w]``:
-backbone, the detector's head (PatchCore's k-NN becomes a matrix product and a
-top-k against the bank, PaDiM's Mahalanobis distance and FastFlow's flow are
-traced as they are) and the validation statistics' normalisation. The thumbnail
+backbone, the detector's method and the validation statistics' normalisation.
+The method is the detector's plain model
+(:class:`~hiad_pl.detectors.map_model.PatchMapModel`) in the traceable form it
+gives (PatchCore's k-NN becomes a matrix product and a top-k against the bank);
+a detector without one is traced through its ``anomaly_map``. The thumbnail
 graph also resizes its map to the full image. Retrieval runs get a router graph
 (patch pixels to pooled embeddings) and their centres in the manifest.
 
@@ -22,7 +24,6 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.features import ViTTokenExtractor
-from hiad_pl.detectors.patchcore import HRPatchCore
+from hiad_pl.detectors.map_model import PatchMapModel
 from hiad_pl.postprocess import BLUR_SIGMA, normalize_scores
 from hiad_pl.run_folder import atomic_write
 from hiad_pl.tasks.base import Task
@@ -52,30 +53,10 @@ OPSET = 17
 COLORMAP_FILE = "colormap.npy"
 
 
-def patchcore_map(detector: HRPatchCore, batch: PatchBatch) -> Tensor:
-    """PatchCore's anomaly map with the k-NN as ``|x|^2 - 2 x.b + |b|^2``, a top-k and a square root (traceable)."""
-    features = detector.patch_features(batch)
-    size, height, width, dim = features.shape
-    flat = features.reshape(-1, dim)
-    bank = detector.memory_bank.float()
-    squared = flat.square().sum(1, keepdim=True) - 2 * flat @ bank.T + bank.square().sum(1)[None]
-    k = max(1, min(int(detector.num_neighbors), bank.shape[0]))
-    nearest = squared.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
-    scores = nearest.mean(dim=1).reshape(size, 1, height, width)
-    return F.interpolate(scores, size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-
-
-#: Detectors whose ``anomaly_map`` does not trace as it is (a search index, data-dependent code).
-GRAPH_MAPS: dict[type, Callable[[Any, PatchBatch], Tensor]] = {HRPatchCore: patchcore_map}
-
-
-def graph_map(detector: HRDetector) -> Callable[[PatchBatch], Tensor]:
-    """The traceable anomaly-map function of ``detector`` (its own ``anomaly_map`` unless registered)."""
-    for cls in type(detector).__mro__:
-        if cls in GRAPH_MAPS:
-            function = GRAPH_MAPS[cls]
-            return lambda batch: function(detector, batch)
-    return detector.anomaly_map
+def method_model(detector: HRDetector) -> PatchMapModel | None:
+    """The plain model a detector delegates its anomaly map to (``detector.model``), or ``None`` when it has none."""
+    model = getattr(detector, "model", None)
+    return model if isinstance(model, PatchMapModel) else None
 
 
 class TaskGraph(nn.Module):
@@ -96,7 +77,6 @@ class TaskGraph(nn.Module):
         for module in detector.modules():
             if isinstance(module, ViTTokenExtractor):
                 module.fix_input_size(height, width)
-        self.anomaly_map = graph_map(detector)
         self.normalization = None if normalization is None else (float(normalization["low"]), float(normalization["high"]))
         self.output_size = output_size
 
@@ -104,7 +84,12 @@ class TaskGraph(nn.Module):
         """``[B, h, w]`` (or ``[B, H, W]`` with ``output_size``) float32 maps."""
         batch = PatchBatch(image=image, mask=None, label=None, index=None,
                            low_resolution_images=low_images, low_resolution_windows=low_windows)
-        maps = self.anomaly_map(batch).float()
+        model = method_model(self.detector)
+        if model is None:  # the method still lives in the LightningModule
+            maps = self.detector.anomaly_map(batch).float()
+        else:  # the backbone (and fusion), then the method's plain model in its traceable form
+            with model.traceable():
+                maps = model(self.detector.fused_embedding(batch), image.shape[-2:]).float()
         if self.normalization is not None:
             maps = normalize_scores(maps, *self.normalization).float()
         if self.output_size is not None and tuple(maps.shape[-2:]) != (self.output_size[1], self.output_size[0]):

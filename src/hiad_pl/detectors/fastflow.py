@@ -15,7 +15,7 @@ over layers after upsampling to the patch size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, HRDetector
+from hiad_pl.detectors.features import FeatureExtractor
+from hiad_pl.detectors.map_model import MoveKeysUnder, PatchMapModel
 from hiad_pl.postprocess import ImageScore
 
 #: The coupling subnetwork's output is damped by this factor, so that every step starts close to identity.
@@ -68,6 +70,8 @@ class AffineCouplingStep(nn.Module):
         self.channel_log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.channel_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
         permutation = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))
+        self.permutation: Tensor
+        self.inverse_permutation: Tensor
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", permutation.argsort())
 
@@ -150,6 +154,48 @@ def likelihood_map(z: Tensor) -> Tensor:
     return torch.exp(-0.5 * z.square().mean(1, keepdim=True))
 
 
+class FastFlowModel(PatchMapModel):
+    """FastFlow's flows (one per backbone layer) and the anomaly map they give.
+
+    Args:
+        channels: channels of each backbone layer (shallow to deep).
+        grids: ``(h, w)`` of each layer's maps for the patch size (the flows' layer norms are over ``[C, h, w]``).
+        flow_steps: coupling steps per flow.
+        conv3x3_only: use 3x3 subnetworks in every step instead of alternating 3x3 and 1x1.
+        hidden_ratio: hidden channels of the coupling subnetworks per conditioning channel.
+        clamp: bound of the coupling log-scales.
+        seed: seed of the channel permutations.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        grids: Sequence[tuple[int, int]],
+        flow_steps: int = 8,
+        conv3x3_only: bool = False,
+        hidden_ratio: float = 1.0,
+        clamp: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.flows = nn.ModuleList(
+            FeatureFlow(c, grid, flow_steps, conv3x3_only, hidden_ratio, clamp, seed + 1000 * i)
+            for i, (c, grid) in enumerate(zip(channels, grids))
+        )
+
+    def latents(self, features: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """``(z, log_det)`` of every layer's flow for per-layer (fused) maps."""
+        return [flow(f.float()) for flow, f in zip(self.flows, features)]
+
+    def forward(self, features: Sequence[Tensor], output_size: Sequence[int]) -> Tensor:
+        """Minus the per-position likelihood, upsampled to ``output_size`` and averaged over layers."""
+        maps = [
+            F.interpolate(-likelihood_map(z), size=output_size, mode="bilinear", align_corners=False)
+            for z, _ in self.latents(features)
+        ]
+        return torch.stack(maps).mean(0)[:, 0]
+
+
 class HRFastFlow(HRDetector):
     """FastFlow on high-resolution patches, trained by gradient descent on frozen backbone features.
 
@@ -197,18 +243,20 @@ class HRFastFlow(HRDetector):
         for name, value in (("flow_steps", flow_steps), ("epochs", epochs)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("hidden_ratio", hidden_ratio), ("clamp", clamp), ("lr", lr)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+        for name, rate in (("hidden_ratio", hidden_ratio), ("clamp", clamp), ("lr", lr)):
+            if not rate > 0:
+                raise ValueError(f"{name} must be positive, got {rate!r}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.epochs = epochs
-        self.flows = nn.ModuleList(
-            FeatureFlow(channels, grid, flow_steps, conv3x3_only, hidden_ratio, clamp, seed + 1000 * i)
-            for i, (channels, grid) in enumerate(zip(self.backbone.channels, self._feature_grids()))
+        #: The method: one flow per layer (what export traces).
+        self.model = FastFlowModel(
+            cast(FeatureExtractor, self.backbone).channels, self._feature_grids(), flow_steps, conv3x3_only, hidden_ratio, clamp, seed
         )
+        # checkpoints written before the flows moved into the model kept them at the top level
+        self.register_load_state_dict_pre_hook(MoveKeysUnder(("flows",)))
 
     def _feature_grids(self) -> list[tuple[int, int]]:
         """``(h, w)`` of each layer's maps for an input of :attr:`input_size` (one probe forward pass)."""
@@ -222,24 +270,19 @@ class HRFastFlow(HRDetector):
 
     def latents(self, batch: PatchBatch) -> list[tuple[Tensor, Tensor]]:
         """``(z, log_det)`` of every layer's flow for the batch's (fused) features."""
-        features = self.fused_embedding(batch)
-        return [flow(f.float()) for flow, f in zip(self.flows, features)]
+        return self.model.latents(self.fused_embedding(batch))
 
     def training_step(self, batch: PatchBatch, batch_idx: int) -> Tensor:
         """Negative log-likelihood of the batch's features, summed over layers."""
-        loss = sum(negative_log_likelihood(z, log_det) for z, log_det in self.latents(batch))
+        losses = [negative_log_likelihood(z, log_det) for z, log_det in self.latents(batch)]
+        loss = sum(losses[1:], losses[0])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over the flows (the backbone is frozen)."""
-        return torch.optim.Adam(self.flows.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Minus the per-position likelihood, upsampled to the patch size and averaged over layers."""
-        size = batch.image.shape[-2:]
-        maps = [
-            F.interpolate(-likelihood_map(z), size=size, mode="bilinear", align_corners=False)
-            for z, _ in self.latents(batch)
-        ]
-        return torch.stack(maps).mean(0)[:, 0]
+        return self.model(self.fused_embedding(batch), batch.image.shape[-2:])

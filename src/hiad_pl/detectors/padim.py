@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ from torch import Tensor
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, OnePassDetector
+from hiad_pl.detectors.features import FeatureExtractor
+from hiad_pl.detectors.map_model import MoveKeysUnder, PatchMapModel
 from hiad_pl.postprocess import ImageScore
 
 #: Matrix elements inverted at once when the covariances are inverted (bounds temporary memory).
@@ -111,6 +113,72 @@ def mahalanobis(features: Tensor, mean: Tensor, inv_covariance: Tensor) -> Tenso
     return squared.clamp_min(0).sqrt()
 
 
+class PaDiMModel(PatchMapModel):
+    """PaDiM's scoring: the Mahalanobis distance of each position's selected features to that position's Gaussian.
+
+    Args:
+        total_channels: channels of the backbone layers together (the concatenated map's width).
+        d_reduced: channels kept by the random selection (``None`` keeps all).
+        seed: seed of the random channel selection.
+
+    The chosen channels (``channel_index``) and the fitted statistics (``mean``
+    ``[P, d]``, ``inv_covariance`` ``[P, d, d]``, empty until
+    :meth:`set_statistics` or a loaded state dict fills them) are buffers.
+    """
+
+    resizable_buffers = ("mean", "inv_covariance")
+
+    def __init__(self, total_channels: int, d_reduced: int | None = 100, seed: int = 0) -> None:
+        super().__init__()
+        channels = select_channels(total_channels, d_reduced, seed)
+        dim = channels.numel()
+        self.channel_index: Tensor
+        self.mean: Tensor
+        self.inv_covariance: Tensor
+        self.register_buffer("channel_index", channels)
+        self.register_buffer("mean", torch.empty(0, dim))
+        self.register_buffer("inv_covariance", torch.empty(0, dim, dim))
+
+    @property
+    def feature_dimension(self) -> int:
+        """Width ``d`` of the features each Gaussian models."""
+        return int(self.channel_index.numel())
+
+    def selected_features(self, maps: Sequence[Tensor]) -> tuple[Tensor, tuple[int, int]]:
+        """Selected features of per-layer (fused) maps, position-major ``[P, B, d]`` (float32), and the ``(h, w)`` grid."""
+        grid = maps[0].shape[-2:]
+        # Nearest upsampling repeats each deep feature over the cells it covers, as the paper's concatenation does.
+        maps = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="nearest") for m in maps]
+        features = torch.cat(maps, dim=1).index_select(1, self.channel_index).float()
+        # Contiguous per-position matrices: batched products on strided views are many times slower.
+        positions = features.flatten(2).permute(2, 0, 1).contiguous()
+        return positions, (int(grid[0]), int(grid[1]))
+
+    def set_statistics(self, mean: Tensor, inv_covariance: Tensor) -> None:
+        """Replace the fitted statistics (kept on the buffers' devices)."""
+        self.mean = mean.to(self.mean.device)
+        self.inv_covariance = inv_covariance.to(self.inv_covariance.device)
+
+    def forward(self, features: Sequence[Tensor], output_size: Sequence[int]) -> Tensor:
+        """Mahalanobis distance of each position to its Gaussian, upsampled to ``output_size``.
+
+        Raises:
+            RuntimeError: when nothing was fitted or loaded.
+            ValueError: when the maps have another number of positions than the statistics.
+        """
+        if self.mean.shape[0] == 0:
+            raise RuntimeError("PaDiM has no statistics: fit it (trainer.fit) or load a checkpoint before scoring")
+        positions, (height, width) = self.selected_features(features)
+        if positions.shape[0] != self.mean.shape[0]:
+            raise ValueError(
+                f"PaDiM was fitted on {self.mean.shape[0]} feature positions but this batch has "
+                f"{positions.shape[0]} ({height}x{width}): score patches of the size it was fitted on"
+            )
+        distances = mahalanobis(positions, self.mean, self.inv_covariance)  # [P, B]
+        scores = distances.T.reshape(-1, 1, height, width)
+        return F.interpolate(scores, size=output_size, mode="bilinear", align_corners=False)[:, 0]
+
+
 class HRPaDiM(OnePassDetector):
     """PaDiM on high-resolution patches, fitted in one streaming pass.
 
@@ -129,11 +197,11 @@ class HRPaDiM(OnePassDetector):
         image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
             scores this method; see :class:`HRDetector`).
 
-    The statistics (``mean`` ``[P, d]``, ``inv_covariance`` ``[P, d, d]``) and the
-    chosen channels (``channel_index``) are buffers saved in checkpoints.
+    The method lives in :attr:`model` (a :class:`PaDiMModel`): the statistics
+    (``model.mean`` ``[P, d]``, ``model.inv_covariance`` ``[P, d, d]``) and the chosen
+    channels (``model.channel_index``) are buffers saved in checkpoints.
     """
 
-    resizable_buffers = ("mean", "inv_covariance")
     #: HiAD's option names in its config files (configs/padim.yaml), and ours.
     hiad_option_names: ClassVar[dict[str, str]] = {"embed_dimension": "d_reduced"}
     scores_shared_embedding = True
@@ -156,31 +224,15 @@ class HRPaDiM(OnePassDetector):
         if not epsilon > 0:
             raise ValueError(f"epsilon must be positive (it keeps the covariances invertible), got {epsilon!r}")
         self.epsilon = float(epsilon)
-        channels = select_channels(sum(self.backbone.channels), d_reduced, seed)
-        dim = channels.numel()
-        self.register_buffer("channel_index", channels)
-        self.register_buffer("mean", torch.empty(0, dim))
-        self.register_buffer("inv_covariance", torch.empty(0, dim, dim))
+        #: The method: channel selection and the per-position Gaussians (what export traces).
+        self.model = PaDiMModel(sum(cast(FeatureExtractor, self.backbone).channels), d_reduced, seed)
         self._reset_sums()
-
-    @property
-    def feature_dimension(self) -> int:
-        """Width ``d`` of the features each Gaussian models."""
-        return int(self.channel_index.numel())
+        # checkpoints written before the statistics moved into the model kept them at the top level
+        self.register_load_state_dict_pre_hook(MoveKeysUnder(("channel_index", "mean", "inv_covariance")))
 
     def gaussian_features(self, batch: PatchBatch) -> tuple[Tensor, tuple[int, int]]:
         """Selected features, position-major ``[P, B, d]`` (float32), and the ``(h, w)`` grid of the ``P`` positions."""
-        return self.selected_features(self.fused_embedding(batch))
-
-    def selected_features(self, maps: list[Tensor]) -> tuple[Tensor, tuple[int, int]]:
-        """:meth:`gaussian_features` from per-layer (fused) maps."""
-        grid = maps[0].shape[-2:]
-        # Nearest upsampling repeats each deep feature over the cells it covers, as the paper's concatenation does.
-        maps = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="nearest") for m in maps]
-        features = torch.cat(maps, dim=1).index_select(1, self.channel_index).float()
-        # Contiguous per-position matrices: batched products on strided views are many times slower.
-        positions = features.flatten(2).permute(2, 0, 1).contiguous()
-        return positions, (int(grid[0]), int(grid[1]))
+        return self.model.selected_features(self.fused_embedding(batch))
 
     # ------------------------------------------------------------------ fitting
 
@@ -198,16 +250,17 @@ class HRPaDiM(OnePassDetector):
         """Add the batch's features to the running sum and sum of outer products (float64)."""
         features = self.gaussian_features(batch)[0].double()  # [P, B, d]
         positions, size, dim = features.shape
-        if self._feature_sum is None:
-            self._feature_sum = features.new_zeros(positions, dim)
-            self._outer_sum = features.new_zeros(positions, dim, dim)
-        elif self._feature_sum.shape[0] != positions:
+        feature_sum, outer_sum = self._feature_sum, self._outer_sum
+        if feature_sum is None or outer_sum is None:
+            feature_sum = self._feature_sum = features.new_zeros(positions, dim)
+            outer_sum = self._outer_sum = features.new_zeros(positions, dim, dim)
+        elif feature_sum.shape[0] != positions:
             raise ValueError(
                 f"HRPaDiM: a batch has {positions} feature positions but earlier batches had "
-                f"{self._feature_sum.shape[0]}: all training patches must have the same size"
+                f"{feature_sum.shape[0]}: all training patches must have the same size"
             )
-        self._feature_sum += features.sum(1)
-        self._outer_sum.baddbmm_(features.transpose(1, 2), features)
+        feature_sum.add_(features.sum(1))
+        outer_sum.baddbmm_(features.transpose(1, 2), features)
         self._count += size
 
     def has_pending_fit(self) -> bool:
@@ -218,10 +271,11 @@ class HRPaDiM(OnePassDetector):
         """Turn the running sums into each position's mean and inverse covariance."""
         count, feature_sum, outer_sum = self._count, self._feature_sum, self._outer_sum
         self._reset_sums()
+        if feature_sum is None or outer_sum is None:
+            raise RuntimeError("HRPaDiM.finalize: no training batches were accumulated")
         mean, inverse = gaussian_statistics(count, feature_sum, outer_sum, self.epsilon)
         del feature_sum, outer_sum
-        self.mean = mean.to(self.mean.device)
-        self.inv_covariance = inverse.to(self.inv_covariance.device)
+        self.model.set_statistics(mean, inverse)
         rank_zero_info(
             f"PaDiM: {mean.shape[0]} Gaussians of dimension {mean.shape[1]} from {count} patches "
             f"({inverse.numel() * 4 / 1e6:.0f} MB of inverse covariances)."
@@ -231,19 +285,8 @@ class HRPaDiM(OnePassDetector):
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Mahalanobis distance of each position to its Gaussian, upsampled to the patch size."""
-        return self.score_embedding(self.fused_embedding(batch), batch)
+        return self.model(self.fused_embedding(batch), batch.image.shape[-2:])
 
     def score_embedding(self, embedding: list[Tensor], batch: PatchBatch) -> Tensor:
         """:meth:`anomaly_map` from the patches' fused backbone maps."""
-        if self.mean.shape[0] == 0:
-            raise RuntimeError("HRPaDiM has no statistics: fit it (trainer.fit) or load a checkpoint before scoring")
-        features, (height, width) = self.selected_features(embedding)
-        if features.shape[0] != self.mean.shape[0]:
-            raise ValueError(
-                f"HRPaDiM was fitted on {self.mean.shape[0]} feature positions but this batch has "
-                f"{features.shape[0]} ({height}x{width}): score patches of the size it was fitted on"
-            )
-        distances = mahalanobis(features, self.mean, self.inv_covariance)  # [P, B]
-        scores = distances.T.reshape(-1, 1, height, width)
-        scores = F.interpolate(scores, size=batch.image.shape[-2:], mode="bilinear", align_corners=False)
-        return scores[:, 0]
+        return self.model(embedding, batch.image.shape[-2:])

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,8 @@ from torch import Tensor
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import DEFAULT_LAYERS, OnePassDetector
 from hiad_pl.detectors.feature_store import STORE_DTYPES, FeatureStore
+from hiad_pl.detectors.features import FeatureExtractor
+from hiad_pl.detectors.map_model import MoveKeysUnder, PatchMapModel
 from hiad_pl.detectors.nn_search import SCAN_DTYPES, SEARCH_KINDS, NearestNeighbourIndex, choose_search_kind
 from hiad_pl.postprocess import ImageScore
 
@@ -38,18 +42,19 @@ AGGREGATIONS = ("mean", "neighbourhood")
 LAYER_WEIGHTINGS = ("channels", "equal")
 
 
-def pool_channels(features: Tensor, dimension: int | None) -> Tensor:
+def pool_channels(features: Tensor, dimension: int | None, as_matrix: bool = False) -> Tensor:
     """Adaptive average pooling of the last (channel) axis of ``features`` down to ``dimension`` values.
 
     Pooling only ever reduces: features no wider than ``dimension`` are returned
     as they are (averaging cannot add information, it would only repeat channels).
+    With ``as_matrix`` the same pooling is one product with a constant matrix (the
+    pooled identity): ONNX has no adaptive pooling to sizes that do not divide the
+    input (112 channels to 48).
     """
     channels = int(features.shape[-1])
     if dimension is None or dimension >= channels:
         return features
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        # ONNX has no adaptive pooling to sizes that do not divide the input (112 channels to 48);
-        # the pooling is linear: one constant matrix, the pooled identity, computes it
+    if as_matrix:
         matrix = F.adaptive_avg_pool1d(torch.eye(channels, device=features.device)[:, None, :], dimension)[:, 0, :]
         return features @ matrix.to(features.dtype)
     pooled = F.adaptive_avg_pool1d(features.reshape(-1, 1, channels), dimension)
@@ -146,7 +151,7 @@ def coreset_subsample(
         warnings.warn(message, stacklevel=2)
         keep = torch.zeros(total, dtype=torch.bool)
         keep[torch.randperm(total, generator=generator)[:max_candidates]] = True
-    dimension_in = features.dim if isinstance(features, FeatureStore) else features.shape[1]
+    dimension_in = (features.dim or 0) if isinstance(features, FeatureStore) else features.shape[1]
     device = torch.device(device) if device is not None else torch.device("cpu")
     matrix = projection_matrix(int(dimension_in), projection_dim, generator)
     block = total if chunk_size is None else chunk_size * CORESET_CHUNKS_PER_BLOCK
@@ -169,6 +174,177 @@ def coreset_subsample(
     if chunk_size is not None and total > chunk_size and percentage < 1:
         log.info(f"PatchCore: coreset over all {total} features in chunks of at most {chunk_size}.")
     return torch.cat(bank)
+
+
+class PatchCoreModel(PatchMapModel):
+    """PatchCore's scoring: locally aware features of the backbone maps and their distance to the memory bank.
+
+    Args:
+        layer_channels: channels of each backbone layer the maps come from (shallow to deep).
+        merge_size: side of the neighbourhood aggregated around each location (odd).
+        aggregation: ``mean`` or ``neighbourhood`` (see :class:`HRPatchCore`).
+        layer_weighting: ``channels`` or ``equal`` (see :class:`HRPatchCore`).
+        pretrain_embed_dimension: channels each layer is pooled down to (``None``: all).
+        target_embed_dimension: channels the joined feature is pooled down to (``None``: all).
+        num_neighbors: a location scores its mean distance to this many nearest bank features.
+        search: nearest-neighbour search: ``exact``, ``ivf``, ``hnsw`` or ``auto``.
+        exact_search_max_bank: largest bank ``auto`` searches exactly.
+        search_nprobe: IVF cells each query scans.
+        search_precision: precision of the IVF scan: ``float32``, ``bfloat16`` or ``auto``.
+        seed: seed of the IVF cells.
+
+    The bank (``memory_bank``, ``[M, D]``) is a buffer, empty until
+    :meth:`set_memory_bank` or a loaded state dict fills it. The search index is
+    built from it on first use and rebuilt whenever the bank changes.
+    """
+
+    resizable_buffers = ("memory_bank",)
+
+    def __init__(
+        self,
+        layer_channels: Sequence[int],
+        merge_size: int = 3,
+        aggregation: str = "mean",
+        layer_weighting: str = "channels",
+        pretrain_embed_dimension: int | None = None,
+        target_embed_dimension: int | None = None,
+        num_neighbors: int = 1,
+        search: str = "auto",
+        exact_search_max_bank: int = 10_000,
+        search_nprobe: int = 8,
+        search_precision: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_positive(
+            pretrain_embed_dimension=pretrain_embed_dimension,
+            target_embed_dimension=target_embed_dimension,
+            num_neighbors=num_neighbors,
+            exact_search_max_bank=exact_search_max_bank,
+            search_nprobe=search_nprobe,
+        )
+        if search not in SEARCH_KINDS:
+            raise ValueError(f"search must be one of {SEARCH_KINDS}, got {search!r}")
+        if search_precision not in SCAN_DTYPES:
+            raise ValueError(f"search_precision must be one of {SCAN_DTYPES}, got {search_precision!r}")
+        if merge_size < 1 or merge_size % 2 == 0:
+            raise ValueError(f"merge_size must be a positive odd number, got {merge_size}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if layer_weighting not in LAYER_WEIGHTINGS:
+            raise ValueError(f"layer_weighting must be one of {LAYER_WEIGHTINGS}, got {layer_weighting!r}")
+        self.layer_channels = [int(c) for c in layer_channels]
+        self.merge_size = merge_size
+        self.aggregation = aggregation
+        self.layer_weighting = layer_weighting
+        self.pretrain_embed_dimension = pretrain_embed_dimension
+        self.target_embed_dimension = target_embed_dimension
+        self.num_neighbors = num_neighbors
+        self.search = search
+        self.exact_search_max_bank = exact_search_max_bank
+        self.search_nprobe = search_nprobe
+        self.search_precision = search_precision
+        self.seed = seed
+        self.memory_bank: Tensor
+        self.register_buffer("memory_bank", torch.empty(0, self.embed_dimension))
+        self._search: tuple[tuple, NearestNeighbourIndex] | None = None
+        self._graph_ops = False
+
+    @property
+    def embed_dimension(self) -> int:
+        """Width of one patch feature (and of the memory bank's rows)."""
+        return pooled_width(sum(self._layer_widths()), self.target_embed_dimension)
+
+    def _layer_widths(self) -> list[int]:
+        """Width of each layer's part of a feature, after its pooling."""
+        spread = self.merge_size**2 if self.aggregation == "neighbourhood" else 1
+        return [pooled_width(c * spread, self.pretrain_embed_dimension) for c in self.layer_channels]
+
+    def locally_aware_features(self, maps: Sequence[Tensor]) -> Tensor:
+        """``[B, h, w, D]`` features from per-layer (fused) maps: neighbourhoods aggregated, layers joined and pooled."""
+        grid = maps[0].shape[-2:]
+        size = self.merge_size
+        if self.aggregation == "mean":
+            # count_include_pad=False keeps border locations (patch seams) on the same scale.
+            maps = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=False) for m in maps]
+        elif size > 1:
+            maps = [F.unfold(m, size, padding=size // 2).reshape(m.shape[0], -1, *m.shape[-2:]) for m in maps]
+        maps = [
+            m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
+        matrix = self._graph_ops
+        layers = [pool_channels(m.permute(0, 2, 3, 1).float(), self.pretrain_embed_dimension, matrix) for m in maps]
+        if self.layer_weighting == "equal" and len(layers) > 1:
+            widest = max(layer.shape[-1] for layer in layers)
+            layers = [layer * math.sqrt(widest / layer.shape[-1]) for layer in layers]
+        return pool_channels(torch.cat(layers, dim=-1), self.target_embed_dimension, matrix)
+
+    def set_memory_bank(self, bank: Tensor) -> None:
+        """Replace the memory bank (kept on the bank buffer's device and dtype); the search index follows."""
+        self.memory_bank = bank.to(self.memory_bank.device, self.memory_bank.dtype)
+        self._search = None
+
+    def nearest_neighbours(self) -> NearestNeighbourIndex:
+        """The search index of the current bank, rebuilt when the bank changes.
+
+        Raises:
+            RuntimeError: when the bank is empty (nothing fitted or loaded).
+        """
+        bank = self._fitted_bank()
+        key = (bank.data_ptr(), tuple(bank.shape), str(bank.device))
+        if self._search is None or self._search[0] != key:
+            kind = choose_search_kind(bank.shape[0], self.search, self.exact_search_max_bank)
+            index = NearestNeighbourIndex(
+                bank, kind=kind, nprobe=self.search_nprobe, seed=self.seed, scan_dtype=self.search_precision
+            )
+            self._search = (key, index)
+        return self._search[1]
+
+    def _fitted_bank(self) -> Tensor:
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError(
+                "PatchCore has an empty memory bank: fit it (trainer.fit) or load a checkpoint before scoring"
+            )
+        return self.memory_bank
+
+    @contextmanager
+    def traceable(self) -> Iterator[None]:
+        """Within the block, score with traceable operations of the same values.
+
+        The k-NN becomes ``|x|^2 - 2 x.b + |b|^2`` against the whole bank, a
+        top-k and a square root (exact search, whatever :attr:`search` says), and
+        channel pooling a matrix product (:func:`pool_channels`).
+        """
+        previous, self._graph_ops = self._graph_ops, True
+        try:
+            yield
+        finally:
+            self._graph_ops = previous
+
+    def _exact_distances(self, queries: Tensor, k: int) -> Tensor:
+        """Distances ``[N, k]`` of ``queries`` to their ``k`` nearest bank rows, in traceable operations."""
+        bank = self._fitted_bank().float()
+        squared = queries.square().sum(1, keepdim=True) - 2 * queries @ bank.T + bank.square().sum(1)[None]
+        k = max(1, min(k, bank.shape[0]))
+        return squared.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
+
+    def forward(self, features: Sequence[Tensor], output_size: Sequence[int]) -> Tensor:
+        """Mean distance of each location to its nearest bank features, upsampled to ``output_size``."""
+        embedding = self.locally_aware_features(features)
+        size, height, width, dim = embedding.shape
+        queries = embedding.reshape(-1, dim)
+        if self._graph_ops:
+            distances = self._exact_distances(queries, self.num_neighbors)
+        else:
+            distances = self.nearest_neighbours().search(queries, self.num_neighbors)
+        scores = distances.mean(dim=1).reshape(size, 1, height, width)
+        return F.interpolate(scores, size=output_size, mode="bilinear", align_corners=False)[:, 0]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # A bank copied in place keeps its address, so the search index must be dropped here.
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._search = None
 
 
 class HRPatchCore(OnePassDetector):
@@ -225,13 +401,13 @@ class HRPatchCore(OnePassDetector):
         image_score: overrides of the image-score rule (default: the largest 16 x 16 window mean, as HiAD
             scores this method; see :class:`HRDetector`).
 
-    The bank (``memory_bank``, ``[M, D]``) is a buffer saved in checkpoints.
+    The method lives in :attr:`model` (a :class:`PatchCoreModel`), whose bank
+    (``model.memory_bank``, ``[M, D]``) is a buffer saved in checkpoints.
     During the pass the training features are streamed to a temporary file
     (``N x D x 4`` bytes for ``N`` locations, half in float16); resident memory is one
     block of features (16 coreset chunks) plus the bank.
     """
 
-    resizable_buffers = ("memory_bank",)
     scores_shared_embedding = True
 
     def __init__(
@@ -263,82 +439,42 @@ class HRPatchCore(OnePassDetector):
             backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, image_score=image_score
         )
         _check_positive(
-            pretrain_embed_dimension=pretrain_embed_dimension,
-            target_embed_dimension=target_embed_dimension,
-            num_neighbors=num_neighbors,
             coreset_projection_dim=coreset_projection_dim,
             coreset_max_candidates=coreset_max_candidates,
             coreset_chunk_size=coreset_chunk_size,
-            exact_search_max_bank=exact_search_max_bank,
-            search_nprobe=search_nprobe,
         )
         if feature_dtype not in STORE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {sorted(STORE_DTYPES)}, got {feature_dtype!r}")
-        if search not in SEARCH_KINDS:
-            raise ValueError(f"search must be one of {SEARCH_KINDS}, got {search!r}")
-        if search_precision not in SCAN_DTYPES:
-            raise ValueError(f"search_precision must be one of {SCAN_DTYPES}, got {search_precision!r}")
-        if merge_size < 1 or merge_size % 2 == 0:
-            raise ValueError(f"merge_size must be a positive odd number, got {merge_size}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if layer_weighting not in LAYER_WEIGHTINGS:
-            raise ValueError(f"layer_weighting must be one of {LAYER_WEIGHTINGS}, got {layer_weighting!r}")
         if not 0 < percentage <= 1:
             raise ValueError(f"percentage must be in (0, 1], got {percentage}")
-        self.merge_size = merge_size
-        self.aggregation = aggregation
-        self.layer_weighting = layer_weighting
+        #: The method: locally aware features, the memory bank and its search (what export traces).
+        self.model = PatchCoreModel(
+            cast(FeatureExtractor, self.backbone).channels,
+            merge_size=merge_size,
+            aggregation=aggregation,
+            layer_weighting=layer_weighting,
+            pretrain_embed_dimension=pretrain_embed_dimension,
+            target_embed_dimension=target_embed_dimension,
+            num_neighbors=num_neighbors,
+            search=search,
+            exact_search_max_bank=exact_search_max_bank,
+            search_nprobe=search_nprobe,
+            search_precision=search_precision,
+            seed=seed,
+        )
         self.percentage = percentage
-        self.pretrain_embed_dimension = pretrain_embed_dimension
-        self.target_embed_dimension = target_embed_dimension
-        self.num_neighbors = num_neighbors
         self.coreset_projection_dim = coreset_projection_dim
         self.coreset_max_candidates = coreset_max_candidates
         self.coreset_chunk_size = coreset_chunk_size
         self.feature_dtype = feature_dtype
-        self.search = search
-        self.exact_search_max_bank = exact_search_max_bank
-        self.search_nprobe = search_nprobe
-        self.search_precision = search_precision
         self.seed = seed
-        self.register_buffer("memory_bank", torch.empty(0, self.embed_dimension))
         self._train_features: FeatureStore | None = None
-        self._search: tuple[tuple, NearestNeighbourIndex] | None = None
-
-    @property
-    def embed_dimension(self) -> int:
-        """Width of one patch feature (and of the memory bank's rows)."""
-        concatenated = sum(self._layer_widths())
-        return pooled_width(concatenated, self.target_embed_dimension)
-
-    def _layer_widths(self) -> list[int]:
-        """Width of each layer's part of a feature, after its pooling."""
-        spread = self.merge_size**2 if self.aggregation == "neighbourhood" else 1
-        return [pooled_width(c * spread, self.pretrain_embed_dimension) for c in self.backbone.channels]
+        # checkpoints written before the bank moved into the model kept it at the top level
+        self.register_load_state_dict_pre_hook(MoveKeysUnder(("memory_bank",)))
 
     def patch_features(self, batch: PatchBatch) -> Tensor:
         """Locally aware patch features ``[B, h, w, D]`` on the first layer's grid."""
-        return self.locally_aware_features(self.fused_embedding(batch))
-
-    def locally_aware_features(self, maps: list[Tensor]) -> Tensor:
-        """``[B, h, w, D]`` features from per-layer (fused) maps: neighbourhoods aggregated, layers joined and pooled."""
-        grid = maps[0].shape[-2:]
-        size = self.merge_size
-        if self.aggregation == "mean":
-            # count_include_pad=False keeps border locations (patch seams) on the same scale.
-            maps = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=False) for m in maps]
-        elif size > 1:
-            maps = [F.unfold(m, size, padding=size // 2).reshape(m.shape[0], -1, *m.shape[-2:]) for m in maps]
-        maps = [
-            m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
-            for m in maps
-        ]
-        layers = [pool_channels(m.permute(0, 2, 3, 1).float(), self.pretrain_embed_dimension) for m in maps]
-        if self.layer_weighting == "equal" and len(layers) > 1:
-            widest = max(layer.shape[-1] for layer in layers)
-            layers = [layer * math.sqrt(widest / layer.shape[-1]) for layer in layers]
-        return pool_channels(torch.cat(layers, dim=-1), self.target_embed_dimension)
+        return self.model.locally_aware_features(self.fused_embedding(batch))
 
     # ------------------------------------------------------------------ fitting
 
@@ -365,6 +501,8 @@ class HRPatchCore(OnePassDetector):
     def finalize(self) -> None:
         """Build the memory bank from the streamed features by greedy coreset selection."""
         store = self._train_features
+        if store is None:
+            raise RuntimeError("HRPatchCore.finalize: no training features were accumulated")
         try:
             bank = coreset_subsample(
                 store,
@@ -372,56 +510,28 @@ class HRPatchCore(OnePassDetector):
                 projection_dim=self.coreset_projection_dim,
                 max_candidates=self.coreset_max_candidates,
                 seed=self.seed,
-                device=self.memory_bank.device,
+                device=self.model.memory_bank.device,
                 chunk_size=self.coreset_chunk_size,
             )
         finally:
             self._drop_train_features()
-        self.memory_bank = bank.to(self.memory_bank.device, self.memory_bank.dtype)
-        self._search = None
+        self.model.set_memory_bank(bank)
         log.info(f"PatchCore: memory bank of {bank.shape[0]} features from {len(store)}.")
-
-    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
-        # A bank copied in place keeps its address, so the search index must be dropped here.
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        self._search = None
 
     # ------------------------------------------------------------------ scoring
 
-    def _nearest_neighbours(self) -> NearestNeighbourIndex:
-        """The search index of the current bank, rebuilt when the bank changes."""
-        bank = self.memory_bank
-        if bank.shape[0] == 0:
-            raise RuntimeError(
-                "HRPatchCore has an empty memory bank: fit it (trainer.fit) or load a checkpoint before scoring"
-            )
-        key = (bank.data_ptr(), tuple(bank.shape), str(bank.device))
-        if self._search is None or self._search[0] != key:
-            kind = choose_search_kind(bank.shape[0], self.search, self.exact_search_max_bank)
-            index = NearestNeighbourIndex(
-                bank, kind=kind, nprobe=self.search_nprobe, seed=self.seed, scan_dtype=self.search_precision
-            )
-            self._search = (key, index)
-        return self._search[1]
-
     def prepare_scoring(self) -> None:
         """Build the search index of the fitted bank (an empty bank is left for scoring to report)."""
-        if self.memory_bank.shape[0]:
-            self._nearest_neighbours()
+        if self.model.memory_bank.shape[0]:
+            self.model.nearest_neighbours()
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Distance of each location to its nearest bank features, upsampled to the patch size."""
-        return self.score_embedding(self.fused_embedding(batch), batch)
+        return self.model(self.fused_embedding(batch), batch.image.shape[-2:])
 
     def score_embedding(self, embedding: list[Tensor], batch: PatchBatch) -> Tensor:
         """:meth:`anomaly_map` from the patches' fused backbone maps."""
-        index = self._nearest_neighbours()
-        features = self.locally_aware_features(embedding)
-        size, height, width, dim = features.shape
-        distances = index.search(features.reshape(-1, dim), self.num_neighbors)
-        scores = distances.mean(dim=1).reshape(size, 1, height, width)
-        scores = F.interpolate(scores, size=batch.image.shape[-2:], mode="bilinear", align_corners=False)
-        return scores[:, 0]
+        return self.model(embedding, batch.image.shape[-2:])
 
 
 def _check_positive(**values: int | None) -> None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.synthesis import AnomalySynthesizer, SimplexNoiseSynthesizer, build_synthesizer
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.detectors.features import FeatureExtractor
+from hiad_pl.detectors.map_model import MoveKeysUnder, PatchMapModel
 from hiad_pl.postprocess import ImageScore
 
 #: Weights of the three self-supervised terms inside the projection loss (the paper's code).
@@ -178,7 +180,8 @@ class OneClassBottleneck(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """``[B, 2 C_deep, h_deep / 2, w_deep / 2]`` embedding of the per-layer features."""
-        size = features[-1].shape[-2:]
+        height, width = features[-1].shape[-2:]
+        size = (height, width)
         parts = []
         for down, f in zip(self.downsamplers, features):
             part = down(f)
@@ -288,6 +291,49 @@ def contrast_loss(corrupted: Sequence[Tensor], projected_clean: Sequence[Tensor]
     )  # type: ignore[return-value]
 
 
+class RDPPModel(PatchMapModel):
+    """RD++'s trained parts (projection layers, OCBE, reverse decoder) and the anomaly map they give.
+
+    Args:
+        channels: channels of each encoder layer (shallow to deep).
+        reductions: stride of each encoder layer.
+        ocbe_blocks: residual blocks of the bottleneck.
+        decoder_blocks: residual blocks per decoder stage (see :class:`ReverseDecoder`).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        reductions: Sequence[int],
+        ocbe_blocks: int = 3,
+        decoder_blocks: int | Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.projection = nn.ModuleList(ProjectionLayer(c) for c in channels)
+        self.bottleneck = OneClassBottleneck(channels, reductions, ocbe_blocks)
+        self.decoder = ReverseDecoder(channels, reductions, self.bottleneck.out_channels, decoder_blocks)
+
+    def project(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """The projection layers applied to each layer's features."""
+        return [layer(f.float()) for layer, f in zip(self.projection, features)]
+
+    def rebuild(self, projected: Sequence[Tensor]) -> list[Tensor]:
+        """The decoder's rebuild of every encoder layer from projected features."""
+        return self.decoder(self.bottleneck(projected), [f.shape[-2:] for f in projected])
+
+    def forward(self, features: Sequence[Tensor], output_size: Sequence[int]) -> Tensor:
+        """Sum over layers of ``1 - cos`` between encoder features and their rebuild, at ``output_size``."""
+        features = [f.float() for f in features]
+        rebuilt = self.rebuild(self.project(features))
+        maps = [
+            F.interpolate(
+                (1 - F.cosine_similarity(f, r, dim=1))[:, None], size=output_size, mode="bilinear", align_corners=True
+            )
+            for f, r in zip(features, rebuilt)
+        ]
+        return torch.stack(maps).sum(0)[:, 0]
+
+
 class HRRDPP(HRDetector):
     """RD++ (reverse distillation with multi-task projection) on high-resolution patches.
 
@@ -339,9 +385,9 @@ class HRRDPP(HRDetector):
         for name, value in (("epochs", epochs), ("accumulate_batches", accumulate_batches), ("ocbe_blocks", ocbe_blocks)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("proj_lr", proj_lr), ("distill_lr", distill_lr)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+        for name, rate in (("proj_lr", proj_lr), ("distill_lr", distill_lr)):
+            if not rate > 0:
+                raise ValueError(f"{name} must be positive, got {rate!r}")
         if not weight_proj >= 0:
             raise ValueError(f"weight_proj must be non-negative, got {weight_proj!r}")
         self.epochs = epochs
@@ -351,16 +397,15 @@ class HRRDPP(HRDetector):
         self.accumulate_batches = accumulate_batches
         self.synthesizer_spec = synthesizer
         build_synthesizer(synthesizer)  # a bad spec fails here, before any training
-        channels, reductions = self.backbone.channels, self.backbone.reductions
-        self.projection = nn.ModuleList(ProjectionLayer(c) for c in channels)
-        self.bottleneck = OneClassBottleneck(channels, reductions, ocbe_blocks)
-        self.decoder = ReverseDecoder(channels, reductions, self.bottleneck.out_channels, decoder_blocks)
+        encoder = cast(FeatureExtractor, self.backbone)
+        channels, reductions = encoder.channels, encoder.reductions
+        #: The method: projection layers, bottleneck and decoder (what export traces).
+        self.model = RDPPModel(channels, reductions, ocbe_blocks, decoder_blocks)
+        # two optimisers stepped together after gradient accumulation (step_optimizers)
+        self.automatic_optimization = False
         self._sinkhorn = sinkhorn_loss()
-
-    @property
-    def automatic_optimization(self) -> bool:
-        """``False``: two optimisers stepped together after gradient accumulation (:meth:`step_optimizers`)."""
-        return False
+        # checkpoints written before the trained parts moved into the model kept them at the top level
+        self.register_load_state_dict_pre_hook(MoveKeysUnder(("projection", "bottleneck", "decoder")))
 
     def trainer_defaults(self) -> dict[str, Any]:
         """``max_epochs`` from ``epochs``; a user's trainer options override it."""
@@ -372,30 +417,24 @@ class HRRDPP(HRDetector):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Adam on the projection layers (``proj_lr``) and Adam on the OCBE + decoder (``distill_lr``)."""
-        projection = torch.optim.Adam(self.parameters_of("projection"), lr=self.proj_lr, betas=ADAM_BETAS)
-        distillation = torch.optim.Adam(self.parameters_of("bottleneck", "decoder"), lr=self.distill_lr, betas=ADAM_BETAS)
+        model = self.model
+        projection = torch.optim.Adam(model.projection.parameters(), lr=self.proj_lr, betas=ADAM_BETAS)
+        distill = [*model.bottleneck.parameters(), *model.decoder.parameters()]
+        distillation = torch.optim.Adam(distill, lr=self.distill_lr, betas=ADAM_BETAS)
         return [projection, distillation]
-
-    def project(self, features: Sequence[Tensor]) -> list[Tensor]:
-        """The projection layers applied to each layer's features."""
-        return [layer(f.float()) for layer, f in zip(self.projection, features)]
-
-    def rebuild(self, projected: Sequence[Tensor]) -> list[Tensor]:
-        """The decoder's rebuild of every encoder layer from projected features."""
-        return self.decoder(self.bottleneck(projected), [f.shape[-2:] for f in projected])
 
     def losses(self, batch: PatchBatch) -> dict[str, Tensor]:
         """Every term of the RD++ loss for a synthetic batch (``clean_image`` + corrupted ``image``)."""
         clean = [f.float() for f in self.fused_embedding(batch.clean())]
         corrupted = [f.float() for f in self.fused_embedding(batch)]
-        projected_clean, projected_corrupted = self.project(clean), self.project(corrupted)
+        projected_clean, projected_corrupted = self.model.project(clean), self.model.project(corrupted)
         permutation = torch.randperm(len(batch), device=batch.image.device)
         ot = optimal_transport_loss(projected_clean, permutation, self._sinkhorn)
         reconstruction = reconstruction_loss(projected_corrupted, projected_clean)
         contrast = contrast_loss(corrupted, projected_clean)
         total_weight = 1 + RECONSTRUCTION_WEIGHT + CONTRAST_WEIGHT
         projection = (ot + RECONSTRUCTION_WEIGHT * reconstruction + CONTRAST_WEIGHT * contrast) / total_weight
-        distill = distillation_loss(clean, self.rebuild(projected_clean))
+        distill = distillation_loss(clean, self.model.rebuild(projected_clean))
         return {
             "loss": distill + self.weight_proj * projection,
             "distillation_loss": distill,
@@ -415,11 +454,4 @@ class HRRDPP(HRDetector):
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """Sum over layers of ``1 - cos`` between encoder features and their rebuild, at the patch size."""
-        features = [f.float() for f in self.fused_embedding(batch)]
-        rebuilt = self.rebuild(self.project(features))
-        size = batch.image.shape[-2:]
-        maps = [
-            F.interpolate((1 - F.cosine_similarity(f, r, dim=1))[:, None], size=size, mode="bilinear", align_corners=True)
-            for f, r in zip(features, rebuilt)
-        ]
-        return torch.stack(maps).sum(0)[:, 0]
+        return self.model(self.fused_embedding(batch), batch.image.shape[-2:])
