@@ -15,10 +15,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from conftest import PATCHCORE_TEST_CONFIG
 from deploy_runs import IMAGE_SIZE, PATCH_SIZE
-from hiad_pl.callbacks import ValidationSelector
 from hiad_pl.config import validate_options
 from hiad_pl.deploy import predictor
 from hiad_pl.detectors import DETECTOR_REGISTRY, HRPatchCore
+from hiad_pl.engine.callbacks import ValidationSelector
 from hiad_pl.postprocess import IMAGE_SCORE_RULES, ImageScore, image_score, topk_mean_score
 from hiad_pl.utils import metrics
 
