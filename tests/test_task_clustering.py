@@ -298,7 +298,7 @@ def test_retrieval_rejects_bad_inputs(
 def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
     detector: HRPatchCore, indexes: list[MultiResolutionIndex], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hiad_pl.orchestrator as orchestration
+    import hiad_pl.engine.orchestrator as orchestration
     from hiad_pl.syn import RandomBoxSynthesizer
 
     # Quadrant images turned by 0-3 quarter turns: content, not position, tells the tasks apart.
