@@ -157,7 +157,7 @@ def scores_of(folder: Path) -> dict[str, tuple[float, str]]:
 
 def test_a_config_override_reaches_the_pipeline_the_export_and_the_predictor(small_demo: Path, tmp_path: Path) -> None:
     from hiad_pl.cli import main
-    from hiad_pl.commands import load_run
+    from hiad_pl.engine.runs import load_run
 
     run_dir = tmp_path / "run"
     options = dict(PATCHCORE_TEST_CONFIG, image_score={"rule": "topk_mean", "k": 50})
