@@ -162,9 +162,9 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
     start = time.perf_counter()
     report = evaluate_predictions(split.test, scores, maps, default_evaluators())  # full resolution, as `hiad-pl test`
     evaluation_s = time.perf_counter() - start
-    recalls = [d.model._search[1].recall_at_1 for d in orchestrator._detectors.values() if d.model._search is not None]
-    banks = [int(d.model.memory_bank.shape[0]) for d in orchestrator._detectors.values()]
-    kinds = sorted({d.model._search[1].kind for d in orchestrator._detectors.values() if d.model._search is not None})
+    recalls = [d.model._search[1].recall_at_1 for d in orchestrator.models.detectors.values() if d.model._search is not None]
+    banks = [int(d.model.memory_bank.shape[0]) for d in orchestrator.models.detectors.values()]
+    kinds = sorted({d.model._search[1].kind for d in orchestrator.models.detectors.values() if d.model._search is not None})
     return {
         "floor_s": floor,
         "inference_s": wall,
@@ -180,7 +180,7 @@ def test_phase(run: str, data_root: str, image_size: int, train: int, test: int,
         "recall_at_1": min((r for r in recalls if r is not None), default=None),
         "bank_size": sum(banks),
         "search": kinds,
-        "backbones": len({id(d.backbone) for d in orchestrator._detectors.values()}),
+        "backbones": len({id(d.backbone) for d in orchestrator.models.detectors.values()}),
     }
 
 

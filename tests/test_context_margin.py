@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from conftest import PATCHCORE_TEST_CONFIG
-from hiad_pl.callbacks import ValidationSelector
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
 from hiad_pl.data.sample import HRSample
@@ -21,6 +20,7 @@ from hiad_pl.data.tiling import (
     inner_maps,
     seam_band,
 )
+from hiad_pl.engine.callbacks import ValidationSelector
 from hiad_pl.errors import ConfigError
 from hiad_pl.orchestrator import TaskOrchestrator, collect
 from hiad_pl.task import A2OTaskGenerator

@@ -82,7 +82,7 @@ def test_atomic_write_replaces_whole_files_only(tmp_path: Path) -> None:
 
 HOLD_LOCK = """
 import sys, time
-from hiad_pl.run_folder import run_folder_lock
+from hiad_pl.engine.run_folder import run_folder_lock
 with run_folder_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)
@@ -97,7 +97,7 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(sm
 
     from conftest import write_config
     from hiad_pl.cli import main
-    from hiad_pl.run_folder import LOCK_NAME, run_folder_lock
+    from hiad_pl.engine.run_folder import LOCK_NAME, run_folder_lock
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -311,11 +311,11 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
     import pickle
 
     from conftest import PATCHCORE_TEST_CONFIG
-    from hiad_pl import orchestrator as orchestrator_module
     from hiad_pl.data.discovery import discover
     from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
     from hiad_pl.detectors import HRPatchCore
-    from hiad_pl.launchers import LocalLauncher
+    from hiad_pl.engine import routing
+    from hiad_pl.engine.launchers import LocalLauncher
     from hiad_pl.orchestrator import TaskOrchestrator
     from hiad_pl.tasks.base import Task
 
@@ -329,7 +329,7 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
         count = len(samples) * len(grid)
         return list(grid), {t.name: [i for i in range(count) if i % len(patch_tasks) == k] for k, t in enumerate(patch_tasks)}
 
-    monkeypatch.setattr(orchestrator_module, "retrieval_train_items", route)
+    monkeypatch.setattr(routing, "retrieval_train_items", route)
     dispatched: list[TaskOrchestrator] = []
 
     def dispatch(self, orchestrator, pending, samples, val_config):  # what the worker processes receive
@@ -340,9 +340,9 @@ def test_retrieval_routing_is_computed_once_for_every_worker_and_rerun(small_dem
     TaskOrchestrator(HRPatchCore, config, tasks, tmp_path).fit(split.train, devices=["cpu", "cpu"])
     assert calls == [len(split.train)] and len(dispatched) == 2
     for worker, task in zip(dispatched, tasks):
-        _, items = worker._retrieval_items(None, task, split.train)
+        _, items = worker.routed_items(None, task, split.train)
         assert items == route(None, split.train, tasks)[1][task.name]
     rerun = TaskOrchestrator(HRPatchCore, config, tasks, tmp_path)  # a new process on the same folder
-    rerun._retrieval_items(None, tasks[0], split.train)
+    rerun.routed_items(None, tasks[0], split.train)
     assert len(calls) == 1 + 2  # the two reference calls above; the workers and the rerun embedded nothing
     assert len(list((tmp_path / "retrieval").glob("training-*.json"))) == 1

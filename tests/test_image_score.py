@@ -15,10 +15,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from conftest import PATCHCORE_TEST_CONFIG
 from deploy_runs import IMAGE_SIZE, PATCH_SIZE
-from hiad_pl.callbacks import ValidationSelector
 from hiad_pl.config import validate_options
 from hiad_pl.deploy import predictor
-from hiad_pl.detectors import DETECTOR_REGISTRY, HRPatchCore
+from hiad_pl.detectors import DETECTOR_REGISTRY, HRFastFlow, HRPatchCore
+from hiad_pl.engine.callbacks import ValidationSelector
 from hiad_pl.postprocess import IMAGE_SCORE_RULES, ImageScore, image_score, topk_mean_score
 from hiad_pl.utils import metrics
 
@@ -137,7 +137,10 @@ def test_validation_scores_patches_by_the_detectors_rule() -> None:
 
     logged: dict[str, float] = {}
     for rule, auroc in ((ImageScore("window_max"), 1.0), (ImageScore("max"), 0.0)):
-        module = SimpleNamespace(image_score=rule, log=lambda name, value, **_: logged.__setitem__(name, value))
+        # a real detector: the selector reads its typed rule (a module without one validates by the default)
+        module = HRFastFlow(backbone_name="resnet18", layers_to_extract_from=["layer1"], weights="none", input_size=32,
+                            flow_steps=1, image_score=rule)
+        module.log = lambda name, value, **_: logged.__setitem__(name, value)
         trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, state=SimpleNamespace(fn=TrainerFn.VALIDATING))
         selector.on_validation_epoch_start(trainer, module)
         selector.on_validation_batch_end(trainer, module, maps, SimpleNamespace(mask=masks, label=labels), 0)
@@ -154,7 +157,7 @@ def scores_of(folder: Path) -> dict[str, tuple[float, str]]:
 
 def test_a_config_override_reaches_the_pipeline_the_export_and_the_predictor(small_demo: Path, tmp_path: Path) -> None:
     from hiad_pl.cli import main
-    from hiad_pl.commands import load_run
+    from hiad_pl.engine.runs import load_run
 
     run_dir = tmp_path / "run"
     options = dict(PATCHCORE_TEST_CONFIG, image_score={"rule": "topk_mean", "k": 50})

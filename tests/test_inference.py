@@ -185,8 +185,8 @@ def test_one_backbone_instance_per_loaded_run(images, tmp_path: Path) -> None:
     loaded.load("cpu")
     gc.collect()
     after = sum(type(o) is TimmFeatureExtractor for o in gc.get_objects())
-    assert len(loaded._detectors) == 4
-    assert len({id(d.backbone) for d in loaded._detectors.values()}) == 1
+    assert len(loaded.models.detectors) == 4
+    assert len({id(d.backbone) for d in loaded.models.detectors.values()}) == 1
     assert after - before == 1  # the copies built while loading are gone
     predictions = list(loaded.predict(images["test"]))
     assert len(predictions) == 3 and predictions[0].anomaly_map.shape == (IMAGE, IMAGE)

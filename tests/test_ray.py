@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import PATCHCORE_TEST_CONFIG
+from hiad_pl.config import RayOptions
 from hiad_pl.detectors import HRFastFlow, HRPatchCore
-from hiad_pl.launchers import LocalLauncher, RayLauncher, RayOptions, make_launcher
+from hiad_pl.engine.launchers import LocalLauncher, RayLauncher, make_launcher
 
 ray = pytest.importorskip("ray")
 

@@ -183,7 +183,7 @@ def test_epoch_checkpoints_are_named_epoch_nnn_and_old_named_folders_resume(smal
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from hiad_pl import callbacks
+    from hiad_pl.engine import task_trainer
 
     config = slow_fastflow_config(tmp_path, small_demo)
     config.write_text(config.read_text().replace(f"max_epochs: {EPOCHS}", "max_epochs: 3"))
@@ -192,7 +192,7 @@ def test_epoch_checkpoints_are_named_epoch_nnn_and_old_named_folders_resume(smal
     def old_naming(dirpath, validated):  # the previous release's callback
         return ModelCheckpoint(dirpath=dirpath, filename="epoch{epoch:03d}", save_last=True, save_top_k=1)
 
-    monkeypatch.setattr(callbacks, "epoch_checkpoint", old_naming)
+    monkeypatch.setattr(task_trainer, "epoch_checkpoint", old_naming)
     original, calls = torch.save, []
 
     def fail_in_epoch_two(obj, target, *args, **kwargs):

@@ -298,7 +298,7 @@ def test_retrieval_rejects_bad_inputs(
 def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
     detector: HRPatchCore, indexes: list[MultiResolutionIndex], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hiad_pl.orchestrator as orchestration
+    import hiad_pl.engine.orchestrator as orchestration
     from hiad_pl.syn import RandomBoxSynthesizer
 
     # Quadrant images turned by 0-3 quarter turns: content, not position, tells the tasks apart.
@@ -336,7 +336,7 @@ def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
     (prediction,) = list(orchestrator.predict([turned]))
     assert orchestrator.normalized
     # normalization: shared gives every task the statistics of all validation patches together
-    shared = {(stats["low"], stats["high"]) for stats in orchestrator._normalization.values()}
+    shared = {(stats["low"], stats["high"]) for stats in orchestrator.models.statistics.values()}
     own = [torch.load(orchestrator.checkpoint_path(t), weights_only=True)["hiad_pl"]["normalization"] for t in tasks]
     assert len(shared) == 1 and len({(s["low"], s["high"]) for s in own}) == 4
     assert shared.pop()[1] == max(s["high"] for s in own)
@@ -346,5 +346,5 @@ def test_retrieval_tasks_fit_validate_and_score_the_patches_routed_to_them(
     # A task that no validation patch reaches is validated at its own positions.
     stray = Task("task_4", [indexes[5]], [(-torch.tensor(tasks[0].centers[0])).tolist()])
     lonely = orchestration.TaskOrchestrator(HRPatchCore, kwargs, [*tasks, stray], tmp_path / "other", batch_size=16)
-    grid, items = lonely._retrieval_items(detector, stray, [val_sample], validation=True)
+    grid, items = lonely.routed_items(detector, stray, [val_sample], validation=True)
     assert [str(grid[i]) for i in items] == [str(indexes[5])]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import PATCHCORE_TEST_CONFIG, patch_trainer
-from hiad_pl.callbacks import ValidationSelector, normalization_statistics
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import PatchDataset, capped_items, patch_loader, split_validation
 from hiad_pl.data.discovery import discover
 from hiad_pl.data.tiling import inner_maps
 from hiad_pl.detectors import HRDetector, HRPatchCore
+from hiad_pl.engine.callbacks import ValidationSelector, normalization_statistics
 from hiad_pl.orchestrator import RUN_INFO_KEY, TaskOrchestrator, ValidationConfig
 from hiad_pl.syn import RandomeBoxSynthesizer
 from hiad_pl.task import A2OTaskGenerator, O2OTaskGenerator
@@ -179,7 +179,7 @@ def test_normalisation_puts_normal_variation_at_zero() -> None:
 
 
 def test_pooled_statistics_are_those_of_all_normal_pixels_together() -> None:
-    from hiad_pl.callbacks import pooled_statistics
+    from hiad_pl.engine.callbacks import pooled_statistics
 
     generator = torch.Generator().manual_seed(0)
     quiet = torch.rand(40, 16, 16, generator=generator)  # a task whose normal scores sit in [0, 1]
@@ -219,7 +219,7 @@ def test_few_validation_patches_are_reported(texture, tmp_path: Path, caplog: py
 
 
 def test_selector_prefers_image_auroc_then_other_metrics() -> None:
-    from hiad_pl.callbacks import selection_score
+    from hiad_pl.engine.callbacks import selection_score
 
     assert selection_score({"image_auroc": 0.9, "pixel_auroc": 0.1}) > selection_score({"image_auroc": 0.8, "pixel_auroc": 1.0})
     assert selection_score({"image_auroc": 0.9, "pixel_auroc": 0.9}) > selection_score({"image_auroc": 0.9, "pixel_auroc": 0.5})

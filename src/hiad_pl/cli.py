@@ -25,6 +25,7 @@ import re
 import shlex
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -40,7 +41,6 @@ from hiad_pl.config import (
     RunConfig,
     ThresholdSection,
     ThumbnailConfig,
-    ValidationSection,
     as_list,
     branch_config,
     detector_class_of,
@@ -48,6 +48,7 @@ from hiad_pl.config import (
     import_class,
     load_detector_file,
 )
+from hiad_pl.data.synthesis import AnomalySynthesizer
 from hiad_pl.errors import ConfigError, UserError
 from hiad_pl.interrupts import Interrupted, stop_on_signals
 from hiad_pl.private_apis import parser_destinations
@@ -55,6 +56,26 @@ from hiad_pl.utils.allocator import keep_freed_memory
 
 DEFAULT_DETECTOR = "hiad_pl.detectors.HRPatchCore"
 DEFAULT_TASKS = "hiad_pl.tasks.A2OTaskGenerator"
+
+
+@dataclass
+class ValidationSection:
+    """A validation set of held-out training images with synthetic anomalies (the tutorial's val_config).
+
+    Args:
+        anomaly_syn_fn: the anomaly synthesiser, e.g. {class_path: hiad_pl.syn.RandomBoxSynthesizer, init_args: {p: 0.5}};
+            null: no validation set.
+        val_sample_ratio: share of the training images held out.
+        max_patch_number: most validation patches per task (None: all).
+        evaluators: evaluator import paths (or {function: path, kwargs: {...}}) shown per validation.
+        normalization: "task" (each task its own statistics) or "shared" (patch tasks pool theirs).
+    """
+
+    anomaly_syn_fn: AnomalySynthesizer | None = None
+    val_sample_ratio: float = 0.2
+    max_patch_number: int | None = None
+    evaluators: list[Any] | None = None
+    normalization: Literal["task", "shared"] = "task"
 
 
 def _accepted(path: str) -> list[str]:
@@ -370,7 +391,7 @@ def _run(command: str, sub: Namespace) -> int:
         if command == "tasks":
             commands.print_tasks(config)
         elif command == "fit":
-            from hiad_pl.run_folder import run_folder_lock
+            from hiad_pl.engine.run_folder import run_folder_lock
 
             with run_folder_lock(config.run_dir):
                 commands.check_fit(config)  # a refused fit leaves the folder's config.yaml as it was

@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
-from hiad_pl.data.synthesis import AnomalySynthesizer
 from hiad_pl.errors import ConfigError, InputError, UserError
 from hiad_pl.private_apis import parser_destinations
+from hiad_pl.registry import get_detector
 
 #: Keys that size a branch's input; they are not detector arguments.
 SIZE_KEYS = ("patch_size", "thumbnail_size")
@@ -70,10 +70,6 @@ def class_path(cls: type) -> str:
 
 def detector_class_of(value: type | str) -> type:
     """The detector class for a class, a short name (``patchcore``), a class name or an import path."""
-    from hiad_pl.detectors import (
-        get_detector,  # the registry imports every detector: only when needed
-    )
-
     return get_detector(value)
 
 
@@ -489,26 +485,6 @@ class ThumbnailConfig:
 
     thumbnail_size: int | list[int] | None = None
     init_args: dict[str, Any] | str = field(default_factory=dict)
-
-
-@dataclass
-class ValidationSection:
-    """A validation set of held-out training images with synthetic anomalies (the tutorial's val_config).
-
-    Args:
-        anomaly_syn_fn: the anomaly synthesiser, e.g. {class_path: hiad_pl.syn.RandomBoxSynthesizer, init_args: {p: 0.5}};
-            null: no validation set.
-        val_sample_ratio: share of the training images held out.
-        max_patch_number: most validation patches per task (None: all).
-        evaluators: evaluator import paths (or {function: path, kwargs: {...}}) shown per validation.
-        normalization: "task" (each task its own statistics) or "shared" (patch tasks pool theirs).
-    """
-
-    anomaly_syn_fn: AnomalySynthesizer | None = None
-    val_sample_ratio: float = 0.2
-    max_patch_number: int | None = None
-    evaluators: list[Any] | None = None
-    normalization: Literal["task", "shared"] = "task"
 
 
 @dataclass

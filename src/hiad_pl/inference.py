@@ -40,6 +40,7 @@ from hiad_pl.data.tiling import (
     inner_maps,
     stitch,
 )
+from hiad_pl.detectors.base import HRDetector
 from hiad_pl.errors import InputError
 from hiad_pl.postprocess import ImageScore, gaussian_blur, normalize_scores, upsample
 from hiad_pl.tasks.base import Task
@@ -103,7 +104,7 @@ class DecodedImage:
 
 
 def share_frozen_backbones(
-    detectors: Iterable[nn.Module], shared: dict[tuple, nn.Module] | None = None
+    detectors: Iterable[HRDetector], shared: dict[tuple, nn.Module] | None = None
 ) -> dict[tuple, nn.Module]:
     """Make detectors with equal frozen-backbone settings use one backbone instance.
 
@@ -113,8 +114,7 @@ def share_frozen_backbones(
     """
     shared = {} if shared is None else shared
     for detector in detectors:
-        key_of = getattr(detector, "frozen_backbone_key", None)
-        key = key_of() if callable(key_of) else None
+        key = detector.frozen_backbone_key()
         if key is None:
             continue
         if key in shared:
@@ -160,7 +160,7 @@ def _rows_as_slice(positions: Tensor) -> slice | None:
     return slice(first, first + step * (len(positions) - 1) + 1, step)
 
 
-def run_image_score(tasks: Sequence[Task], detectors: Mapping[str, nn.Module]) -> ImageScore:
+def run_image_score(tasks: Sequence[Task], detectors: Mapping[str, HRDetector]) -> ImageScore:
     """The image-score rule of a run: its patch detectors' (the thumbnail detector's when it has no patch tasks).
 
     Raises:
@@ -169,12 +169,12 @@ def run_image_score(tasks: Sequence[Task], detectors: Mapping[str, nn.Module]) -
     chosen = [t for t in tasks if not t.is_thumbnail] or list(tasks)
     by_rule: dict[ImageScore, list[str]] = {}
     for task in chosen:
-        by_rule.setdefault(getattr(detectors[task.name], "image_score", None) or ImageScore(), []).append(task.name)
+        by_rule.setdefault(detectors[task.name].image_score, []).append(task.name)
     if len(by_rule) > 1:
         listed = "; ".join(f"{rule} for {', '.join(names)}" for rule, names in by_rule.items())
         raise ValueError(f"the tasks' detectors score images by different rules: {listed}")
     return next(iter(by_rule), ImageScore())
-def check_margin_fits(detectors: Sequence[nn.Module], grid: Sequence[MultiResolutionIndex], margin: int) -> None:
+def check_margin_fits(detectors: Sequence[HRDetector], grid: Sequence[MultiResolutionIndex], margin: int) -> None:
     """Raise unless every patch detector was built for the grid's patches widened by ``margin`` on every side.
 
     Only checked with a margin: without one, detectors whose maps follow their
@@ -184,7 +184,7 @@ def check_margin_fits(detectors: Sequence[nn.Module], grid: Sequence[MultiResolu
         return
     main = grid[0].main_index
     wanted = (main.width + 2 * margin, main.height + 2 * margin)
-    wrong = {tuple(size) for d in detectors if (size := getattr(d, "input_size", None)) is not None and tuple(size) != wanted}
+    wrong = {tuple(d.input_size) for d in detectors if tuple(d.input_size) != wanted}
     if wrong:
         raise ValueError(
             f"context_margin {margin} widens the {main.width}x{main.height} patches to {wanted[0]}x{wanted[1]}, "
@@ -237,7 +237,7 @@ class InferencePipeline:
     def __init__(
         self,
         tasks: Sequence[Task],
-        detectors: Mapping[str, nn.Module],
+        detectors: Mapping[str, HRDetector],
         normalization: Mapping[str, dict | None] | None = None,
         batch_size: int = 8,
         device: str | torch.device = "cpu",
@@ -283,7 +283,7 @@ class InferencePipeline:
         self._leader = patch_detectors[0] if patch_detectors else None
         #: Whether every head scores the leader's features (one backbone, one fusion, shared-feature heads).
         self.shares_features = bool(patch_detectors) and all(
-            getattr(d, "scores_shared_embedding", False)
+            d.scores_shared_embedding
             and d.frozen_backbone_key() is not None
             and d.frozen_backbone_key() == self._leader.frozen_backbone_key()
             and d.fusion_weights == self._leader.fusion_weights
@@ -292,9 +292,7 @@ class InferencePipeline:
         self.times = StageTimes()
         start = time.perf_counter()
         for detector in self.detectors.values():
-            prepare = getattr(detector, "prepare_scoring", None)
-            if prepare is not None:
-                prepare()
+            detector.prepare_scoring()
         self.times.setup = time.perf_counter() - start
         #: Images left out by ``predict(..., skip_unreadable=True)``: sample id -> why.
         self.skipped: dict[int, InputError] = {}

@@ -11,8 +11,8 @@ import numpy as np
 from hiad_pl.data.sample import HRSample
 from hiad_pl.decisions import NO_THRESHOLDS, Thresholds, confusion, counts_to_metrics
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
+from hiad_pl.engine.launchers import Launcher
 from hiad_pl.errors import DatasetError
-from hiad_pl.launchers import Launcher
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
 from hiad_pl.utils.array_store import ArrayStore
 from hiad_pl.visualize import JET_COLOURS, render_panel, save_png

@@ -1,4 +1,4 @@
-"""Files of a run folder: atomic writes, checkpoints, the run-folder lock.
+"""Files of a run folder: atomic writes, JSON and checkpoint reading (every layer writes through these).
 
 Every file hiad-pl writes (``config.yaml``, ``tasks.json``, checkpoints,
 ``metrics.json``, ``scores.csv``, maps and visualisations) goes through
@@ -6,31 +6,27 @@ Every file hiad-pl writes (``config.yaml``, ``tasks.json``, checkpoints,
 flushed to disk, and the file is renamed over the target. A crash or a full
 disk leaves the previous file or the new one, never a mix. Files get the mode
 ``0666`` less the umask (``0644`` under the usual ``022``), as ``open()`` would give.
+The folder's layout, its lock and the resume rules are the engine's
+(:mod:`hiad_pl.engine.run_folder`).
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import os
-import socket
 import tempfile
-import time
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from hiad_pl.errors import CheckpointError, InputError, RunFolderLockedError, WriteError
+from hiad_pl.errors import CheckpointError, InputError, WriteError
 
 log = logging.getLogger("hiad_pl")
 
 Content = bytes | str | Callable[[IO[bytes]], None]
-LOCK_NAME = ".hiad-pl.lock"
-_HELD_LOCKS: set[Path] = set()  # folders this process has locked (a nested lock of one folder is a no-op)
 
 
 def file_mode() -> int:
@@ -155,85 +151,3 @@ def load_checkpoint(path: str | Path, task: str | None = None, **kwargs: Any) ->
         if "pickle" in type(error).__module__ or "Unpickling" in type(error).__name__:
             raise corrupt_checkpoint(path, error, task) from error
         raise
-
-
-def _lock_owner(stream: IO[str]) -> dict[str, Any]:
-    stream.seek(0)
-    try:
-        owner = json.loads(stream.read() or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return owner if isinstance(owner, dict) else {}
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-@contextmanager
-def run_folder_lock(folder: str | Path) -> Iterator[Path]:
-    """Hold ``folder/.hiad-pl.lock`` while the block runs; refuse when another live process holds it.
-
-    The lock is an advisory ``flock`` that the system releases when its process
-    dies (also on ``kill -9``), so a dead process's lock is simply taken over.
-    The file records the holder's pid, host and start time for the refusal's
-    message. The file stays after release (emptied), because deleting it would
-    let two processes lock two different files of the same name.
-    """
-    import fcntl
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    key = path.resolve()
-    if key in _HELD_LOCKS:
-        yield path
-        return
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
-    stream = os.fdopen(handle, "r+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _lock_owner(stream)
-            holder = f"process {owner.get('pid', '?')} on {owner.get('host', '?')}"
-            since = f" since {owner['started']}" if "started" in owner else ""
-            raise RunFolderLockedError(
-                f"{folder} is in use by {holder}{since} (lock file {path}); "
-                "wait for it to finish or use another run folder"
-            ) from None
-        previous = _lock_owner(stream)
-        if previous.get("pid") and previous.get("host") == socket.gethostname() and not _process_alive(int(previous["pid"])):
-            log.info("%s: took over the lock of process %s, which is no longer running", folder, previous["pid"])
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        stream.seek(0)
-        stream.truncate()
-        stream.write(json.dumps(owner))
-        stream.flush()
-        _HELD_LOCKS.add(key)
-        try:
-            yield path
-        finally:
-            _HELD_LOCKS.discard(key)
-            stream.seek(0)
-            stream.truncate()
-            stream.flush()
-    finally:
-        stream.close()  # closing the file releases the flock
-
-
-def locks_root(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``method`` of an object with a ``root`` folder while holding that folder's lock."""
-
-    @functools.wraps(method)
-    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with run_folder_lock(self.root):
-            return method(self, *args, **kwargs)
-
-    return locked

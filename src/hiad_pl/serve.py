@@ -117,7 +117,7 @@ class RunScorer:
     @staticmethod
     def from_run(run_dir: str | Path, category: str | None = None, devices: Sequence[int | str] = ()) -> RunScorer:
         """Load a run folder written by ``hiad-pl fit`` (as ``hiad-pl predict`` does)."""
-        from hiad_pl.commands import load_run
+        from hiad_pl.engine.runs import load_run
 
         run = load_run(Path(run_dir), category, devices)
         return RunScorer(run.orchestrator, run.device, run.image_size, run.category, run.thresholds)

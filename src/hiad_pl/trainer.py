@@ -17,8 +17,8 @@ from hiad_pl.calibration import (
 )
 from hiad_pl.config import DEFAULT_CONTEXT_MARGIN, DetectorConfig, RayOptions, ThresholdSection
 from hiad_pl.data.sample import HRSample
+from hiad_pl.engine.launchers import make_launcher
 from hiad_pl.errors import ConfigError, DatasetError
-from hiad_pl.launchers import make_launcher
 from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig, resolve_devices
 from hiad_pl.outputs import (
     evaluate_predictions,

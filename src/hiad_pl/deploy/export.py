@@ -158,7 +158,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     """Export a fitted run's category model to ``output``: ``<task>.onnx`` graphs and ``manifest.json``."""
     import yaml
 
-    from hiad_pl.commands import load_run
+    from hiad_pl.engine.runs import load_run
     from hiad_pl.inference import run_image_score
     from hiad_pl.tasks.retrieval import cells_for, retrieval_grid, stacked_centers
     from hiad_pl.visualize import JET_COLOURS

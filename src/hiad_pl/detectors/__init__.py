@@ -8,8 +8,9 @@ registry) maps each short name used in configs to its class, and
 
 from __future__ import annotations
 
-import importlib
+from typing import cast
 
+from hiad_pl import registry
 from hiad_pl.detectors.base import DETECTOR_REGISTRY, HRDetector, OnePassDetector, register_detector
 from hiad_pl.detectors.destseg import HRDesTSeg
 from hiad_pl.detectors.dinomaly import HRDinomaly
@@ -31,31 +32,8 @@ def get_detector(name_or_class_path: str | type[HRDetector]) -> type[HRDetector]
     Raises:
         ValueError: when the name is unknown or the path does not lead to an :class:`HRDetector`.
     """
-    if isinstance(name_or_class_path, type):
-        return _checked(name_or_class_path, name_or_class_path.__qualname__)
-    name = str(name_or_class_path).strip()
-    by_class_name = {cls.__name__.lower(): cls for cls in DETECTORS.values()}
-    found = DETECTORS.get(name.lower()) or by_class_name.get(name.lower())
-    if found is not None:
-        return found
-    if "." in name:
-        module_name, _, attribute = name.rpartition(".")
-        try:
-            found = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"detector {name!r} could not be imported: {err}") from err
-        return _checked(found, name)
-    raise ValueError(
-        f"unknown detector {name!r}; known names: {', '.join(sorted(DETECTORS))} "
-        "(or give an import path such as 'my_package.module.MyDetector')"
-    )
-
-
-def _checked(candidate: object, name: str) -> type[HRDetector]:
-    """``candidate`` if it is an :class:`HRDetector` subclass, else a ``ValueError`` naming ``name``."""
-    if not (isinstance(candidate, type) and issubclass(candidate, HRDetector)):
-        raise ValueError(f"detector {name!r} is not a subclass of hiad_pl.detectors.HRDetector")
-    return candidate
+    # the registry checks that the class derives from HRDetector, its declared base
+    return cast("type[HRDetector]", registry.get_detector(name_or_class_path))
 
 
 def describe_detectors() -> list[str]:

@@ -20,7 +20,7 @@ once the pass is over.
 
 Every concrete subclass registers itself under :attr:`HRDetector.detector_name`
 (default: the class name without a leading ``HR``, lower case) in
-:data:`DETECTOR_REGISTRY`; nothing keeps a hand-written list.
+:data:`~hiad_pl.registry.DETECTOR_REGISTRY`; nothing keeps a hand-written list.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning
@@ -37,16 +37,16 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from hiad_pl.data.batch import PatchBatch
+from hiad_pl.data.datamodule import Synthesizer
 from hiad_pl.data.tiling import as_pair
 from hiad_pl.detectors.features import FeatureSettings, create_extractor, shared_feature_extractor
 from hiad_pl.postprocess import ImageScore
+from hiad_pl.registry import DETECTOR_REGISTRY, declare_detector_base
 
 #: Layers of the default backbone (EfficientNet-Lite0): strides 8 and 16.
 DEFAULT_LAYERS: tuple[str, ...] = ("blocks.2", "blocks.4")
 #: State-dict prefix of the backbone inside a detector.
 BACKBONE_PREFIX = "backbone."
-#: Every concrete detector class by its short name (filled as classes are defined).
-DETECTOR_REGISTRY: dict[str, type[HRDetector]] = {}
 
 
 def register_detector(cls: type[HRDetector], name: str | None = None) -> type[HRDetector]:
@@ -178,6 +178,8 @@ class HRDetector(lightning.LightningModule, ABC):
     resizable_buffers: ClassVar[tuple[str, ...]] = ()
     #: The method's image-score rule (HiAD's: the largest 16 x 16 window mean unless the method has its own).
     default_image_score: ClassVar[ImageScore] = ImageScore()
+    #: Validation statistics ``{low, high, ...}`` of the selected weights, set by validation; saved with checkpoints.
+    hiad_normalization: dict[str, Any] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register every concrete subclass under its :attr:`detector_name`."""
@@ -257,7 +259,7 @@ class HRDetector(lightning.LightningModule, ABC):
         """
         return True
 
-    def training_synthesizer(self) -> Callable[..., Any] | None:
+    def training_synthesizer(self) -> Synthesizer | None:
         """The synthesiser the data module applies to training patches (``None``: clean patches only).
 
         Detectors that learn from synthetic anomalies return one; their training
@@ -516,6 +518,9 @@ class HRDetector(lightning.LightningModule, ABC):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+declare_detector_base(HRDetector)
 
 
 class OnePassDetector(HRDetector):

@@ -1,6 +1,6 @@
 """Where task fits and image scoring run: local processes, or a Ray cluster.
 
-A launcher receives the pending tasks of a :class:`~hiad_pl.orchestrator.TaskOrchestrator`
+A launcher receives the pending tasks of a :class:`~hiad_pl.engine.orchestrator.TaskOrchestrator`
 and runs ``orchestrator.fit_task`` for each, and it scores test images. The
 orchestrator keeps the rules (which tasks are pending, how a task resumes, where
 checkpoints go); the launcher only decides where the work runs.
@@ -41,12 +41,38 @@ from hiad_pl.inference import Prediction
 
 if TYPE_CHECKING:
     from hiad_pl.data.sample import HRSample
-    from hiad_pl.orchestrator import TaskOrchestrator, ValidationConfig
+    from hiad_pl.engine.orchestrator import TaskOrchestrator
+    from hiad_pl.engine.validation import ValidationConfig
     from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
 
 LAUNCHERS = ("local", "ray")
+
+
+def resolve_devices(devices: Sequence[int | str] | int | str | None) -> list[str]:
+    """Normalise ``gpu_ids``/``devices`` to torch device strings.
+
+    ``None`` or ``[]`` is one CPU; ints are CUDA ids; ``"cpu"`` entries are CPU
+    worker processes (``["cpu", "cpu"]`` fits two tasks at a time).
+    """
+    if devices is None or devices == [] or devices == ():
+        return ["cpu"]
+    if isinstance(devices, (int, str)):
+        devices = [devices]
+    resolved = []
+    for device in devices:
+        if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
+            if not torch.cuda.is_available():
+                raise ConfigError(f"GPU id {device} requested but CUDA is not available; use gpu_ids=[] for CPU")
+            if int(device) >= torch.cuda.device_count():
+                raise ConfigError(f"GPU id {device} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+            resolved.append(f"cuda:{int(device)}")
+        elif str(device) == "cpu" or str(device).startswith("cuda"):
+            resolved.append(str(device))
+        else:
+            raise ConfigError(f"unknown device {device!r}: use GPU ids (0, 1, ...) or 'cpu'")
+    return resolved
 
 
 class Launcher:

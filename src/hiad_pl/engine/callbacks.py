@@ -33,8 +33,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from hiad_pl.data.datamodule import HighResDataModule
 from hiad_pl.data.tiling import inner_maps
-from hiad_pl.metrics import UndefinedMetricError
+from hiad_pl.detectors.base import HRDetector
+from hiad_pl.engine.validation import NORMALIZATION_SCOPES, ValidationConfig
+from hiad_pl.metrics import UndefinedMetricError, compute_imagewise_metrics, compute_pixelwise_metrics
 from hiad_pl.postprocess import ImageScore
 from hiad_pl.run_folder import load_checkpoint
 
@@ -44,14 +47,11 @@ SELECTION_METRIC = "val/selection"
 NORMAL_QUANTILE = 0.99
 NORMAL_SAMPLE = 1_000_000  # pixels sampled for the quantile (torch.quantile caps its input size)
 SKETCH_SIZE = 512  # quantiles of normal scores kept per task, to pool statistics across tasks
-NORMALIZATION_SCOPES = ("task", "shared")
 
 
 def default_validation_evaluators() -> list[Callable[..., dict]]:
     """Image AUROC and pixel AUROC/AP: cheap enough to run every epoch on the CPU."""
-    from hiad_pl.utils import metrics
-
-    return [metrics.compute_imagewise_metrics, metrics.compute_pixelwise_metrics]
+    return [compute_imagewise_metrics, compute_pixelwise_metrics]
 
 
 def selection_score(values: dict[str, float]) -> float:
@@ -127,8 +127,7 @@ def pooled_statistics(statistics: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def ready_for_selection(module: L.LightningModule | None) -> bool:
     """Whether ``module``'s current weights may be selected by validation (``True`` for modules without the hook)."""
-    hook = getattr(module, "ready_for_selection", None)
-    return True if hook is None else bool(hook())
+    return module.ready_for_selection() if isinstance(module, HRDetector) else True
 
 
 class SelectionCheckpoint(ModelCheckpoint):
@@ -223,7 +222,7 @@ class ValidationSelector(Callback):
         if not self._maps or trainer.sanity_checking:
             return
         maps, masks, labels = torch.cat(self._maps), torch.cat(self._masks), torch.cat(self._labels)
-        values = self.evaluate(maps, masks, labels, getattr(pl_module, "image_score", None))
+        values = self.evaluate(maps, masks, labels, pl_module.image_score if isinstance(pl_module, HRDetector) else None)
         score = selection_score(values)
         for name, value in values.items():
             if math.isfinite(value):
@@ -284,15 +283,11 @@ class ValidationSelector(Callback):
 
 
 def validation_callbacks(
-    detector: L.LightningModule, data: Any, val_config: Any, early_stop_epochs: int
+    detector: HRDetector, data: HighResDataModule, val_config: ValidationConfig, early_stop_epochs: int
 ) -> list[Callback]:
     """The selector, plus early stopping when ``early_stop_epochs`` > 0."""
-    callbacks: list[Callback] = [
-        ValidationSelector(
-            val_config.evaluators, getattr(val_config, "normalization", "task"), getattr(data, "context_margin", 0)
-        )
-    ]
-    if early_stop_epochs > 0 and not getattr(detector, "fits_in_one_pass", False):
+    callbacks: list[Callback] = [ValidationSelector(val_config.evaluators, val_config.normalization, data.context_margin)]
+    if early_stop_epochs > 0 and not detector.fits_in_one_pass:
         callbacks.append(
             SelectionEarlyStopping(
                 monitor=SELECTION_METRIC, mode="max", patience=early_stop_epochs, check_on_train_epoch_end=False
