@@ -1,4 +1,4 @@
-"""hiad_pl.curves against scikit-learn: exact curves, binned counts, weights, ties."""
+"""hiad_pl.metrics.curves against scikit-learn: exact curves, binned counts, weights, ties."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from hiad_pl import curves
+from hiad_pl.metrics import curves
 
 
 def _data(seed: int, n: int = 500, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

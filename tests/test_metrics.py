@@ -19,15 +19,20 @@ import hiad_pl.metrics as hm
 from hiad_pl.metrics import (
     UndefinedMetricError,
     UndefinedMetricWarning,
+    binning,
     default_evaluators,
     evaluate,
+    evaluators,
     format_table,
     image_metrics,
+    inputs,
+    pixel,
     pixel_metrics,
     pro_metric,
     resolve_evaluator,
     save_report,
 )
+from hiad_pl.metrics import gpu as twins
 from hiad_pl.utils import metrics, metrics_gpu
 
 Maps = list[np.ndarray]
@@ -214,14 +219,14 @@ def test_auto_mode_switches_to_binned_above_the_size_limit(monkeypatch: pytest.M
     exact, binned = pixel_metrics(maps, masks, mode="exact"), pixel_metrics(maps, masks, mode="binned")
     assert exact["pixel_auroc"] != binned["pixel_auroc"]
     assert pixel_metrics(maps, masks) == exact
-    monkeypatch.setattr(hm, "EXACT_MAX_PIXELS", maps[0].size)
+    monkeypatch.setattr(inputs, "EXACT_MAX_PIXELS", maps[0].size)
     assert pixel_metrics(maps, masks) == binned
 
 
 def test_binned_state_does_not_grow_with_pixels() -> None:
     maps, masks = _random_set()
-    curve = hm._PixelCurve(hm._Binner(torch.linspace(0, 1, 50), 0.0, 1.0))
-    for image in hm._images(list(zip(maps, masks)), torch.device("cpu")):
+    curve = pixel._PixelCurve(binning.Binner(torch.linspace(0, 1, 50), 0.0, 1.0))
+    for image in inputs.prepared_images(list(zip(maps, masks)), torch.device("cpu")):
         curve.update(image.scores, image.defect_index)
     state = curve.state()
     assert isinstance(state, torch.Tensor) and state.shape == (50, 2, 2)
@@ -236,17 +241,17 @@ def test_binner_equals_bucketize(dtype: torch.dtype, offset: float) -> None:
     low, high = float(scores.min()), float(scores.max())
     random = torch.sort(scores[torch.randint(0, scores.numel(), (300,), generator=generator)]).values
     # thresholds on scores, on the lookup cells' edges and just beside them
-    cells = hm._Binner.cells
+    cells = binning.Binner.cells
     edges = low + torch.arange(0, cells, 997, dtype=torch.float64) * (high - low) / cells
     next_up = torch.nextafter(edges.to(dtype), torch.tensor(np.inf, dtype=dtype))
     beside = torch.cat([edges, next_up.double()])
     thresholds = torch.unique(torch.cat([random, beside.to(dtype), torch.tensor([low, high], dtype=dtype)]))
     scores = torch.cat([scores, thresholds, beside.to(dtype).clamp(low, high)])
     expected = torch.bucketize(scores, thresholds, right=True, out_int32=True)
-    assert torch.equal(hm._Binner(thresholds, low, high)(scores), expected)
+    assert torch.equal(binning.Binner(thresholds, low, high)(scores), expected)
     constant = torch.full((10,), 2.0, dtype=dtype)
     expected = torch.bucketize(constant, thresholds[:3], right=True, out_int32=True)
-    assert torch.equal(hm._Binner(thresholds[:3], 2.0, 2.0)(constant), expected)
+    assert torch.equal(binning.Binner(thresholds[:3], 2.0, 2.0)(constant), expected)
 
 
 def test_all_normal_pixels_are_undefined() -> None:
@@ -349,7 +354,7 @@ def test_resize_int_is_square_and_validated() -> None:
 
 def test_gpu_module_falls_back_to_cpu_once_with_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    hm._warn_cuda_absent.cache_clear()
+    twins._warn_cuda_absent.cache_clear()
     maps, masks = _random_set()
     scores, labels = [float(score.max()) for score in maps], [0, 1] * 3
     pairs = [
@@ -381,7 +386,7 @@ def test_gpu_twins_compute_where_they_are_told_and_cpu_evaluators_stay_on_the_cp
         return {"pro": 0.5}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so _gpu keeps the requested device
-    monkeypatch.setattr(hm, "pro_metric", recording)
+    monkeypatch.setattr(evaluators, "pro_metric", recording)
     maps, masks = _random_set(count=2)
     metrics_gpu.compute_pro_gpu(None, None, maps, masks, torch.device("cuda", 3))  # device given by position
     metrics_gpu.compute_pro_gpu(None, None, maps, masks)

@@ -2,7 +2,7 @@
 
 Every function computes on the CPU, whatever ``device`` it is given; the
 ``*_gpu`` names the tutorial uses in its CPU example are the same CPU
-functions. The implementation lives in :mod:`hiad_pl.metrics`.
+functions. The implementation lives in :mod:`hiad_pl.metrics.evaluators`.
 
 As in HiAD, the evaluators may be called with keywords and only what they
 need (``compute_pixelwise_metrics(prediction_masks=maps, gt_masks=masks)``:
@@ -16,8 +16,8 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hiad_pl import metrics as _metrics
-from hiad_pl.metrics import UndefinedMetricError
+from hiad_pl.metrics import evaluators as _metrics
+from hiad_pl.metrics.inputs import UndefinedMetricError
 
 #: HiAD's name of a result, by hiad-pl's.
 HIAD_RESULT_NAMES = {"pro": "pixel_pro"}

@@ -1,13 +1,13 @@
 """The tutorial's GPU evaluators (``from hiad_pl.utils import metrics_gpu``).
 
 They compute on ``device`` (default cuda:0) and fall back to the CPU, with one
-warning, when CUDA is absent. The implementation lives in :mod:`hiad_pl.metrics`;
+warning, when CUDA is absent. The implementation lives in :mod:`hiad_pl.metrics.gpu`;
 like :mod:`hiad_pl.utils.metrics` they take keywords and the inputs they use alone,
 and report HiAD's key names too (``pixel_pro``).
 """
 
-from hiad_pl import metrics as _metrics
-from hiad_pl.metrics import UndefinedMetricError
+from hiad_pl.metrics import gpu as _metrics
+from hiad_pl.metrics.inputs import UndefinedMetricError
 from hiad_pl.utils.metrics import tutorial_evaluator
 
 compute_imagewise_metrics_gpu = tutorial_evaluator(_metrics.compute_imagewise_metrics_gpu)
