@@ -241,7 +241,6 @@ LAYERS: dict[str, list[str]] = {
         "hiad_pl.data",
         "hiad_pl.postprocess",
         "hiad_pl.metrics",
-        "hiad_pl.curves",
         "hiad_pl.decisions",
         "hiad_pl.visualize",
         "hiad_pl.deploy",  # the package, deploy.files and deploy.predictor (export sits in the engine)
