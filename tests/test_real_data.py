@@ -354,8 +354,9 @@ def test_seam_statistics_separate_patch_seams_from_content_along_the_grid(real_d
     assert per_map[1]["seam_excess"] > 1.1 and per_map[1]["seam_ratio"] > 1.1
     assert abs(per_map[2]["seam_excess"] - 1) < 0.05
     assert stats["seam_ratio"] == pytest.approx(np.mean([p["seam_ratio"] for p in per_map]))
-    # a composed set's cells meeting at a patch border are content: left out with cell_side
-    joined = flat.copy()
-    joined[:, 28:36] += 0.5
-    assert real_data.seam_statistics([joined], [0], size, patch)["seam_excess"] > 1.05
-    assert abs(real_data.seam_statistics([joined], [0], size, patch, cell_side=32)["seam_ratio_content"] - 1) < 0.01
+    # a composed set's cells (64 px) meet at the patch border x = 64: content, left out with cell_side
+    joined = 1.0 + 0.01 * rng.random((64, 128))
+    joined[:, 60:68] += 0.5
+    assert real_data.seam_statistics([joined], [0], (128, 64), patch)["seam_excess"] > 1.05
+    with_cells = real_data.seam_statistics([joined], [0], (128, 64), patch, cell_side=64)
+    assert abs(with_cells["seam_ratio_content"] - 1) < 0.01 and abs(with_cells["seam_excess"] - 1) < 0.01
