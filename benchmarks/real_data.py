@@ -528,33 +528,65 @@ def rule_scores(maps: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
 #: Width (px) of the band along interior patch borders in which seams are measured.
 SEAM_BAND = 8
 
+#: Side (px) of the source cells a composed set joins into one image: the joins are real
+#: content edges, so the content-controlled seam measures leave them out.
+CELL_SIDE = {"mt_panels": MT_TILE}
+
+
+def _lines_band(shape: tuple[int, int], xs: Iterable[int], ys: Iterable[int], width: int) -> np.ndarray:
+    """``[H, W]`` mask of the pixels within ``width`` px of the vertical lines ``xs`` and horizontal lines ``ys``."""
+    band = np.zeros(shape, bool)
+    for x in xs:
+        if 0 < x < shape[1]:
+            band[:, max(0, x - width) : x + width] = True
+    for y in ys:
+        if 0 < y < shape[0]:
+            band[max(0, y - width) : y + width, :] = True
+    return band
+
 
 def seam_statistics(maps: Iterable[np.ndarray], labels: Iterable[int], image_size: tuple[int, int],
-                    patch_size: int) -> dict[str, float]:
+                    patch_size: int, cell_side: int | None = None) -> dict[str, float]:
     """Patch-seam effects on the normal images' maps.
 
     ``seam_ratio``: mean score within ``SEAM_BAND`` px of an interior patch border over
     the mean elsewhere (1 = no seam); ``seam_argmax_share``: share of normal images
     whose hottest 16 x 16 window touches that band (the band covers ``band_share`` of the image).
+
+    Content controls: a part's own structure may run along a patch border (or a composed
+    set's cells meet there), which raises the ratio without any seam. ``seam_ratio_content``
+    leaves the joins of ``cell_side``-px source cells out of both sides; ``centre_ratio`` is the
+    same measure for lines through the patches' centres, where no patch ends; ``seam_excess``
+    is their quotient, the part of the ratio that only patch borders have (1 = no seam).
     """
     import torch
 
-    from hiad_pl.data.tiling import seam_band
+    from hiad_pl.data.tiling import HRImageSpliter, seam_band
 
     band = seam_band(image_size, patch_size, SEAM_BAND)
     if not band.any():
         return {}
-    ratios, hits = [], []
+    shape = band.shape
+    cells = (_lines_band(shape, range(cell_side, shape[1], cell_side), range(cell_side, shape[0], cell_side), SEAM_BAND)
+             if cell_side else np.zeros(shape, bool))
+    indexes = HRImageSpliter(image_size, patch_size)
+    centre = _lines_band(shape, {i.x + i.width // 2 for i in indexes}, {i.y + i.height // 2 for i in indexes},
+                         SEAM_BAND) & ~band & ~cells
+    seam = band & ~cells
+    ratios, content, centres, hits = [], [], [], []
     window = 16
     for m, label in zip(maps, labels):
         if label:
             continue
         ratios.append(float(m[band].mean() / max(m[~band].mean(), 1e-12)))
+        content.append(float(m[seam].mean() / max(m[~band & ~cells].mean(), 1e-12)))
+        centres.append(float(m[centre].mean() / max(m[~band & ~cells & ~centre].mean(), 1e-12)))
         sums = torch.from_numpy(np.ascontiguousarray(m)).unfold(1, window, 1).sum(-1).unfold(0, window, 1).sum(-1)
         y, x = divmod(int(sums.argmax()), sums.shape[1])
         hits.append(bool(band[y : y + window, x : x + window].any()))
     return {"seam_ratio": float(np.mean(ratios)), "seam_argmax_share": float(np.mean(hits)),
-            "band_share": float(band.mean())}
+            "band_share": float(band.mean()), "seam_ratio_content": float(np.mean(content)),
+            "centre_ratio": float(np.mean(centres)), "seam_excess": float(np.mean(content) / np.mean(centres))}
 
 
 def config_hash(value: Any) -> str:
@@ -628,7 +660,7 @@ def run_one(set_root: Path, detector: str, overrides: dict[str, Any], stats_file
            "train_images": len(split.train), "test_images": len(split.test), "test_defective": int(sum(labels)),
            "fit_s": fit_s, "inference_s_per_image": per_image_s, "floor_s_per_image": floor_s,
            "peak_rss_gb": peak_rss_gb()}
-    row.update(seam_statistics(full, labels, image_size, patch_size))
+    row.update(seam_statistics(full, labels, image_size, patch_size, CELL_SIDE.get(set_root.name)))
     row.update(real_stats.summary(stats))
     return row
 

@@ -337,3 +337,26 @@ def test_the_control_fit_leaves_the_trainable_parts_at_their_initialisation(real
     assert control.keys() == initial.keys()
     assert all(torch.equal(control[k], initial[k]) for k in initial)
     assert any(not torch.equal(trained[k], initial[k]) for k in initial if trained[k].is_floating_point())
+
+
+def test_seam_statistics_separate_patch_seams_from_content_along_the_grid(real_data) -> None:
+    size, patch = (96, 64), 32
+    rng = np.random.default_rng(0)
+    flat = 1.0 + 0.01 * rng.random((64, 96))
+    seamed = flat.copy()
+    seamed[:, 28:36] += 0.5  # a raised column along the patch border x = 32 only
+    seamed[:, 60:68] += 0.5  # and x = 64
+    grid = flat.copy()
+    grid[:, ::4] += 0.5  # structure everywhere, at borders and centres alike
+    stats = real_data.seam_statistics([flat, seamed, grid], [0, 0, 0], size, patch)
+    per_map = [real_data.seam_statistics([m], [0], size, patch) for m in (flat, seamed, grid)]
+    assert abs(per_map[0]["seam_excess"] - 1) < 0.01
+    assert per_map[1]["seam_excess"] > 1.1 and per_map[1]["seam_ratio"] > 1.1
+    assert abs(per_map[2]["seam_excess"] - 1) < 0.05
+    assert stats["seam_ratio"] == pytest.approx(np.mean([p["seam_ratio"] for p in per_map]))
+    # a composed set's cells (64 px) meet at the patch border x = 64: content, left out with cell_side
+    joined = 1.0 + 0.01 * rng.random((64, 128))
+    joined[:, 60:68] += 0.5
+    assert real_data.seam_statistics([joined], [0], (128, 64), patch)["seam_excess"] > 1.05
+    with_cells = real_data.seam_statistics([joined], [0], (128, 64), patch, cell_side=64)
+    assert abs(with_cells["seam_ratio_content"] - 1) < 0.01 and abs(with_cells["seam_excess"] - 1) < 0.01
