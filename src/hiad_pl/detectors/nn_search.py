@@ -144,6 +144,12 @@ def kmeans(points: Tensor, clusters: int, iterations: int = IVF_KMEANS_ITERATION
     ``KMEANS_SEEDING_ROWS_PER_CLUSTER`` points per cluster (the seeding is
     sequential; the sample keeps it cheap). An emptied cluster restarts on the
     point farthest from its centre.
+
+    Kept beside faiss's ``faiss.Kmeans`` on purpose: it runs in torch on the
+    bank's own device (a CUDA bank is clustered on the GPU without faiss-gpu),
+    and on the CPU faiss is not faster: 100,000 x 152 points into 316 cells, 20
+    rounds, 2 threads, 19-20 s here against 19-23 s (16-18 s on a 256-per-cell
+    sample), mean squared distance to the centres within 0.5% of each other.
     """
     generator = torch.Generator().manual_seed(seed)
     points = points.float()
