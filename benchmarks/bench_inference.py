@@ -82,8 +82,8 @@ def in_child(function: Callable[..., dict], *args: Any) -> dict:
 
 def demo_split(root: Path, image_size: int, train: int, test: int) -> Any:
     """The texture category of a demo data set (written once under ``root``)."""
-    from hiad_pl.data.demo import make_demo_dataset
     from hiad_pl.data.discovery import discover
+    from hiad_pl.demo import make_demo_dataset
 
     folder = root / f"demo_{image_size}_{train}_{test}"
     good = max(1, test // 3)

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from hiad_pl.cli import main as cli
-from hiad_pl.data.demo import make_demo_dataset
+from hiad_pl.demo import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Sections of docs/results.md that other benchmarks write (real_data.py, bench_inference.py, load_test.py): kept.

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from hiad_pl.data.demo import make_demo_dataset
 from hiad_pl.data.discovery import discover
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
+from hiad_pl.demo import make_demo_dataset
 from hiad_pl.detectors import HRDesTSeg, HRRealNet
 from hiad_pl.tasks import A2OTaskGenerator
 from hiad_pl.trainer import HRTrainer

@@ -25,7 +25,7 @@ DEMO_1024_TWO_TRAIN = {"image_size": 1024, "num_train": 2, "num_test_good": 4, "
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Texture and object categories at 512 px (defects keep their pixel size)."""
-    from hiad_pl.data.demo import make_demo_dataset
+    from hiad_pl.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(root, categories=["texture", "object"], seed=0, **SMALL_DEMO)
@@ -39,7 +39,7 @@ DEMO_1024 = {"image_size": 1024, "num_train": 4, "num_test_good": 4, "num_test_d
 @pytest.fixture(scope="session")
 def demo_1024(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The texture category at 1024 px, the quickstarts' image size, with few images."""
-    from hiad_pl.data.demo import make_demo_dataset
+    from hiad_pl.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo_1024")
     make_demo_dataset(root, categories=["texture"], seed=0, **DEMO_1024)
@@ -52,7 +52,7 @@ def demo_1024_two_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     For the learning runs of DeSTSeg and RealNet.
     """
-    from hiad_pl.data.demo import make_demo_dataset
+    from hiad_pl.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo1024_two_train")
     make_demo_dataset(root, categories=["texture"], seed=0, **DEMO_1024_TWO_TRAIN)

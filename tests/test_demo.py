@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from hiad_pl.data.demo import (
+from hiad_pl.demo import (
     DEFAULT_CATEGORIES,
     DEFECT_KINDS,
     DEMO_CATEGORIES,

@@ -208,6 +208,7 @@ LAYERS: dict[str, list[str]] = {
         "hiad_pl.commands",  # fit / test / predict / tasks as functions of a RunConfig
         "hiad_pl.serve",  # the HTTP service over a loaded run
         "hiad_pl.outputs",  # metrics, visualisations and prediction files of a test run
+        "hiad_pl.demo",  # the procedural demo data set behind `hiad-pl demo-data`: a tool, not library data
     ],
     # Composes the parts below into fits and loaded runs; knows run folders, devices, processes.
     "engine": [

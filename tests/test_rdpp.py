@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from conftest import auroc, tensorboard_scalars
-from hiad_pl.data.demo import make_demo_dataset
 from hiad_pl.data.discovery import discover
+from hiad_pl.demo import make_demo_dataset
 from hiad_pl.detectors import DETECTORS, HRRDPP
 from hiad_pl.detectors.rdpp import (
     SINKHORN_OPTIONS,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hiad_pl.data.demo import OBJECT_PATCH_GROUPS, render_demo_sample
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, MultiResolutionIndex
+from hiad_pl.demo import OBJECT_PATCH_GROUPS, render_demo_sample
 from hiad_pl.detectors import HRPatchCore
 from hiad_pl.tasks import (
     RetrieveTaskGenerator,

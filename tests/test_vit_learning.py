@@ -46,7 +46,7 @@ def _images(paths: list[Path]) -> Tensor:
 @pytest.fixture(scope="module")
 def subtle_texture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Training images, good and defective test images, and the defects' masks of the 256-px demo texture."""
-    from hiad_pl.data.demo import make_demo_dataset
+    from hiad_pl.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo_256")
     make_demo_dataset(root, categories=["texture"], image_size=SIZE, num_train=8, num_test_good=6, num_test_defect=8, seed=0)

@@ -350,7 +350,7 @@ def rerun_command(args: list[str], refit_in_config: bool = False) -> str:
 def _run(command: str, sub: Namespace) -> int:
     """Run one subcommand; exceptions are reported by :func:`main`."""
     if command == "demo-data":
-        from hiad_pl.data.demo import make_demo_dataset
+        from hiad_pl.demo import make_demo_dataset
 
         summary = make_demo_dataset(
             sub.root, categories=as_list(sub.categories), image_size=sub.image_size, seed=sub.seed,

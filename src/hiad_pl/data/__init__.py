@@ -1,1 +1,1 @@
-"""Samples, tiling, data modules, synthetic anomalies and demo data."""
+"""Samples, tiling, data modules and synthetic anomalies."""
