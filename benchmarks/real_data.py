@@ -505,8 +505,8 @@ DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
 #: without a training step, so the trainable parts score at their initialisation.
 CONTROL_TRAINER = {"max_epochs": 0, "max_steps": 0}
 
-#: Image-score rules evaluated on every run's maps besides the pipeline's own (window mean maximum).
-SCORE_RULES = ("max", "top100_mean", "window32", "window64")
+#: Image-score rules evaluated on every run's maps besides the pipeline's own (the detector's rule).
+SCORE_RULES = ("max", "top100_mean", "window16", "window32", "window64")
 
 
 def rule_scores(maps: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
@@ -520,6 +520,7 @@ def rule_scores(maps: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
         t = torch.from_numpy(np.asarray(m, np.float32))
         out["max"].append(float(t.max()))
         out["top100_mean"].append(float(t.flatten().topk(min(100, t.numel())).values.mean()))
+        out["window16"].append(float(image_score(t, 16)))
         out["window32"].append(float(image_score(t, 32)))
         out["window64"].append(float(image_score(t, 64)))
     return {k: np.asarray(v) for k, v in out.items()}
