@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,30 @@ def test_folding_is_skipped_for_a_model_the_sample_does_not_fit(caplog: pytest.L
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
     assert backbones.fold_batch_norms(model, torch.randn(1, 3, 8, 8)) == 0
     assert "skipped" in caplog.text and isinstance(model[1], torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize(("conv_bias", "affine"), [(False, True), (True, False)])
+def test_folding_matches_torchs_conv_bn_fusion(conv_bias: bool, affine: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1, bias=conv_bias), torch.nn.BatchNorm2d(6, affine=affine), torch.nn.ReLU()
+    ).eval()
+    with torch.no_grad():  # statistics far from the identity, so that a wrong fold shows
+        model[1].running_mean.copy_(torch.randn(6, generator=generator))
+        model[1].running_var.copy_(torch.rand(6, generator=generator) * 3 + 0.1)
+        if affine:
+            model[1].weight.copy_(torch.randn(6, generator=generator))
+            model[1].bias.copy_(torch.randn(6, generator=generator))
+    unfolded = torch.nn.Sequential(*[copy.deepcopy(m) for m in model]).eval()
+    fused = torch.nn.utils.fuse_conv_bn_eval(unfolded[0], unfolded[1])
+    images = torch.randn(2, 3, 16, 16, generator=generator)
+    assert backbones.fold_batch_norms(model, images) == 1
+    assert isinstance(model[1], torch.nn.Identity) and isinstance(model[2], torch.nn.ReLU)
+    # torch's fusion in float32 against the fold's float64 rounded once
+    torch.testing.assert_close(model[0].weight, fused.weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model[0].bias, fused.bias, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), unfolded(images), rtol=0, atol=1e-5)
 
 
 def test_single_channel_shared_extractor_is_checked_on_single_channel_images() -> None:
