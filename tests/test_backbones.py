@@ -426,3 +426,29 @@ def test_blocks_after_the_deepest_requested_layer_are_dropped() -> None:
     assert backbones.drop_unused_blocks(deepest, sample) == 0 and len(deepest.model.blocks) == 7
     resnet = create_feature_extractor("resnet18", ["layer2"], "none")  # timm already stops at layer2
     assert backbones.drop_unused_blocks(resnet, sample) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "layers"), [("efficientnet_lite0", ["blocks.2", "blocks.1"]), ("mobilenetv3_small_050", ["blocks.3", "blocks.1"])]
+)
+def test_early_stop_keeps_the_blocks_timms_own_pruning_keeps(name: str, layers: list[str]) -> None:
+    full = create_feature_extractor(name, layers, "none")
+    trimmed = create_feature_extractor(name, layers, "none")
+    blocks = len(trimmed.model.blocks)
+    sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    dropped = backbones.drop_unused_blocks(trimmed, sample)
+    # timm's public pruning of the full model, for the same layers
+    pruned = timm.create_model(name, pretrained=False)
+    pruned.prune_intermediate_layers(backbones.layer_out_indices(name, layers), prune_head=True)
+    assert dropped > 0 and len(trimmed.model.blocks) == blocks - dropped == len(pruned.blocks)
+    ran: list[torch.nn.Module] = []
+    for extractor in (full, trimmed):
+        for block in extractor.model.blocks:
+            block.register_forward_hook(lambda module, *_: ran.append(module))
+    images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = full(images)
+        full_ran = len(ran)
+        maps = trimmed(images)
+    assert (full_ran, len(ran) - full_ran) == (blocks, blocks - dropped)  # the dropped blocks no longer run
+    assert len(maps) == len(reference) == 2 and all(torch.equal(a, b) for a, b in zip(maps, reference))

@@ -19,15 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureInfo
 from torch import Tensor, nn
 from torch.nn.utils import fuse_conv_bn_weights
 
-from hiad_pl.private_apis import (
-    convolution_pointwise,
-    fused_convolution_available,
-    tensor_version,
-    timm_stage_out_indices,
-)
+from hiad_pl.private_apis import convolution_pointwise, fused_convolution_available, tensor_version
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +170,33 @@ def fold_batch_norms(model: nn.Module, sample: Tensor) -> int:
     return 0
 
 
+def _stages_returned(model: nn.Module) -> list[int] | None:
+    """The ``stage`` of each layer a timm ``features_only`` model returns (its public ``feature_info``), or ``None``.
+
+    timm's EfficientNet / MobileNet builder numbers stages so that stage ``k`` is
+    the output of ``blocks[:k]`` (0: the stem); other models give no stages.
+    """
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, FeatureInfo):
+        return None
+    stages = [entry.get("stage") for entry in info.get_dicts()]
+    return stages if stages and all(isinstance(stage, int) for stage in stages) else None
+
+
 def drop_unused_blocks(model: nn.Module, sample: Tensor) -> int:
     """Remove the trailing blocks whose outputs no requested layer needs; the number removed.
 
-    timm's ``features_only`` EfficientNets and MobileNets run every block even
-    when the deepest requested layer is earlier (``blocks.2`` + ``blocks.4`` of
-    EfficientNet-Lite0 ran ``blocks.5`` and ``blocks.6`` too). Block ``i`` feeds
-    stage ``i + 1``, so the blocks after the deepest requested stage go. The
+    timm's ``features_only`` EfficientNets and MobileNets (``EfficientNetFeatures``,
+    ``MobileNetV3Features``) run every block even when the deepest requested layer
+    is earlier (``blocks.2`` + ``blocks.4`` of EfficientNet-Lite0 ran ``blocks.5``
+    and ``blocks.6`` too), and unlike timm's full models they have no
+    ``prune_intermediate_layers``. Their ``feature_info`` says which stage each
+    returned layer ends (stage ``k``: after ``blocks[:k]``), so the blocks after
+    the deepest one go, as ``prune_intermediate_layers`` cuts a full model. The
     outputs on ``sample`` must stay identical; otherwise nothing is removed.
     """
     inner = getattr(model, "model", model)
-    stages = timm_stage_out_indices(inner)
+    stages = _stages_returned(inner)
     blocks = getattr(inner, "blocks", None)
     if not stages or not isinstance(blocks, nn.Sequential):
         return 0
@@ -194,8 +206,11 @@ def drop_unused_blocks(model: nn.Module, sample: Tensor) -> int:
     with torch.no_grad():
         before = model(sample)
         inner.blocks = blocks[:keep]
-        after = model(sample)
-    if len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(after, before)):
+        try:
+            after = model(sample)
+        except Exception as error:  # noqa: BLE001 - a forward that needs the dropped blocks keeps them
+            after = error
+    if isinstance(after, list) and len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(after, before)):
         return len(blocks) - keep
     inner.blocks = blocks
     log.warning("dropping %s's unused blocks changed its outputs: kept them", type(inner).__name__)
