@@ -452,3 +452,23 @@ def test_early_stop_keeps_the_blocks_timms_own_pruning_keeps(name: str, layers: 
         maps = trimmed(images)
     assert (full_ran, len(ran) - full_ran) == (blocks, blocks - dropped)  # the dropped blocks no longer run
     assert len(maps) == len(reference) == 2 and all(torch.equal(a, b) for a, b in zip(maps, reference))
+
+
+class _NeedsEveryBlock(torch.nn.Module):
+    """Says (in timm's FeatureInfo) that its map ends stage 1, yet its forward indexes its last block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models import FeatureInfo
+
+        self.blocks = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 1))
+        self.feature_info = FeatureInfo([{"module": "blocks.0", "num_chs": 3, "reduction": 1, "stage": 1}], (0,))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.blocks[0](x) + 0 * self.blocks[2](x)]
+
+
+def test_early_stop_keeps_the_blocks_when_the_forward_fails_without_them(caplog: pytest.LogCaptureFixture) -> None:
+    model = _NeedsEveryBlock().eval()
+    assert backbones.drop_unused_blocks(model, torch.randn(1, 3, 4, 4)) == 0
+    assert len(model.blocks) == 3 and "kept them" in caplog.text
