@@ -748,12 +748,13 @@ def feature_offsets(architecture: str, size: int = 256) -> dict[str, tuple[float
 
     from hiad_pl.detectors import backbones
 
-    default = backbones.OFFLINE_ARCHITECTURE
-    backbones.OFFLINE_ARCHITECTURE = architecture
+    # the weights module reads the architecture when it builds the model
+    default = backbones.weights.OFFLINE_ARCHITECTURE
+    backbones.weights.OFFLINE_ARCHITECTURE = architecture
     try:
         extractor = backbones.create_feature_extractor("efficientnet_lite0", BACKBONE["layers_to_extract_from"], "offline")
     finally:
-        backbones.OFFLINE_ARCHITECTURE = default
+        backbones.weights.OFFLINE_ARCHITECTURE = default
     centres = torch.arange(size, dtype=torch.float32) + 0.5
     flat = torch.zeros(1, 3, size, size)
     offsets: dict[str, list[tuple[float, float]]] = {layer: [] for layer in extractor.layers}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -372,6 +373,30 @@ def test_folding_is_skipped_for_a_model_the_sample_does_not_fit(caplog: pytest.L
     assert "skipped" in caplog.text and isinstance(model[1], torch.nn.BatchNorm2d)
 
 
+@pytest.mark.parametrize(("conv_bias", "affine"), [(False, True), (True, False)])
+def test_folding_matches_torchs_conv_bn_fusion(conv_bias: bool, affine: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1, bias=conv_bias), torch.nn.BatchNorm2d(6, affine=affine), torch.nn.ReLU()
+    ).eval()
+    with torch.no_grad():  # statistics far from the identity, so that a wrong fold shows
+        model[1].running_mean.copy_(torch.randn(6, generator=generator))
+        model[1].running_var.copy_(torch.rand(6, generator=generator) * 3 + 0.1)
+        if affine:
+            model[1].weight.copy_(torch.randn(6, generator=generator))
+            model[1].bias.copy_(torch.randn(6, generator=generator))
+    unfolded = torch.nn.Sequential(*[copy.deepcopy(m) for m in model]).eval()
+    fused = torch.nn.utils.fuse_conv_bn_eval(unfolded[0], unfolded[1])
+    images = torch.randn(2, 3, 16, 16, generator=generator)
+    assert backbones.fold_batch_norms(model, images) == 1
+    assert isinstance(model[1], torch.nn.Identity) and isinstance(model[2], torch.nn.ReLU)
+    # torch's fusion in float32 against the fold's float64 rounded once
+    torch.testing.assert_close(model[0].weight, fused.weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model[0].bias, fused.bias, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), unfolded(images), rtol=0, atol=1e-5)
+
+
 def test_single_channel_shared_extractor_is_checked_on_single_channel_images() -> None:
     from hiad_pl.detectors.features import FeatureSettings, shared_feature_extractor
 
@@ -401,3 +426,49 @@ def test_blocks_after_the_deepest_requested_layer_are_dropped() -> None:
     assert backbones.drop_unused_blocks(deepest, sample) == 0 and len(deepest.model.blocks) == 7
     resnet = create_feature_extractor("resnet18", ["layer2"], "none")  # timm already stops at layer2
     assert backbones.drop_unused_blocks(resnet, sample) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "layers"), [("efficientnet_lite0", ["blocks.2", "blocks.1"]), ("mobilenetv3_small_050", ["blocks.3", "blocks.1"])]
+)
+def test_early_stop_keeps_the_blocks_timms_own_pruning_keeps(name: str, layers: list[str]) -> None:
+    full = create_feature_extractor(name, layers, "none")
+    trimmed = create_feature_extractor(name, layers, "none")
+    blocks = len(trimmed.model.blocks)
+    sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    dropped = backbones.drop_unused_blocks(trimmed, sample)
+    # timm's public pruning of the full model, for the same layers
+    pruned = timm.create_model(name, pretrained=False)
+    pruned.prune_intermediate_layers(backbones.layer_out_indices(name, layers), prune_head=True)
+    assert dropped > 0 and len(trimmed.model.blocks) == blocks - dropped == len(pruned.blocks)
+    ran: list[torch.nn.Module] = []
+    for extractor in (full, trimmed):
+        for block in extractor.model.blocks:
+            block.register_forward_hook(lambda module, *_: ran.append(module))
+    images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = full(images)
+        full_ran = len(ran)
+        maps = trimmed(images)
+    assert (full_ran, len(ran) - full_ran) == (blocks, blocks - dropped)  # the dropped blocks no longer run
+    assert len(maps) == len(reference) == 2 and all(torch.equal(a, b) for a, b in zip(maps, reference))
+
+
+class _NeedsEveryBlock(torch.nn.Module):
+    """Says (in timm's FeatureInfo) that its map ends stage 1, yet its forward indexes its last block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models import FeatureInfo
+
+        self.blocks = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 1))
+        self.feature_info = FeatureInfo([{"module": "blocks.0", "num_chs": 3, "reduction": 1, "stage": 1}], (0,))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.blocks[0](x) + 0 * self.blocks[2](x)]
+
+
+def test_early_stop_keeps_the_blocks_when_the_forward_fails_without_them(caplog: pytest.LogCaptureFixture) -> None:
+    model = _NeedsEveryBlock().eval()
+    assert backbones.drop_unused_blocks(model, torch.randn(1, 3, 4, 4)) == 0
+    assert len(model.blocks) == 3 and "kept them" in caplog.text

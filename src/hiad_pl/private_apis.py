@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def tensor_version(tensor: Tensor) -> int | None:
@@ -33,18 +33,6 @@ def convolution_pointwise(
     return torch.ops.mkldnn._convolution_pointwise(
         x, weight, bias, padding, stride, dilation, groups, operation, scalars, ""
     )
-
-
-def timm_stage_out_indices(model: nn.Module) -> list[int] | None:
-    """The stage indices a timm ``features_only`` EfficientNet / MobileNet returns (``_stage_out_idx``).
-
-    ``None`` when the model has none or collects its features with hooks
-    (``feature_hooks``), where the blocks cannot be cut after the deepest stage.
-    """
-    stages = getattr(model, "_stage_out_idx", None)
-    if not stages or getattr(model, "feature_hooks", None) is not None:
-        return None
-    return [int(s) for s in stages]
 
 
 def parser_destinations(parser: Any) -> list[str]:
