@@ -194,6 +194,9 @@ class DenoisingStudent(nn.Module):
         final_relu: end each decoder stage with a ReLU (the paper's student).
     """
 
+    # a timm features_only model: feature_info is not nn.Module's
+    encoder: Any
+
     def __init__(
         self, teacher_channels: Sequence[int], encoder_name: str = "resnet18", decoder_blocks: int = 2, final_relu: bool = True
     ) -> None:
@@ -272,6 +275,7 @@ def cosine_distance_loss(distances: Sequence[Tensor]) -> Tensor:
     The batch is summed, not averaged, as in the paper's code: the student's
     learning rate (0.4) was tuned with this scale.
     """
+    # sum() of tensors is a tensor; its int start value makes mypy see ``Tensor | int``
     return sum(d.sum() / (d.shape[-2] * d.shape[-1]) for d in distances)  # type: ignore[return-value]
 
 
@@ -454,9 +458,9 @@ class HRDesTSeg(HRDetector):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(de_st_steps, int) or not 0 <= de_st_steps <= steps:
             raise ValueError(f"de_st_steps must be an integer in [0, steps={steps}], got {de_st_steps!r}")
-        for name, value in (("lr_de_st", lr_de_st), ("lr_res", lr_res), ("lr_seghead", lr_seghead)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+        for name, rate in (("lr_de_st", lr_de_st), ("lr_res", lr_res), ("lr_seghead", lr_seghead)):
+            if not rate > 0:
+                raise ValueError(f"{name} must be positive, got {rate!r}")
         if not isinstance(student_bn_recalibration, int) or student_bn_recalibration < 0:
             raise ValueError(f"student_bn_recalibration must be a non-negative integer, got {student_bn_recalibration!r}")
         self.steps, self.de_st_steps = steps, de_st_steps
@@ -464,6 +468,8 @@ class HRDesTSeg(HRDetector):
         self.student_bn_recalibration = student_bn_recalibration
         self.synthesizer_spec = synthesizer
         build_synthesizer(synthesizer)  # a bad spec fails here, before any training
+        # each step updates only the current phase's optimiser (step_optimizers)
+        self.automatic_optimization = False
         #: The method: denoising student and segmentation network (with the teacher's maps, what scores a patch).
         self.model = DeSTSegModel(
             cast(FeatureExtractor, self.backbone).channels, student_encoder, decoder_blocks, segmentation_width, gamma,
@@ -480,11 +486,6 @@ class HRDesTSeg(HRDetector):
     @map_source.setter
     def map_source(self, value: str) -> None:
         self.model.map_source = checked_map_source(value)
-
-    @property
-    def automatic_optimization(self) -> bool:
-        """``False``: each step updates only the current phase's optimiser."""
-        return False
 
     def trainer_defaults(self) -> dict[str, Any]:
         """``max_steps`` from ``steps`` (epochs unbounded); a user's trainer options override it."""
@@ -531,7 +532,7 @@ class HRDesTSeg(HRDetector):
         if low is None or self.fusion_weights is None or batch.low_resolution_windows is None:
             return maps
         crop_size = (int(low.shape[-2]), int(low.shape[-1]))
-        crop_grids = [(math.ceil(crop_size[0] / r), math.ceil(crop_size[1] / r)) for r in self.backbone.reductions]
+        crop_grids = [(math.ceil(crop_size[0] / r), math.ceil(crop_size[1] / r)) for r in cast(FeatureExtractor, self.backbone).reductions]
         crop_maps = self.model.student(low.flatten(0, 1), crop_grids)
         return [self._fuse_layer(m, c, batch.low_resolution_windows, crop_size) for m, c in zip(maps, crop_maps)]
 

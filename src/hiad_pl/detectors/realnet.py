@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.detectors.features import FeatureExtractor
 from hiad_pl.detectors.map_model import MoveKeysUnder, PatchMapModel
 from hiad_pl.postprocess import ImageScore
 
@@ -66,6 +67,17 @@ AFS_EPSILON = 1e-4
 def group_norm(channels: int) -> nn.GroupNorm:
     """Group norm with :data:`NORM_GROUPS` groups, or the largest divisor of ``channels`` that divides it."""
     return nn.GroupNorm(math.gcd(NORM_GROUPS, channels), channels)
+
+
+ConvT = TypeVar("ConvT", nn.Conv1d, nn.Conv2d)
+
+
+def zero_initialised(conv: ConvT) -> ConvT:
+    """``conv`` with weight and bias set to zero (a residual branch that starts as the identity)."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
 
 
 # ---------------------------------------------------------------- AFS
@@ -101,6 +113,8 @@ class FeatureSelection(nn.Module):
     channels. Scores, the batch count and the chosen indices are buffers, so
     an interrupted fit resumes where it was.
     """
+
+    batches_seen: Tensor
 
     def __init__(self, channels: Sequence[int], kept: Sequence[int], init_batches: int) -> None:
         super().__init__()
@@ -192,9 +206,7 @@ class AttentionBlock(nn.Module):
         self.heads = channels // head_channels if channels % head_channels == 0 else 1
         self.norm = group_norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = zero_initialised(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x + proj(attention(norm(x)))``, same shape."""
@@ -265,9 +277,7 @@ class ReconstructionUNet(nn.Module):
                     stage.append(ResBlock(width, resample="up"))
                     factor //= 2
                 self.up.append(stage)
-        self.out = nn.Sequential(group_norm(width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        self.out = nn.Sequential(group_norm(width), nn.SiLU(), zero_initialised(nn.Conv2d(width, channels, 3, padding=1)))
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstructed features, same shape as ``x``."""
@@ -434,6 +444,7 @@ def segmentation_cross_entropy(logits: Tensor, mask: Tensor) -> Tensor:
 
 def feature_mse(reconstructed: Sequence[Tensor], clean: Sequence[Tensor]) -> Tensor:
     """Sum over blocks of the mean squared error between reconstructed and clean (selected) features."""
+    # sum() of tensors is a tensor; its int start value makes mypy see ``Tensor | int``
     return sum(F.mse_loss(r.float(), c.float()) for r, c in zip(reconstructed, clean))  # type: ignore[return-value]
 
 
@@ -576,7 +587,7 @@ class HRRealNet(HRDetector):
         self.lr = float(lr)
         self.synthesizer_spec = synthesizer
         build_synthesizer(synthesizer)  # a bad spec fails here, before any training
-        channels = list(self.backbone.channels)
+        channels = list(cast(FeatureExtractor, self.backbone).channels)
         kept = [c // 2 for c in channels] if afs_channels is None else [int(k) for k in afs_channels]
         #: The method: AFS, reconstruction networks and RRS discriminator (what export traces).
         self.model = RealNetModel(
