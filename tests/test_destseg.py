@@ -168,11 +168,23 @@ def test_each_phase_changes_only_its_own_parameters() -> None:
         model.losses(student, teacher, clean_teacher, mask, "both")
 
 
-def test_forward_gives_segmentation_and_student_maps() -> None:
+def test_forward_scores_the_patches_from_their_pixels_and_teacher_maps() -> None:
     model = tiny_model().eval()
-    segmentation, student = model(torch.randn(2, 3, 32, 32), teacher_maps())
-    assert segmentation.shape == (2, 1, 4, 4)
-    assert [tuple(s.shape) for s in student] == [(2, 8, 4, 4), (2, 16, 2, 2)]
+    images, teacher = torch.randn(2, 3, 32, 32), teacher_maps()
+    with torch.no_grad():
+        maps = model(images, teacher, (32, 32))
+        student = model.student(images, GRIDS)
+        segmentation = model.segmentation(segmentation_input(teacher, student))
+    assert maps.shape == (2, 32, 32) and bool(((maps > 0) & (maps < 1)).all())
+    # the segmentation network's [B, 1, 4, 4] output on the first layer's grid, upsampled
+    expected = torch.nn.functional.interpolate(segmentation, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(maps, expected)
+    model.map_source = "student"
+    with torch.no_grad():
+        assert torch.equal(model.score(teacher, student, (4, 4))[:, None],
+                           student_anomaly_map(cosine_distance_maps(teacher, student)))
+    with pytest.raises(ValueError, match="map_source"):
+        DeSTSegModel(TEACHER_CHANNELS, student_encoder="resnet10t", map_source="teacher")
 
 
 # ---------------------------------------------------------------- the detector
@@ -203,10 +215,10 @@ class PhaseRecorder(Callback):
         self._before: dict[str, torch.Tensor] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._before = {k: v.clone() for k, v in pl_module.destseg.state_dict().items()}
+        self._before = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        after = pl_module.destseg.state_dict()
+        after = pl_module.model.state_dict()
         self.changed.append({k.split(".")[0] for k, v in after.items() if not torch.equal(v, self._before[k])})
         self.ready.append(pl_module.ready_for_selection())
 
@@ -260,7 +272,7 @@ def test_student_batch_norm_statistics_are_recomputed_on_training_batches() -> N
     detector = HRDesTSeg(**TINY, input_size=64, student_bn_recalibration=2)
     images = torch.randn(6, 3, 64, 64)
     detector._trainer = SimpleNamespace(train_dataloader=loader(images, batch_size=2))  # 3 batches, 2 asked for
-    first_norm = next(m for m in detector.destseg.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_norm = next(m for m in detector.model.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
     first_norm.running_mean.fill_(5.0)  # stale statistics of the student phase
     seen: list[torch.Tensor] = []
     hook = first_norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))

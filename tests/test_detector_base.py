@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import lightning
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter, low_resolution_window
@@ -62,6 +64,10 @@ def test_trainer_defaults_and_one_pass_plumbing() -> None:
     assert isinstance(patchcore, OnePassDetector) and patchcore.fits_in_one_pass
     assert patchcore.trainer_defaults() == {"max_epochs": 1, "num_sanity_val_steps": 0}
     assert patchcore.configure_optimizers() == [] and not patchcore.automatic_optimization
+    patchcore.automatic_optimization = False  # what Lightning's own idiom sets: accepted
+    with pytest.raises(ValueError, match="fitted in one pass"):
+        patchcore.automatic_optimization = True
+    assert not patchcore.automatic_optimization
 
 
 def test_predict_step_returns_float_maps_at_input_size() -> None:
@@ -160,3 +166,39 @@ def test_fusion_weight_count_must_match_views() -> None:
 def test_fusion_weights_must_be_non_negative() -> None:
     with pytest.raises(ValueError, match="fusion_weights"):
         make_detector(fusion_weights=[1.0, -0.5])
+
+
+def test_crop_maps_without_low_resolution_views_are_refused() -> None:
+    detector = make_detector(fusion_weights=[0.5, 0.5])
+    maps = [torch.randn(1, 4, 8, 8)]
+    with pytest.raises(ValueError, match="without low_resolution_images"):
+        detector.fuse_embedding(maps, maps, make_batch(torch.randn(1, 3, 32, 32)))
+
+
+class ClippedStepDetector(FeatureNormDetector):
+    """A 1x1 head trained by ``step_optimizers`` with a loss large enough that clipping decides the step."""
+
+    def __init__(self, clip_norm: float) -> None:
+        super().__init__("resnet18", ["layer1"], "none", 64)
+        self.head = nn.Conv2d(64, 1, 1)
+        self.clip_norm = clip_norm
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=1.0)
+
+    def training_step(self, batch: PatchBatch, batch_idx: int) -> None:
+        loss = 1e3 * self.head(self.embedding(batch.image)[0]).square().mean()
+        self.step_optimizers(loss, batch_idx, clip_norm=self.clip_norm)
+
+
+def test_step_optimizers_clips_the_gradients_to_clip_norm() -> None:
+    torch.manual_seed(0)
+    detector = ClippedStepDetector(clip_norm=0.01)
+    before = [p.detach().clone() for p in detector.head.parameters()]
+    trainer = lightning.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(detector, DataLoader([make_batch(torch.randn(2, 3, 64, 64))], batch_size=None))
+    # one SGD step of rate 1 moves the weights by the clipped gradient: norm 0.01, not the raw gradient's
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(detector.head.parameters(), before)])
+    assert float(step.norm()) == pytest.approx(0.01, rel=1e-3)

@@ -171,8 +171,9 @@ def test_model_trains_end_to_end_on_tiny_features() -> None:
     losses["loss"].backward()
     trained = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained == {"reconstruction", "discriminator"}  # AFS holds no parameters
-    probability = model.anomaly_probability(model(corrupted, (32, 32))["logits"])
+    probability = model(corrupted, (32, 32))
     assert probability.shape == (2, 32, 32) and bool(((probability >= 0) & (probability <= 1)).all())
+    assert torch.equal(probability, torch.softmax(model.outputs(corrupted, (32, 32)).logits, dim=1)[:, 1])
 
 
 # ---------------------------------------------------------------- the detector
@@ -209,15 +210,15 @@ def test_afs_is_decided_before_training_and_a_resumed_fit_keeps_it(small_demo: P
     final = fit(1).checkpoint_path(tasks[0])
     first = torch.load(final, weights_only=True)
     state = first["state_dict"]
-    assert int(state["realnet.afs.batches_seen"]) == 2
-    assert [len(state[f"realnet.afs.indices_{i}"]) for i in range(2)] == [16, 32]
-    assert state["realnet.afs.indices_0"].tolist() != list(range(16))  # chosen by the scores, not the default
+    assert int(state["model.afs.batches_seen"]) == 2
+    assert [len(state[f"model.afs.indices_{i}"]) for i in range(2)] == [16, 32]
+    assert state["model.afs.indices_0"].tolist() != list(range(16))  # chosen by the scores, not the default
     final.unlink()  # as if the run had stopped before the task finished: only the epoch checkpoint is left
     fit(2)
     resumed = torch.load(final, weights_only=True)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 2 * first["global_step"]
-    assert torch.equal(resumed["state_dict"]["realnet.afs.indices_1"], state["realnet.afs.indices_1"])
-    assert int(resumed["state_dict"]["realnet.afs.batches_seen"]) == 2  # not decided again
+    assert torch.equal(resumed["state_dict"]["model.afs.indices_1"], state["model.afs.indices_1"])
+    assert int(resumed["state_dict"]["model.afs.batches_seen"]) == 2  # not decided again
     assert resumed["optimizer_states"][0]["state"]
     assert not any(key.startswith("backbone.") for key in resumed["state_dict"])
     assert DETECTORS["realnet"] is HRRealNet
@@ -226,7 +227,7 @@ def test_afs_is_decided_before_training_and_a_resumed_fit_keeps_it(small_demo: P
 def test_default_afs_keeps_half_of_each_layer_and_maps_have_the_patch_size() -> None:
     options = {k: v for k, v in TINY.items() if k not in ("afs_channels", "rrs_counts")}
     detector = HRRealNet(**options, rrs_counts=[16, 16], input_size=64).eval()
-    assert detector.realnet.afs.kept == [32, 64]  # resnet18 layer1 / layer2: 64 / 128 channels
+    assert detector.model.afs.kept == [32, 64]  # resnet18 layer1 / layer2: 64 / 128 channels
     maps = detector.predict_step(batch_of(torch.randn(2, 3, 64, 64)), 0)
     assert maps.shape == (2, 64, 64) and bool(((maps >= 0) & (maps <= 1)).all())
     with pytest.raises(ValueError, match="afs_channels"):

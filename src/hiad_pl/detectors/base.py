@@ -299,8 +299,8 @@ class HRDetector(lightning.LightningModule, ABC):
         if (batch_idx + 1) % accumulate != 0 and not last_batch:
             return False
         for optimizer in chosen:
-            if clip_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=clip_norm, gradient_clip_algorithm="norm")
+            if clip_norm is not None:  # clipping reads the wrapped optimiser's parameter groups
+                self.clip_gradients(optimizer.optimizer, gradient_clip_val=clip_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             optimizer.zero_grad()
         for config in self._scheduler_configs("step"):
@@ -371,10 +371,12 @@ class HRDetector(lightning.LightningModule, ABC):
         """:meth:`fused_embedding` from backbone maps computed elsewhere (e.g. once for several detectors)."""
         if crop_maps is None:
             return patch_maps
-        low = batch.low_resolution_images
+        low, windows = batch.low_resolution_images, batch.low_resolution_windows
+        if low is None or windows is None:
+            raise ValueError("crop maps were given for a batch without low_resolution_images and low_resolution_windows")
         crop_size = (low.shape[-2], low.shape[-1])
         return [
-            self._fuse_layer(patch_map, crop_map, batch.low_resolution_windows, crop_size)
+            self._fuse_layer(patch_map, crop_map, windows, crop_size)
             for patch_map, crop_map in zip(patch_maps, crop_maps)
         ]
 
@@ -420,7 +422,7 @@ class HRDetector(lightning.LightningModule, ABC):
         if not self.freeze_backbone:
             return None
         hparams = self.hparams
-        return (hparams.backbone_name, tuple(hparams.layers_to_extract_from), hparams.weights)
+        return (hparams["backbone_name"], tuple(hparams["layers_to_extract_from"]), hparams["weights"])
 
     def share_backbone(self, backbone: torch.nn.Module) -> None:
         """Use ``backbone`` by reference: another detector's frozen backbone with the same :meth:`frozen_backbone_key`."""
@@ -538,6 +540,11 @@ class OnePassDetector(HRDetector):
     def automatic_optimization(self) -> bool:
         """Always ``False``: nothing is optimised, so Lightning needs no optimiser."""
         return False
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        if value:
+            raise ValueError(f"{type(self).__name__} is fitted in one pass without an optimiser: it cannot optimise automatically")
 
     def configure_optimizers(self) -> list:
         """No optimiser (an empty list, which Lightning accepts without warnings)."""

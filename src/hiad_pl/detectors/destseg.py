@@ -24,13 +24,18 @@ distances (the paper's "DeST" map).
 Shapes: teacher and student maps ``[B, C_l, h_l, w_l]`` per layer; the
 segmentation input is their products resized to the first layer's grid
 (``[B, sum C_l, h_0, w_0]``) and its output ``[B, 1, h_0, w_0]`` in ``(0, 1)``.
+
+The detector's ``model`` (:class:`DeSTSegModel`, a plain ``nn.Module``) holds
+the student and the segmentation network and scores patches without
+Lightning. It is no :class:`~hiad_pl.detectors.map_model.PatchMapModel`: the
+student reads the patches' pixels, not only the teacher's maps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import timm
 import torch
@@ -40,6 +45,8 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.detectors.features import FeatureExtractor
+from hiad_pl.detectors.map_model import MoveKeysUnder
 from hiad_pl.postprocess import TOPK_PIXELS, ImageScore
 
 #: Phases of training, in order.
@@ -50,6 +57,26 @@ SGD_MOMENTUM = 0.9
 SGD_WEIGHT_DECAY = 1e-4
 #: Dilations of the ASPP branches.
 ASPP_RATES: tuple[int, ...] = (6, 12, 18)
+
+
+#: What the anomaly map is made of.
+MAP_SOURCES: tuple[str, ...] = ("segmentation", "student")
+
+
+def checked_map_source(map_source: str) -> str:
+    """``map_source`` when it is one of :data:`MAP_SOURCES`.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if map_source not in MAP_SOURCES:
+        raise ValueError(f"map_source must be one of {MAP_SOURCES}, got {map_source!r}")
+    return map_source
+
+
+def grid_of(maps: Tensor) -> tuple[int, int]:
+    """``(h, w)`` of a ``[B, C, h, w]`` map."""
+    return int(maps.shape[-2]), int(maps.shape[-1])
 
 
 def training_phase(step: int, de_st_steps: int) -> str:
@@ -167,6 +194,9 @@ class DenoisingStudent(nn.Module):
         final_relu: end each decoder stage with a ReLU (the paper's student).
     """
 
+    # a timm features_only model: feature_info is not nn.Module's
+    encoder: Any
+
     def __init__(
         self, teacher_channels: Sequence[int], encoder_name: str = "resnet18", decoder_blocks: int = 2, final_relu: bool = True
     ) -> None:
@@ -245,6 +275,7 @@ def cosine_distance_loss(distances: Sequence[Tensor]) -> Tensor:
     The batch is summed, not averaged, as in the paper's code: the student's
     learning rate (0.4) was tuned with this scale.
     """
+    # sum() of tensors is a tensor; its int start value makes mypy see ``Tensor | int``
     return sum(d.sum() / (d.shape[-2] * d.shape[-1]) for d in distances)  # type: ignore[return-value]
 
 
@@ -263,7 +294,14 @@ def binary_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class DeSTSegModel(nn.Module):
-    """The trainable parts of DeSTSeg (student and segmentation network) and its losses; the teacher stays outside.
+    """DeSTSeg's scoring and trained parts: the denoising student, the segmentation network and the losses.
+
+    The detector holds it as ``model``; the frozen teacher stays outside.
+    Unlike a :class:`~hiad_pl.detectors.map_model.PatchMapModel`, which scores
+    backbone maps alone, it also needs the patches' pixels: the student reads
+    them. :meth:`forward` therefore takes the patches and their teacher maps;
+    :meth:`score` takes teacher and student maps computed elsewhere (the
+    detector fuses the student's maps with the low-resolution views).
 
     Args:
         teacher_channels: channels of the teacher's layers, shallow to deep.
@@ -272,6 +310,7 @@ class DeSTSegModel(nn.Module):
         segmentation_width: channels inside the segmentation network.
         gamma: focusing parameter of the focal loss.
         student_final_relu: end each student decoder stage with a ReLU (see :class:`DenoisingStudent`).
+        map_source: ``segmentation`` (the paper's map) or ``student`` (product of the student's cosine distances).
     """
 
     def __init__(
@@ -282,11 +321,14 @@ class DeSTSegModel(nn.Module):
         segmentation_width: int = 256,
         gamma: float = 4.0,
         student_final_relu: bool = True,
+        map_source: str = "segmentation",
     ) -> None:
         super().__init__()
         self.student = DenoisingStudent(teacher_channels, student_encoder, decoder_blocks, student_final_relu)
         self.segmentation = SegmentationNet(sum(teacher_channels), segmentation_width)
         self.gamma = float(gamma)
+        #: What the anomaly map is made of (one of :data:`MAP_SOURCES`).
+        self.map_source = checked_map_source(map_source)
 
     def set_phase(self, phase: str) -> None:
         """Train mode for the phase's network, eval mode (fixed BatchNorm statistics) for the other."""
@@ -295,10 +337,23 @@ class DeSTSegModel(nn.Module):
         self.student.train(phase == STUDENT_PHASE)
         self.segmentation.train(phase == SEGMENTATION_PHASE)
 
-    def forward(self, images: Tensor, teacher: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """``(segmentation [B, 1, h_0, w_0], student maps)`` of ``images`` whose teacher maps are ``teacher``."""
-        student = self.student(images, [t.shape[-2:] for t in teacher])
-        return self.segmentation(segmentation_input(teacher, student)), student
+    def forward(self, images: Tensor, teacher: Sequence[Tensor], output_size: Sequence[int]) -> Tensor:
+        """Anomaly maps ``[B, H, W]`` at ``output_size`` of ``images`` (``[B, 3, h, w]``) whose teacher maps are ``teacher``."""
+        return self.score(teacher, self.student(images, [grid_of(t) for t in teacher]), output_size)
+
+    def score(self, teacher: Sequence[Tensor], student: Sequence[Tensor], output_size: Sequence[int]) -> Tensor:
+        """Anomaly maps ``[B, H, W]`` at ``output_size`` from teacher and student maps (one per layer, same grids).
+
+        The segmentation network's probabilities, or with ``map_source``
+        ``student`` the product of the layers' cosine distances, upsampled
+        (bilinear) from the first layer's grid.
+        """
+        teacher = [t.float() for t in teacher]
+        if self.map_source == "student":
+            maps = student_anomaly_map(cosine_distance_maps(teacher, student))
+        else:
+            maps = self.segmentation(segmentation_input(teacher, student))
+        return F.interpolate(maps, size=tuple(output_size), mode="bilinear", align_corners=False)[:, 0]
 
     def losses(
         self, student: Sequence[Tensor], teacher: Sequence[Tensor], clean_teacher: Sequence[Tensor], mask: Tensor, phase: str
@@ -325,10 +380,6 @@ class DeSTSegModel(nn.Module):
 
 
 # ---------------------------------------------------------------- the detector
-
-#: What the anomaly map is made of.
-MAP_SOURCES: tuple[str, ...] = ("segmentation", "student")
-
 
 def default_destseg_synthesizer() -> AnomalySynthesizer:
     """The original project's training corruption: image blending on every patch, opacity 0.5-1."""
@@ -407,27 +458,34 @@ class HRDesTSeg(HRDetector):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(de_st_steps, int) or not 0 <= de_st_steps <= steps:
             raise ValueError(f"de_st_steps must be an integer in [0, steps={steps}], got {de_st_steps!r}")
-        for name, value in (("lr_de_st", lr_de_st), ("lr_res", lr_res), ("lr_seghead", lr_seghead)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+        for name, rate in (("lr_de_st", lr_de_st), ("lr_res", lr_res), ("lr_seghead", lr_seghead)):
+            if not rate > 0:
+                raise ValueError(f"{name} must be positive, got {rate!r}")
         if not isinstance(student_bn_recalibration, int) or student_bn_recalibration < 0:
             raise ValueError(f"student_bn_recalibration must be a non-negative integer, got {student_bn_recalibration!r}")
-        if map_source not in MAP_SOURCES:
-            raise ValueError(f"map_source must be one of {MAP_SOURCES}, got {map_source!r}")
         self.steps, self.de_st_steps = steps, de_st_steps
         self.lr_de_st, self.lr_res, self.lr_seghead = float(lr_de_st), float(lr_res), float(lr_seghead)
-        self.map_source = map_source
         self.student_bn_recalibration = student_bn_recalibration
         self.synthesizer_spec = synthesizer
         build_synthesizer(synthesizer)  # a bad spec fails here, before any training
-        self.destseg = DeSTSegModel(
-            self.backbone.channels, student_encoder, decoder_blocks, segmentation_width, gamma, student_final_relu
+        # each step updates only the current phase's optimiser (step_optimizers)
+        self.automatic_optimization = False
+        #: The method: denoising student and segmentation network (with the teacher's maps, what scores a patch).
+        self.model = DeSTSegModel(
+            cast(FeatureExtractor, self.backbone).channels, student_encoder, decoder_blocks, segmentation_width, gamma,
+            student_final_relu, map_source,
         )
+        # checkpoints written before the method was the detector's ``model`` held it as ``destseg``
+        self.register_load_state_dict_pre_hook(MoveKeysUnder(("student", "segmentation"), old_owner="destseg"))
 
     @property
-    def automatic_optimization(self) -> bool:
-        """``False``: each step updates only the current phase's optimiser."""
-        return False
+    def map_source(self) -> str:
+        """What the anomaly map is made of: the plain model's ``map_source`` (one of :data:`MAP_SOURCES`)."""
+        return self.model.map_source
+
+    @map_source.setter
+    def map_source(self, value: str) -> None:
+        self.model.map_source = checked_map_source(value)
 
     def trainer_defaults(self) -> dict[str, Any]:
         """``max_steps`` from ``steps`` (epochs unbounded); a user's trainer options override it."""
@@ -440,12 +498,12 @@ class HRDesTSeg(HRDetector):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """SGD on the student; SGD on the segmentation network (residual blocks and head at their own rates)."""
         student = torch.optim.SGD(
-            self.destseg.student.parameters(), lr=self.lr_de_st, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
+            self.model.student.parameters(), lr=self.lr_de_st, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY
         )
         segmentation = torch.optim.SGD(
             [
-                {"params": self.destseg.segmentation.res.parameters(), "lr": self.lr_res},
-                {"params": self.destseg.segmentation.head.parameters(), "lr": self.lr_seghead},
+                {"params": self.model.segmentation.res.parameters(), "lr": self.lr_res},
+                {"params": self.model.segmentation.head.parameters(), "lr": self.lr_seghead},
             ],
             lr=self.lr_res,
             momentum=SGD_MOMENTUM,
@@ -469,13 +527,13 @@ class HRDesTSeg(HRDetector):
 
     def student_embedding(self, batch: PatchBatch, grids: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Student maps of the batch's patches on the teacher's ``grids``, fused with the low-resolution views like the teacher's."""
-        maps = self.destseg.student(batch.image, grids)
+        maps = self.model.student(batch.image, grids)
         low = batch.low_resolution_images
         if low is None or self.fusion_weights is None or batch.low_resolution_windows is None:
             return maps
         crop_size = (int(low.shape[-2]), int(low.shape[-1]))
-        crop_grids = [(math.ceil(crop_size[0] / r), math.ceil(crop_size[1] / r)) for r in self.backbone.reductions]
-        crop_maps = self.destseg.student(low.flatten(0, 1), crop_grids)
+        crop_grids = [(math.ceil(crop_size[0] / r), math.ceil(crop_size[1] / r)) for r in cast(FeatureExtractor, self.backbone).reductions]
+        crop_maps = self.model.student(low.flatten(0, 1), crop_grids)
         return [self._fuse_layer(m, c, batch.low_resolution_windows, crop_size) for m, c in zip(maps, crop_maps)]
 
     @torch.no_grad()
@@ -490,12 +548,12 @@ class HRDesTSeg(HRDetector):
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         if not self.student_bn_recalibration or loader is None:
             return 0
-        norms = [m for m in self.destseg.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [m for m in self.model.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in norms]
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None  # cumulative average
-        self.destseg.student.train()
+        self.model.student.train()
         used = 0
         for batch in loader:
             self.student_embedding(self.transfer_batch_to_device(batch, self.device, 0), grids)
@@ -510,10 +568,10 @@ class HRDesTSeg(HRDetector):
         """One step of the current phase: the student's cosine loss, or the segmentation's focal + L1 loss."""
         phase = self.phase
         teacher = [t.float() for t in self.fused_embedding(batch)]
-        grids = [tuple(t.shape[-2:]) for t in teacher]
+        grids = [grid_of(t) for t in teacher]
         if self.global_step == self.de_st_steps > 0:  # the first segmentation step, met once even when resumed
             self.recalibrate_student(grids)
-        self.destseg.set_phase(phase)
+        self.model.set_phase(phase)
         if phase == STUDENT_PHASE:
             clean_teacher = [t.float() for t in self.fused_embedding(batch.clean())]
             student = self.student_embedding(batch, grids)
@@ -521,7 +579,7 @@ class HRDesTSeg(HRDetector):
             clean_teacher = teacher  # unused by the segmentation loss
             with torch.no_grad():
                 student = self.student_embedding(batch, grids)
-        losses = self.destseg.losses(student, teacher, clean_teacher, batch.mask, phase)
+        losses = self.model.losses(student, teacher, clean_teacher, batch.mask, phase)
         self.step_optimizers(losses["loss"], batch_idx, optimizers=[0 if phase == STUDENT_PHASE else 1])
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=len(batch))
@@ -529,10 +587,6 @@ class HRDesTSeg(HRDetector):
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """The segmentation output (or the student's cosine-distance product), upsampled to the patch size."""
-        teacher = [t.float() for t in self.fused_embedding(batch)]
-        student = self.student_embedding(batch, [tuple(t.shape[-2:]) for t in teacher])
-        if self.map_source == "student":
-            maps = student_anomaly_map(cosine_distance_maps(teacher, student))
-        else:
-            maps = self.destseg.segmentation(segmentation_input(teacher, student))
-        return F.interpolate(maps, size=batch.image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        teacher = self.fused_embedding(batch)
+        student = self.student_embedding(batch, [grid_of(t) for t in teacher])
+        return self.model.score(teacher, student, batch.image.shape[-2:])

@@ -20,11 +20,13 @@ norm clipped to 0.1, 5000 steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from hiad_pl.data.batch import PatchBatch
+from hiad_pl.detectors.features import FeatureExtractor
 from hiad_pl.detectors.vit_parts import (
     LinearAttentionBlock,
     NoisyBottleneck,
@@ -132,7 +134,7 @@ def dinomaly_loss(
     return global_cosine_loss(targets, reconstructions, hard_mining_rule(share, HARD_MINING_FACTOR))
 
 
-def dinomaly_anomaly_map(targets: Sequence[Tensor], reconstructions: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+def dinomaly_anomaly_map(targets: Sequence[Tensor], reconstructions: Sequence[Tensor], size: Sequence[int]) -> Tensor:
     """``[B, H, W]``: per-point ``1 - cos`` of each group, upsampled to ``size``, averaged over groups."""
     return cosine_distance_map(targets, reconstructions, size, reduce="mean")
 
@@ -204,14 +206,14 @@ class HRDinomaly(ViTTokenDetector):
         self.hard_mining_ramp_steps = hard_mining_ramp_steps
         self.gradient_clip_norm = float(gradient_clip_norm)
         self.reconstructor = DinomalyReconstructor(
-            self.token_dim, self.encoder_heads(), len(self.backbone.layers), decoder_depth, groups, dropout
+            self.token_dim, self.encoder_heads(), len(cast(FeatureExtractor, self.backbone).layers), decoder_depth, groups, dropout
         )
 
     def trainer_defaults(self) -> dict[str, Any]:
         """``max_steps``, validation every ``eval_every`` steps and gradient clipping; a user's trainer options override them."""
         return step_trainer_defaults(self.total_steps, self.eval_every, self.gradient_clip_norm)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """StableAdamW over the bottleneck and decoder, warm-up then cosine decay per step."""
         return stable_adamw_warmup_cosine(
             self.parameters_of("reconstructor"), self.lr, self.final_lr, self.warmup_steps, self.total_steps, self.weight_decay

@@ -23,10 +23,11 @@ to 1e-4, gradient norm clipped to 0.1.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from hiad_pl.data.batch import PatchBatch
@@ -40,6 +41,7 @@ from hiad_pl.detectors.dinomaly import (
     dinomaly_anomaly_map,
     grouped,
 )
+from hiad_pl.detectors.features import FeatureExtractor
 from hiad_pl.detectors.vit_parts import (
     NoisyBottleneck,
     PrototypeExtractorBlock,
@@ -205,14 +207,14 @@ class HRINPFormer(ViTTokenDetector):
         self.coherence_weight = float(coherence_weight)
         self.gradient_clip_norm = float(gradient_clip_norm)
         self.reconstructor = INPFormerReconstructor(
-            self.token_dim, self.encoder_heads(), len(self.backbone.layers), num_prototypes, decoder_depth, groups
+            self.token_dim, self.encoder_heads(), len(cast(FeatureExtractor, self.backbone).layers), num_prototypes, decoder_depth, groups
         )
 
     def trainer_defaults(self) -> dict[str, Any]:
         """``max_steps``, validation every ``eval_every`` steps and gradient clipping; a user's trainer options override them."""
         return step_trainer_defaults(self.total_steps, self.eval_every, self.gradient_clip_norm)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """StableAdamW over the queries, extractor, bottleneck and decoder, warm-up then cosine decay per step."""
         return stable_adamw_warmup_cosine(
             self.parameters_of("reconstructor"), self.lr, self.final_lr, self.warmup_steps, self.total_steps, self.weight_decay

@@ -8,9 +8,13 @@ delegates its anomaly map. Such a model needs neither Lightning nor the
 backbone: construct it, load its state dict, call it on per-layer maps. The
 ONNX export traces it (:mod:`hiad_pl.deploy.export`).
 
+A method whose scoring also reads the patch pixels (DeSTSeg's student) does not
+fit this contract: its plain model is an ordinary ``nn.Module`` taking the
+patches as well, and the export traces the detector's ``anomaly_map``.
+
 Checkpoints written before a method moved into its model keep their keys at
-the detector's top level (``memory_bank``); :class:`MoveKeysUnder` renames them
-on load.
+the detector's top level (``memory_bank``) or under the submodule that held
+them (``destseg.``, ``realnet.``); :class:`MoveKeysUnder` renames them on load.
 """
 
 from __future__ import annotations
@@ -75,26 +79,31 @@ class PatchMapModel(nn.Module, ABC):
 
 
 class MoveKeysUnder:
-    """A load-state-dict pre-hook that moves top-level entries of older checkpoints under a submodule.
+    """A load-state-dict pre-hook that moves entries of older checkpoints under the submodule now holding them.
 
     ``MoveKeysUnder(("memory_bank",), "model")`` reads ``memory_bank`` as
     ``model.memory_bank`` (and ``flows.0.norm.weight`` as ``model.flows.0.norm.weight``
-    for ``("flows",)``); keys already in the new layout are left alone. Register it
-    with ``module.register_load_state_dict_pre_hook``.
+    for ``("flows",)``); with ``old_owner="destseg"``, ``destseg.student.*`` is read as
+    ``model.student.*`` (a method whose parts sat in a differently named submodule).
+    Keys already in the new layout are left alone. Register it with
+    ``module.register_load_state_dict_pre_hook``.
 
     Args:
-        names: the entries' old top-level names (a buffer, or a submodule's prefix).
+        names: the entries' old names (a buffer, or a submodule's prefix) under ``old_owner``.
         owner: the submodule that now holds them.
+        old_owner: the submodule that held them before; empty for the top level.
     """
 
-    def __init__(self, names: Sequence[str], owner: str = "model") -> None:
+    def __init__(self, names: Sequence[str], owner: str = "model", old_owner: str = "") -> None:
         self.names = tuple(names)
         self.owner = owner
+        self.old_owner = old_owner
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Rename the old keys of ``state_dict`` in place."""
-        old = tuple(prefix + name for name in self.names)
+        base = f"{prefix}{self.old_owner}." if self.old_owner else prefix
+        old = tuple(base + name for name in self.names)
         for key in [k for k in state_dict if k in old or k.startswith(tuple(f"{o}." for o in old))]:
-            new = f"{prefix}{self.owner}.{key[len(prefix):]}"
+            new = f"{prefix}{self.owner}.{key[len(base):]}"
             if new not in state_dict:
                 state_dict[new] = state_dict.pop(key)

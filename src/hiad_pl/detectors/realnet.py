@@ -24,7 +24,10 @@ layer3 in the original high-resolution project, one *block* per layer):
 The anomaly map is the discriminator's anomaly probability. The paper draws
 its synthetic anomalies from a diffusion model (SDAS), which takes days to
 train; like the original high-resolution project this module is trained with
-image blending under Perlin masks instead.
+image blending under Perlin masks instead. AFS, the reconstruction networks and
+RRS make up the detector's ``model`` (:class:`RealNetModel`, a
+:class:`~hiad_pl.detectors.map_model.PatchMapModel`), which scores the
+backbone's maps alone and which the ONNX export traces.
 
 Memory (float32 parameters): with WideResNet-50 (layer2 512 -> 256 kept,
 layer3 1024 -> 512 kept), width ratio 0.5 and multipliers ``[1, 2, 4]``, the
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,8 @@ from torch import Tensor, nn
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.synthesis import AnomalySynthesizer, ImageBlendingSynthesizer, build_synthesizer
 from hiad_pl.detectors.base import HRDetector
+from hiad_pl.detectors.features import FeatureExtractor
+from hiad_pl.detectors.map_model import MoveKeysUnder, PatchMapModel
 from hiad_pl.postprocess import ImageScore
 
 #: Groups of the group norms (fewer when the width is not a multiple).
@@ -62,6 +67,17 @@ AFS_EPSILON = 1e-4
 def group_norm(channels: int) -> nn.GroupNorm:
     """Group norm with :data:`NORM_GROUPS` groups, or the largest divisor of ``channels`` that divides it."""
     return nn.GroupNorm(math.gcd(NORM_GROUPS, channels), channels)
+
+
+ConvT = TypeVar("ConvT", nn.Conv1d, nn.Conv2d)
+
+
+def zero_initialised(conv: ConvT) -> ConvT:
+    """``conv`` with weight and bias set to zero (a residual branch that starts as the identity)."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
 
 
 # ---------------------------------------------------------------- AFS
@@ -97,6 +113,8 @@ class FeatureSelection(nn.Module):
     channels. Scores, the batch count and the chosen indices are buffers, so
     an interrupted fit resumes where it was.
     """
+
+    batches_seen: Tensor
 
     def __init__(self, channels: Sequence[int], kept: Sequence[int], init_batches: int) -> None:
         super().__init__()
@@ -188,9 +206,7 @@ class AttentionBlock(nn.Module):
         self.heads = channels // head_channels if channels % head_channels == 0 else 1
         self.norm = group_norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = zero_initialised(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x + proj(attention(norm(x)))``, same shape."""
@@ -261,9 +277,7 @@ class ReconstructionUNet(nn.Module):
                     stage.append(ResBlock(width, resample="up"))
                     factor //= 2
                 self.up.append(stage)
-        self.out = nn.Sequential(group_norm(width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        self.out = nn.Sequential(group_norm(width), nn.SiLU(), zero_initialised(nn.Conv2d(width, channels, 3, padding=1)))
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstructed features, same shape as ``x``."""
@@ -412,6 +426,17 @@ class ResidualDiscriminator(nn.Module):
 # ---------------------------------------------------------------- the model and its losses
 
 
+class RealNetOutputs(NamedTuple):
+    """What one pass of :class:`RealNetModel` computes."""
+
+    #: AFS's kept channels of each block's features, ``[B, k_l, h_l, w_l]``.
+    selected: list[Tensor]
+    #: Their reconstructions, same shapes.
+    reconstructed: list[Tensor]
+    #: The discriminator's two-class logits ``[B, 2, H, W]``.
+    logits: Tensor
+
+
 def segmentation_cross_entropy(logits: Tensor, mask: Tensor) -> Tensor:
     """Two-class cross-entropy of ``[B, 2, H, W]`` logits against ``[B, H, W]`` masks (> 0.5 is anomalous)."""
     return F.cross_entropy(logits.float(), (mask > 0.5).long())
@@ -419,11 +444,17 @@ def segmentation_cross_entropy(logits: Tensor, mask: Tensor) -> Tensor:
 
 def feature_mse(reconstructed: Sequence[Tensor], clean: Sequence[Tensor]) -> Tensor:
     """Sum over blocks of the mean squared error between reconstructed and clean (selected) features."""
+    # sum() of tensors is a tensor; its int start value makes mypy see ``Tensor | int``
     return sum(F.mse_loss(r.float(), c.float()) for r, c in zip(reconstructed, clean))  # type: ignore[return-value]
 
 
-class RealNetModel(nn.Module):
-    """The trainable parts of RealNet on a frozen backbone's block features: AFS, reconstruction, RRS.
+class RealNetModel(PatchMapModel):
+    """RealNet on a frozen backbone's block features: AFS, reconstruction, RRS; the detector's ``model``.
+
+    Called on the blocks' maps it gives the discriminator's anomaly
+    probabilities ``[B, H, W]`` (:meth:`forward`); :meth:`outputs` gives the
+    intermediate results training needs. AFS's chosen channels and RRS's
+    normalisation statistics are buffers, so a state dict restores it.
 
     Args:
         channels: channels of each block's backbone features.
@@ -457,18 +488,22 @@ class RealNetModel(nn.Module):
             sum(afs_channels), rrs_modes, rrs_counts, rrs_residual_layers, rrs_normalised_input
         )
 
-    def forward(self, features: Sequence[Tensor], size: Sequence[int]) -> dict[str, Tensor | list[Tensor]]:
-        """``selected`` and ``reconstructed`` features per block and ``logits`` ``[B, 2, H, W]`` at ``size``."""
+    def outputs(self, features: Sequence[Tensor], size: Sequence[int]) -> RealNetOutputs:
+        """Selected and reconstructed features per block and the discriminator's logits ``[B, 2, H, W]`` at ``size``."""
         selected = self.afs([f.float() for f in features])
         reconstructed = [net(f) for net, f in zip(self.reconstruction, selected)]
         residuals = [(f - r).square() for f, r in zip(selected, reconstructed)]
-        return {"selected": selected, "reconstructed": reconstructed, "logits": self.discriminator(residuals, size)}
+        return RealNetOutputs(selected, reconstructed, self.discriminator(residuals, size))
+
+    def forward(self, features: Sequence[Tensor], output_size: Sequence[int]) -> Tensor:
+        """Anomaly probabilities ``[B, H, W]`` at ``output_size`` of the blocks' maps ``[B, C_l, h_l, w_l]``."""
+        return self.anomaly_probability(self.outputs(features, output_size).logits)
 
     def losses(self, features: Sequence[Tensor], clean_features: Sequence[Tensor], mask: Tensor) -> dict[str, Tensor]:
         """``loss`` = segmentation cross-entropy + feature MSE of one synthetic batch (corrupted ``features``)."""
-        out = self(features, mask.shape[-2:])
-        segmentation = segmentation_cross_entropy(out["logits"], mask)  # type: ignore[arg-type]
-        mse = feature_mse(out["reconstructed"], self.afs([f.float() for f in clean_features]))  # type: ignore[arg-type]
+        out = self.outputs(features, mask.shape[-2:])
+        segmentation = segmentation_cross_entropy(out.logits, mask)
+        mse = feature_mse(out.reconstructed, self.afs([f.float() for f in clean_features]))
         return {"loss": segmentation + mse, "segmentation_loss": segmentation, "feature_loss": mse}
 
     @staticmethod
@@ -552,11 +587,16 @@ class HRRealNet(HRDetector):
         self.lr = float(lr)
         self.synthesizer_spec = synthesizer
         build_synthesizer(synthesizer)  # a bad spec fails here, before any training
-        channels = list(self.backbone.channels)
+        channels = list(cast(FeatureExtractor, self.backbone).channels)
         kept = [c // 2 for c in channels] if afs_channels is None else [int(k) for k in afs_channels]
-        self.realnet = RealNetModel(
+        #: The method: AFS, reconstruction networks and RRS discriminator (what export traces).
+        self.model = RealNetModel(
             channels, kept, init_bsn, width_ratio, channel_mult, res_blocks, attention_at,
             rrs_modes, rrs_counts, rrs_residual_layers, rrs_normalised_input,
+        )
+        # checkpoints written before the method was the detector's ``model`` held it as ``realnet``
+        self.register_load_state_dict_pre_hook(
+            MoveKeysUnder(("afs", "reconstruction", "discriminator"), old_owner="realnet")
         )
 
     def trainer_defaults(self) -> dict[str, Any]:
@@ -569,12 +609,12 @@ class HRRealNet(HRDetector):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over the reconstruction networks and the discriminator (AFS holds no parameters)."""
-        return torch.optim.Adam(self.realnet.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=(0.9, 0.999))
 
     def on_train_start(self) -> None:
         """Decide AFS from the first ``init_bsn`` training batches (cycling the loader) unless a resumed fit already did."""
         super().on_train_start()
-        afs = self.realnet.afs
+        afs = self.model.afs
         loader = self.trainer.train_dataloader if self.trainer is not None else None
         if afs.decided or loader is None:
             return
@@ -590,16 +630,15 @@ class HRRealNet(HRDetector):
     @torch.no_grad()
     def select_features(self, batch: PatchBatch) -> None:
         """Add one synthetic batch to the AFS scores."""
-        self.realnet.afs.accumulate(self.fused_embedding(batch), self.fused_embedding(batch.clean()), batch.mask)
+        self.model.afs.accumulate(self.fused_embedding(batch), self.fused_embedding(batch.clean()), batch.mask)
 
     def training_step(self, batch: PatchBatch, batch_idx: int) -> Tensor:
         """Segmentation cross-entropy + feature MSE of one synthetic batch."""
-        losses = self.realnet.losses(self.fused_embedding(batch), self.fused_embedding(batch.clean()), batch.mask)
+        losses = self.model.losses(self.fused_embedding(batch), self.fused_embedding(batch.clean()), batch.mask)
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=len(batch))
         return losses["loss"]
 
     def anomaly_map(self, batch: PatchBatch) -> Tensor:
         """The discriminator's anomaly probability ``[B, H, W]`` at the patch size."""
-        logits = self.realnet(self.fused_embedding(batch), batch.image.shape[-2:])["logits"]
-        return self.realnet.anomaly_probability(logits)  # type: ignore[arg-type]
+        return self.model(self.fused_embedding(batch), batch.image.shape[-2:])

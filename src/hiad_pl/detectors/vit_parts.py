@@ -23,15 +23,16 @@ from __future__ import annotations
 import math
 from abc import ABC
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from hiad_pl.data.batch import PatchBatch
 from hiad_pl.detectors.base import HRDetector, warmup_cosine_schedule
-from hiad_pl.detectors.features import nearest_multiple
+from hiad_pl.detectors.features import FeatureExtractor, nearest_multiple
 from hiad_pl.postprocess import ImageScore
 
 #: LayerNorm epsilon of the Dinomaly / INP-Former decoders.
@@ -266,6 +267,7 @@ class _ScaleGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        # torch hands backward a context that has saved_tensors; the FunctionCtx stub does not declare it
         (scale,) = ctx.saved_tensors  # type: ignore[attr-defined]
         return grad * scale, None
 
@@ -348,11 +350,11 @@ def global_cosine_loss(
 
 
 def cosine_distance_map(
-    targets: Sequence[Tensor], predictions: Sequence[Tensor], size: tuple[int, int], reduce: str = "mean"
+    targets: Sequence[Tensor], predictions: Sequence[Tensor], size: Sequence[int], reduce: str = "mean"
 ) -> Tensor:
-    """Per-point ``1 - cos`` of each group, upsampled to ``size`` and summed or averaged: ``[B, H, W]``."""
+    """Per-point ``1 - cos`` of each group, upsampled to ``size`` ``(H, W)`` and summed or averaged: ``[B, H, W]``."""
     maps = torch.cat([point_distances(t, p) for t, p in zip(targets, predictions)], dim=1)
-    maps = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+    maps = F.interpolate(maps.float(), size=tuple(size), mode="bilinear", align_corners=False)
     if reduce == "sum":
         return maps.sum(1)
     if reduce == "mean":
@@ -390,6 +392,7 @@ class StableAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, clip_threshold=clip_threshold)
         super().__init__(params, defaults)
 
+    # Optimizer.step is typed as two overloads (with and without a closure); one signature serves both
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One optimisation step."""
@@ -462,12 +465,15 @@ class ViTTokenDetector(HRDetector, ABC):
             backbone_name, layers_to_extract_from, weights, input_size, fusion_weights, feature_kind, backbone_kwargs,
             image_score=image_score,
         )
-        if not hasattr(self.backbone, "patch_size"):
+        patch_size = getattr(self.backbone, "patch_size", None)
+        if patch_size is None:
             raise ValueError(
                 f"{type(self).__name__} rebuilds ViT tokens: backbone_name must be a vision transformer "
                 f"and feature_kind 'vit' or 'auto' (got {backbone_name!r} with feature_kind {feature_kind!r})"
             )
-        widths = set(self.backbone.channels)
+        #: ``(h, w)`` pixels per token of the encoder.
+        self.token_patch_size: tuple[int, int] = (int(patch_size[0]), int(patch_size[1]))
+        widths = set(cast(FeatureExtractor, self.backbone).channels)
         if len(widths) != 1:
             raise ValueError(f"{type(self).__name__}: the chosen blocks differ in width {sorted(widths)}")
         #: Token width of the encoder.
@@ -482,7 +488,7 @@ class ViTTokenDetector(HRDetector, ABC):
     def token_grid_size(self) -> tuple[int, int]:
         """``(h, w)`` of the token grids for a patch of :attr:`input_size` (the extractor rounds sides to whole tokens)."""
         width, height = self.input_size
-        patch_h, patch_w = self.backbone.patch_size
+        patch_h, patch_w = self.token_patch_size
         return nearest_multiple(height, patch_h) // patch_h, nearest_multiple(width, patch_w) // patch_w
 
     def encoder_grids(self, batch: PatchBatch) -> list[Tensor]:
@@ -509,7 +515,7 @@ def step_trainer_defaults(total_steps: int, eval_every: int, gradient_clip_norm:
 
 def stable_adamw_warmup_cosine(
     parameters: Iterable[Tensor], lr: float, final_lr: float, warmup_steps: int, total_steps: int, weight_decay: float
-) -> dict[str, Any]:
+) -> OptimizerLRSchedulerConfig:
     """Dinomaly's optimiser: StableAdamW (AMSGrad, eps 1e-10) with warm-up then cosine decay to ``final_lr``, per step."""
     optimizer = StableAdamW(parameters, lr=lr, betas=(0.9, 0.999), eps=1e-10, weight_decay=weight_decay, amsgrad=True)
     schedule = warmup_cosine_schedule(optimizer, min(warmup_steps, total_steps), total_steps, final_lr / lr)

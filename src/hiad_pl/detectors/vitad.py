@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
 from hiad_pl.data.batch import PatchBatch
+from hiad_pl.detectors.features import FeatureExtractor
 from hiad_pl.detectors.vit_parts import (
     ViTTokenDetector,
     check_grids,
@@ -93,7 +95,9 @@ class ViTADDecoder(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
+            # timm builds norms with norm_layer(dim) and passes such partials itself; its hint names only classes
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
+            for _ in range(depth)
         )
         # timm's ViT initialisation (truncated normal, std 0.02), as the paper's decoder is a timm ViT.
         for module in (self.fusion, self.blocks):
@@ -123,7 +127,7 @@ def vitad_loss(teacher: Sequence[Tensor], decoded: Sequence[Tensor]) -> Tensor:
     return global_cosine_loss(teacher, decoded, reduce="sum")
 
 
-def vitad_anomaly_map(teacher: Sequence[Tensor], decoded: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+def vitad_anomaly_map(teacher: Sequence[Tensor], decoded: Sequence[Tensor], size: Sequence[int]) -> Tensor:
     """``[B, H, W]``: per-point ``1 - cos`` of each level, upsampled to ``size``, summed over levels."""
     return cosine_distance_map(teacher, decoded, size, reduce="sum")
 
@@ -182,11 +186,12 @@ class HRVitAD(ViTTokenDetector):
             image_score=image_score,
         )
         check_positive(lr=lr, epochs=epochs, gradient_clip_norm=gradient_clip_norm)
-        teachers = len(self.backbone.layers) - num_neck_layers
+        layer_count = len(cast(FeatureExtractor, self.backbone).layers)
+        teachers = layer_count - num_neck_layers
         if num_neck_layers < 1 or teachers != len(tuple(decoder_taps)):
             raise ValueError(
                 f"layers_to_extract_from must hold one teacher layer per decoder tap ({len(tuple(decoder_taps))}) "
-                f"followed by num_neck_layers ({num_neck_layers}) neck layers; got {len(self.backbone.layers)} layers"
+                f"followed by num_neck_layers ({num_neck_layers}) neck layers; got {layer_count} layers"
             )
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
@@ -201,7 +206,7 @@ class HRVitAD(ViTTokenDetector):
         """``max_epochs`` from ``epochs`` and gradient clipping; a user's trainer options override them."""
         return {"max_epochs": self.epochs, "gradient_clip_val": self.gradient_clip_norm, "gradient_clip_algorithm": "norm"}
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW over the fusion and decoder; the rate drops 10x after 80 % of the epochs."""
         optimizer = torch.optim.AdamW(self.parameters_of("decoder"), lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_decay_epochs(self.epochs), gamma=LR_DECAY_RATE)
