@@ -1,0 +1,162 @@
+"""The export / serve contract, for every registered detector.
+
+Each built-in detector is fitted tiny (random-init backbones, a tiny ViT for the
+ViT detectors, one epoch or a few steps) on 128-px demo images cut into 64-px
+patches; the run folder is then scored four ways, which must agree:
+``hiad-pl predict --run_dir`` (the reference), ``hiad-pl export --format onnx``
+followed by ``hiad-pl predict --export`` (onnxruntime, no torch), and the HTTP
+service (:func:`hiad_pl.serve.create_app`, in-process). Image scores and maps
+agree within :data:`ATOL`, OK/NG labels are equal. PatchCore is also run with a
+thumbnail task and with retrieval routing, the two other layouts an export carries.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from deploy_runs import VALIDATION
+from hiad_pl.cli import main
+from hiad_pl.detectors import DETECTORS
+
+#: Scores and maps agree within this (float32 rounding through a different runtime).
+ATOL = 1e-4
+#: Detection resolution (the 512-px demo images are resized to it) and patch size: 4 patches per image.
+IMAGE_SIZE, PATCH_SIZE = 128, 64
+#: A normal image and two defects.
+IMAGES = ("good/000.png", "scratch/000.png", "spot/000.png")
+
+LITE0 = {"backbone_name": "efficientnet_lite0", "weights": "none", "layers_to_extract_from": ["blocks.2", "blocks.4"]}
+RESNET18 = {"backbone_name": "resnet18", "weights": "none", "layers_to_extract_from": ["layer1", "layer2"]}
+TINY_VIT = {"backbone_name": "vit_tiny_patch16_224", "weights": "none", "layers_to_extract_from": ["blocks.0", "blocks.1"],
+            "backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}, "decoder_depth": 2}
+#: The tiniest fit of each built-in detector (by registry name): a detector missing here fails the contract.
+TINY: dict[str, dict[str, Any]] = {
+    "patchcore": {**LITE0, "pretrain_embed_dimension": 48, "target_embed_dimension": 48, "percentage": 0.5},
+    "padim": {**LITE0, "d_reduced": 20},
+    "fastflow": {**LITE0, "flow_steps": 2, "epochs": 1},
+    "rdpp": {**LITE0, "ocbe_blocks": 1, "decoder_blocks": 1, "epochs": 1},
+    "destseg": {**RESNET18, "student_encoder": "mobilenetv3_small_050", "decoder_blocks": 1, "segmentation_width": 16,
+                "steps": 2, "de_st_steps": 1},
+    "realnet": {**RESNET18, "afs_channels": [16, 32], "init_bsn": 2, "res_blocks": 1, "channel_mult": [1, 2],
+                "attention_at": [2], "rrs_counts": [8, 8], "rrs_residual_layers": 1, "epochs": 1},
+    "vitad": {**TINY_VIT, "decoder_taps": [2], "epochs": 1},
+    "dinomaly": {**TINY_VIT, "groups": [[0], [1]], "total_steps": 2, "warmup_steps": 0, "eval_every": 2,
+                 "hard_mining_ramp_steps": 1},
+    "inpformer": {**TINY_VIT, "groups": [[0], [1]], "num_prototypes": 2, "total_steps": 2, "warmup_steps": 0,
+                  "eval_every": 2},
+}
+#: The package's own detectors (a test module may register more while the suite runs).
+BUILT_IN = sorted(name for name, cls in DETECTORS.items() if cls.__module__.startswith("hiad_pl."))
+#: PatchCore in the two other layouts an export carries: a thumbnail task, and routing by retrieval.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "patchcore+thumbnail": {"thumbnail": {"thumbnail_size": 64}},
+    "patchcore+retrieval": {"tasks": {"class_path": "hiad_pl.tasks.RetrieveTaskGenerator", "init_args": {"cluster_number": 2}}},
+}
+CASES = BUILT_IN + list(LAYOUTS)
+
+
+def run_config(case: str, root: Path, run_dir: Path) -> dict[str, Any]:
+    """The fit config of a contract case: its detector's tiny settings, A2O tasks unless the case says otherwise."""
+    name = case.split("+")[0]
+    if name not in TINY:
+        pytest.fail(f"registered detector {name!r} ({DETECTORS[name].__qualname__}) has no tiny config in TINY; "
+                    "every registered detector must pass the export / serve contract")
+    config: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "data": {"root": str(root), "categories": ["texture"], "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+                 "batch_size": 8},
+        "detector": {"class_path": f"{DETECTORS[name].__module__}.{DETECTORS[name].__qualname__}", "init_args": TINY[name]},
+        "tasks": {"class_path": "hiad_pl.tasks.A2OTaskGenerator"},
+        # a synthetic validation set: normalised maps and F1-adaptive thresholds, so labels are tested too
+        "validation": VALIDATION,
+    }
+    config.update(LAYOUTS.get(case, {}))
+    return config
+
+
+def read_rows(folder: Path) -> dict[str, dict[str, str]]:
+    """``scores.csv`` of a predictions folder by image path."""
+    lines = [line for line in (folder / "scores.csv").read_text().splitlines() if not line.startswith("#")]
+    return {row["image"]: row for row in csv.DictReader(lines)}
+
+
+def serve_predictions(run: Path, images: list[Path]) -> Iterator[tuple[Path, dict[str, Any], np.ndarray]]:
+    """The HTTP service's answer and exact map for each image (the app in-process, its batching queue running)."""
+    from fastapi.testclient import TestClient
+
+    from hiad_pl.serve import RunScorer, create_app
+
+    with TestClient(create_app(RunScorer.from_run(run))) as client:
+        for path in images:
+            response = client.post("/predict", params={"map": "true", "map_format": "npy"},
+                                   files={"image": (path.name, path.read_bytes(), "image/png")})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            yield path, body, np.load(io.BytesIO(base64.b64decode(body.pop("anomaly_map_npy"))))
+
+
+@pytest.fixture(scope="module", params=CASES)
+def contract(request, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A case fitted, exported and scored: its run, export and the predictions of ``--run_dir`` and ``--export``."""
+    from hiad_pl.commands import predict
+
+    case = request.param
+    work = tmp_path_factory.mktemp(f"contract_{case.replace('+', '_')}")
+    config = run_config(case, small_demo, work / "run")
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(work / "config.yaml")]) == 0, f"fitting {case} failed"
+    images = [small_demo / "texture" / "test" / name for name in IMAGES]
+    assert main(["export", "--run_dir", str(work / "run"), "--format", "onnx", "--output", str(work / "export")]) == 0
+    assert main(["predict", "--export", str(work / "export"), "--input", *map(str, images),
+                 "--output", str(work / "from_export")]) == 0
+    predict(work / "run", images, work / "from_run")
+    return {"case": case, "run": work / "run", "export": work / "export", "images": images,
+            "from_run": work / "from_run", "from_export": work / "from_export"}
+
+
+def test_every_registered_detector_is_a_case() -> None:
+    assert len(BUILT_IN) == 9 and set(BUILT_IN) == set(TINY), "each registered detector needs its tiny config"
+
+
+def assert_same(case: str, image: Path, score: float, label: str, anomaly_map: np.ndarray,
+                reference: dict[str, str], reference_map: np.ndarray) -> None:
+    """One image's score, label and map equal the reference's (``predict --run_dir``)."""
+    expected = float(reference["score"])
+    assert score == pytest.approx(expected, abs=ATOL), f"{case} {image}: score {score} != {expected}"
+    threshold = float(reference["image_threshold"])
+    if abs(expected - threshold) > ATOL:  # a score within the tolerance of the threshold may fall either side
+        assert label == reference["label"], f"{case} {image}: {label} != {reference['label']} (threshold {threshold})"
+    assert anomaly_map.shape == reference_map.shape == (IMAGE_SIZE, IMAGE_SIZE)
+    difference = float(np.abs(anomaly_map - reference_map).max())
+    assert difference <= ATOL, f"{case} {image}: maps differ by up to {difference:.3g}"
+
+
+def test_predict_export_equals_predict_run_dir(contract: dict[str, Any]) -> None:
+    rows, expected = read_rows(contract["from_export"]), read_rows(contract["from_run"])
+    assert list(rows) == list(expected) == [str(p) for p in contract["images"]]
+    for image, row in rows.items():
+        reference = expected[image]
+        assert row["label"] in ("OK", "NG") and row["image_threshold"] == reference["image_threshold"]
+        npy = row["map"].replace("_map.png", "_map.npy")
+        assert_same(contract["case"], Path(image), float(row["score"]), row["label"],
+                    np.load(contract["from_export"] / npy), reference, np.load(contract["from_run"] / npy))
+
+
+def test_serve_equals_predict_run_dir(contract: dict[str, Any]) -> None:
+    expected = read_rows(contract["from_run"])
+    for image, body, anomaly_map in serve_predictions(contract["run"], contract["images"]):
+        reference = expected[str(image)]
+        assert body["threshold"] == pytest.approx(float(reference["image_threshold"]), abs=1e-6)  # the csv rounds
+        npy = reference["map"].replace("_map.png", "_map.npy")
+        assert_same(contract["case"], image, body["image_score"], body["label"], anomaly_map, reference,
+                    np.load(contract["from_run"] / npy))
