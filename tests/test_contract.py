@@ -212,3 +212,8 @@ def test_serve_equals_predict_run_dir(contract: dict[str, Any]) -> None:
         npy = reference["map"].replace("_map.png", "_map.npy")
         assert_same(contract["case"], image, body["image_score"], body["label"], anomaly_map, reference,
                     np.load(contract["from_run"] / npy), contract["export"])
+
+
+def test_an_unknown_export_format_is_refused_by_name(tmp_path: Path, capsys) -> None:
+    assert main(["export", "--run_dir", str(tmp_path), "--format", "tensorrt", "--output", str(tmp_path / "out")]) == 2
+    assert "export format must be one of ['onnx', 'openvino'], got 'tensorrt'" in capsys.readouterr().err

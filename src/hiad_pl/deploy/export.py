@@ -39,6 +39,7 @@ from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.features import ViTTokenExtractor
 from hiad_pl.detectors.map_model import PatchMapModel
+from hiad_pl.errors import ConfigError
 from hiad_pl.postprocess import BLUR_SIGMA, normalize_scores
 from hiad_pl.run_folder import atomic_write
 from hiad_pl.tasks.base import Task
@@ -156,11 +157,11 @@ def export_graph(module: nn.Module, inputs: tuple[Tensor, ...], path: Path, outp
 
 
 def require_openvino() -> Any:
-    """The ``openvino`` module; an ImportError saying how to install it when it is missing."""
+    """The ``openvino`` module; a ConfigError saying how to install it when it is missing."""
     try:
         import openvino
     except ImportError as error:
-        raise ImportError("export --format openvino needs the openvino package: pip install 'hiad-pl[openvino]'") from error
+        raise ConfigError("export --format openvino needs the openvino package: pip install 'hiad-pl[openvino]'") from error
     return openvino
 
 
@@ -218,7 +219,7 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     from hiad_pl.visualize import JET_COLOURS
 
     if export_format not in EXPORT_FORMATS:
-        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
+        raise ConfigError(f"export format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
     if export_format == "openvino":
         require_openvino()  # before the run loads
     run = load_run(Path(run_dir), category, ["cpu"])

@@ -155,7 +155,10 @@ class OpenVINOGraph:
     """An OpenVINO IR graph compiled for the CPU in float32: ``graph(feed)`` is its first output."""
 
     def __init__(self, file: Path) -> None:
-        import openvino as ov
+        try:
+            import openvino as ov
+        except ImportError:
+            raise InputError(f"{file}: an OpenVINO graph; scoring it needs the openvino package (pip install openvino)") from None
 
         # float32 throughout: the CPU plugin would otherwise infer in bfloat16 where the processor has it
         self.compiled = ov.Core().compile_model(str(file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
