@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from deploy_runs import BLOCK_TORCH, VALIDATION
@@ -117,10 +118,21 @@ def serve_predictions(run: Path, images: list[Path]) -> Iterator[tuple[Path, dic
 @pytest.fixture(scope="module", params=CASES)
 def contract(request, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A case fitted, exported and scored: its run, export and the predictions of ``--run_dir`` and ``--export``."""
+    case = request.param
+    threads = torch.get_num_threads()
+    # one torch thread: on two cores shared with other work, two threads wait on each other (RealNet's
+    # fit took 31.6 s with two, 9.7 s with one, at load 8); the comparisons do not depend on it
+    torch.set_num_threads(1)
+    try:
+        return fit_export_and_predict(case, small_demo, tmp_path_factory.mktemp(f"contract_{case.replace('+', '_')}"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit_export_and_predict(case: str, small_demo: Path, work: Path) -> dict[str, Any]:
+    """Fit a case into ``work``, export it (ONNX, and OpenVINO where installed) and score the test images every way."""
     from hiad_pl.commands import predict
 
-    case = request.param
-    work = tmp_path_factory.mktemp(f"contract_{case.replace('+', '_')}")
     config = run_config(case, small_demo, work / "run")
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(work / "config.yaml")]) == 0, f"fitting {case} failed"
