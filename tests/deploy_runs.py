@@ -45,3 +45,18 @@ def fit_run(root: Path, run_dir: Path, layout: str, *, thumbnail: bool = False, 
     if main(["fit", "--config", str(path)]) != 0:
         raise RuntimeError(f"fitting the {layout} test run failed")
     return run_dir
+
+
+#: ``python -c BLOCK_TORCH --export ...``: the standalone predictor with torch, Lightning, torchvision and timm unimportable.
+BLOCK_TORCH = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'lightning', 'torchvision', 'timm'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Blocked())
+from hiad_pl.deploy.predictor import main
+code = main(sys.argv[1:])
+assert not any(m.split('.')[0] in ('torch', 'lightning') for m in sys.modules), 'torch was imported'
+sys.exit(code)
+"""

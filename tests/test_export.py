@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy_runs import fit_run
+from deploy_runs import BLOCK_TORCH, fit_run
 from hiad_pl.cli import main
 from hiad_pl.config import DEFAULT_CONTEXT_MARGIN
 
@@ -84,20 +84,6 @@ def test_predict_export_equals_predict_run_dir(exported, small_demo: Path, tmp_p
         assert abs(int(a["defect_pixels"]) - int(b["defect_pixels"])) <= 0.001 * 256 * 256
         npy = a["map"].replace("_map.png", "_map.npy")
         np.testing.assert_allclose(np.load(from_export / npy), np.load(from_run / npy), rtol=RTOL, atol=ATOL)
-
-
-BLOCK_TORCH = """
-import sys
-class Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'lightning', 'torchvision', 'timm'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Blocked())
-from hiad_pl.deploy.predictor import main
-code = main(sys.argv[1:])
-assert not any(m.split('.')[0] in ('torch', 'lightning') for m in sys.modules), 'torch was imported'
-sys.exit(code)
-"""
 
 
 def test_standalone_predictor_runs_without_torch(small_demo: Path, tmp_path_factory, tmp_path: Path) -> None:

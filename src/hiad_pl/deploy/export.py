@@ -1,4 +1,4 @@
-"""``hiad-pl export``: one ONNX graph per task and a manifest, for scoring without torch.
+"""``hiad-pl export``: one ONNX (or OpenVINO IR) graph per task and a manifest, for scoring without torch.
 
 Each task's graph maps ImageNet-normalised patch pixels ``[B, 3, h, w]`` (plus
 the low-resolution crops ``[B, L, 3, h, w]`` and windows ``[B, L, 4]`` when the
@@ -15,7 +15,8 @@ Everything else a prediction needs is in ``manifest.json``: the tasks and their
 indexes, the spliter settings, retrieval centres, normalisation statistics,
 image and pixel thresholds with their display range, blur and the image-score rule
 (the detectors' own), input statistics. Predictions from the export equal the run's
-(see :mod:`hiad_pl.deploy.predictor`).
+(see :mod:`hiad_pl.deploy.predictor`). ``--format openvino`` converts each traced
+ONNX graph to OpenVINO IR with float32 weights and names the runtime in the manifest.
 """
 
 from __future__ import annotations
@@ -38,19 +39,36 @@ from hiad_pl.detectors.backbones import IMAGENET_MEAN, IMAGENET_STD
 from hiad_pl.detectors.base import HRDetector
 from hiad_pl.detectors.features import ViTTokenExtractor
 from hiad_pl.detectors.map_model import PatchMapModel
+from hiad_pl.errors import ConfigError
 from hiad_pl.postprocess import BLUR_SIGMA, normalize_scores
 from hiad_pl.run_folder import atomic_write
 from hiad_pl.tasks.base import Task
 
 log = logging.getLogger("hiad_pl")
 
-EXPORT_FORMATS = ("onnx",)
+#: ``onnx``: ONNX graphs for onnxruntime; ``openvino``: the same graphs converted to OpenVINO IR (``.xml`` + ``.bin``).
+EXPORT_FORMATS = ("onnx", "openvino")
 MANIFEST = "manifest.json"
 #: 2: ``postprocess.image_score`` names the run's image-score rule (1: always the 16-px window mean).
+#: 3: ``runtime`` names the graphs' runtime (written by OpenVINO exports only, so that a predictor
+#: that reads 2 and knows onnxruntime alone refuses them by version; ONNX exports stay at 2).
 MANIFEST_VERSION = 2
+MANIFEST_VERSION_RUNTIME = 3
 OPSET = 17
 #: The overlay colours (``visualize.JET_COLOURS``, 256 RGB entries), so the predictor needs no OpenCV.
 COLORMAP_FILE = "colormap.npy"
+
+
+def image_batch(image: Tensor, low_images: Tensor | None = None, low_windows: Tensor | None = None) -> PatchBatch:
+    """A batch of patch pixels as the pipeline scores them: no ground truth (zero masks, label -1, unknown positions).
+
+    The graphs read only the pixels: the tracer drops the unused fields.
+    """
+    count, height, width = image.shape[0], image.shape[-2], image.shape[-1]
+    return PatchBatch(
+        image=image, mask=image.new_zeros((count, height, width)), label=torch.full((count,), -1, dtype=torch.long),
+        index=torch.zeros((count, 4), dtype=torch.long), low_resolution_images=low_images, low_resolution_windows=low_windows,
+    )
 
 
 def method_model(detector: HRDetector) -> PatchMapModel | None:
@@ -82,8 +100,7 @@ class TaskGraph(nn.Module):
 
     def forward(self, image: Tensor, low_images: Tensor | None = None, low_windows: Tensor | None = None) -> Tensor:
         """``[B, h, w]`` (or ``[B, H, W]`` with ``output_size``) float32 maps."""
-        batch = PatchBatch(image=image, mask=None, label=None, index=None,
-                           low_resolution_images=low_images, low_resolution_windows=low_windows)
+        batch = image_batch(image, low_images, low_windows)
         model = method_model(self.detector)
         if model is None:  # the method still lives in the LightningModule
             maps = self.detector.anomaly_map(batch).float()
@@ -110,8 +127,7 @@ class RouterGraph(nn.Module):
         """Embeddings as :func:`~hiad_pl.tasks.embedding.pool_features` computes them."""
         from hiad_pl.tasks.embedding import pool_features
 
-        batch = PatchBatch(image=image, mask=None, label=None, index=None,
-                           low_resolution_images=low_images, low_resolution_windows=low_windows)
+        batch = image_batch(image, low_images, low_windows)
         return pool_features(self.detector.fused_embedding(batch), self.cells)
 
 
@@ -140,6 +156,42 @@ def export_graph(module: nn.Module, inputs: tuple[Tensor, ...], path: Path, outp
     tmp.replace(path)
 
 
+def require_openvino() -> Any:
+    """The ``openvino`` module; a ConfigError saying how to install it when it is missing."""
+    try:
+        import openvino
+    except ImportError as error:
+        raise ConfigError("export --format openvino needs the openvino package: pip install 'hiad-pl[openvino]'") from error
+    return openvino
+
+
+def to_openvino(onnx_path: Path, xml_path: Path) -> None:
+    """Convert an ONNX graph to OpenVINO IR at ``xml_path`` (its weights beside it as ``.bin``), written atomically.
+
+    Weights stay float32 (``save_model`` would halve them to float16 by default), so the IR scores as the ONNX graph.
+    """
+    ov = require_openvino()
+    tmp = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
+    ov.save_model(ov.convert_model(str(onnx_path)), str(tmp), compress_to_fp16=False)
+    # the IR names no weights file: a model is read with the .bin of its own stem, so both are renamed
+    tmp.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
+    tmp.replace(xml_path)
+
+
+def write_graph(module: nn.Module, inputs: tuple[Tensor, ...], folder: Path, name: str, output: str, export_format: str) -> str:
+    """Write graph ``name`` of ``module`` to ``folder`` in ``export_format``; the file name the manifest gives it."""
+    onnx_path = folder / f"{name}.onnx"
+    export_graph(module, inputs, onnx_path, output)
+    if export_format == "onnx":
+        return onnx_path.name
+    xml_path = folder / f"{name}.xml"
+    try:
+        to_openvino(onnx_path, xml_path)
+    finally:
+        onnx_path.unlink(missing_ok=True)  # the IR replaces the intermediate graph
+    return xml_path.name
+
+
 def task_entry(task: Task, detector: HRDetector, normalization: dict | None, graph: str, fused: bool) -> dict[str, Any]:
     """A task's manifest entry."""
     return {
@@ -155,7 +207,10 @@ def task_entry(task: Task, detector: HRDetector, normalization: dict | None, gra
 
 
 def export_run(run_dir: str | Path, output: str | Path, category: str | None = None, export_format: str = "onnx") -> Path:
-    """Export a fitted run's category model to ``output``: ``<task>.onnx`` graphs and ``manifest.json``."""
+    """Export a fitted run's category model to ``output``: one graph per task and ``manifest.json``.
+
+    The graphs are ``<task>.onnx`` (``export_format="onnx"``) or OpenVINO IR ``<task>.xml`` + ``.bin`` (``"openvino"``).
+    """
     import yaml
 
     from hiad_pl.engine.runs import load_run
@@ -164,7 +219,9 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     from hiad_pl.visualize import JET_COLOURS
 
     if export_format not in EXPORT_FORMATS:
-        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
+        raise ConfigError(f"export format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
+    if export_format == "openvino":
+        require_openvino()  # before the run loads
     run = load_run(Path(run_dir), category, ["cpu"])
     orchestrator = run.orchestrator
     output = Path(output)
@@ -177,8 +234,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
         statistics = orchestrator.normalization(task.name)
         inputs = example_inputs(task, detector)
         module = TaskGraph(detector, statistics, (width, height) if task.is_thumbnail else None).eval()
-        export_graph(module, inputs, output / f"{task.name}.onnx", "anomaly_map")
-        entries.append(task_entry(task, detector, statistics, f"{task.name}.onnx", len(inputs) > 1))
+        graph = write_graph(module, inputs, output, task.name, "anomaly_map", export_format)
+        entries.append(task_entry(task, detector, statistics, graph, len(inputs) > 1))
         log.info("exported %s (%s)", task.name, type(detector).__name__)
     patch_tasks = [t for t in orchestrator.tasks if not t.is_thumbnail]
     image_score = run_image_score(orchestrator.tasks, {t.name: orchestrator.detector(t.name) for t in orchestrator.tasks})
@@ -187,13 +244,11 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
         centers, owners = stacked_centers(patch_tasks)
         detector = orchestrator.detector(patch_tasks[0].name)
         inputs = example_inputs(patch_tasks[0], detector)
-        channels = sum(f.shape[1] for f in detector.fused_embedding(
-            PatchBatch(image=inputs[0], mask=None, label=None, index=None,
-                       low_resolution_images=inputs[1] if len(inputs) > 1 else None,
-                       low_resolution_windows=inputs[2] if len(inputs) > 1 else None)))
-        export_graph(RouterGraph(detector, cells_for(centers.shape[1], channels)).eval(), inputs, output / "router.onnx", "embedding")
+        features = detector.fused_embedding(image_batch(*inputs))
+        channels = sum(int(f.shape[1]) for f in features)
+        router_graph = RouterGraph(detector, cells_for(centers.shape[1], channels)).eval()
         router = {
-            "graph": "router.onnx",
+            "graph": write_graph(router_graph, inputs, output, "router", "embedding", export_format),
             "grid": [i.todict() for i in retrieval_grid(patch_tasks)],
             "centers": centers.tolist(),
             "owners": owners.tolist(),
@@ -202,7 +257,8 @@ def export_run(run_dir: str | Path, output: str | Path, category: str | None = N
     data = config.get("data", {})
     manifest = {
         "format": "hiad-pl export",
-        "version": MANIFEST_VERSION,
+        "version": MANIFEST_VERSION if export_format == "onnx" else MANIFEST_VERSION_RUNTIME,
+        **({} if export_format == "onnx" else {"runtime": export_format}),
         "hiad_pl_version": __version__,
         "category": run.category,
         "image_size": [width, height],
@@ -234,7 +290,7 @@ def export_parser() -> Any:
     """The arguments of ``hiad-pl export``."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(description="Export a fitted run to ONNX graphs and a manifest (scored without torch)")
+    parser = ArgumentParser(description="Export a fitted run to ONNX (or OpenVINO) graphs and a manifest (scored without torch)")
     parser.add_argument("--run_dir", type=str, required=True, help="A folder written by `hiad-pl fit`")
     parser.add_argument("--category", type=str | None, default=None, help="Category model to export (when the run has several)")
     parser.add_argument("--format", type=str, default="onnx", help=f"Export format: {', '.join(EXPORT_FORMATS)}")

@@ -1,4 +1,4 @@
-"""Score images with an exported model: onnxruntime, numpy and Pillow only (no torch, no Lightning).
+"""Score images with an exported model: onnxruntime (or OpenVINO), numpy and Pillow only (no torch, no Lightning).
 
 ``python -m hiad_pl.deploy.predictor --export E --input DIR --output O`` (or
 ``hiad-pl predict --export E ...``) writes the files ``hiad-pl predict
@@ -41,8 +41,11 @@ from hiad_pl.deploy.files import (
 from hiad_pl.errors import InputError, MissingFileError, UserError
 
 MANIFEST = "manifest.json"
-#: Manifest versions this predictor reads: 1 scored every export by the 16-px window mean; 2 names the rule.
-SUPPORTED_VERSIONS = (1, 2)
+#: Manifest versions this predictor reads: 1 scored every export by the 16-px window mean; 2 names the rule;
+#: 3 names the graphs' runtime (``onnx`` or ``openvino``; before 3 always ``onnx``).
+SUPPORTED_VERSIONS = (1, 2, 3)
+#: Graph runtimes: onnxruntime for ``.onnx`` graphs, OpenVINO for ``.xml`` IR.
+RUNTIMES = ("onnx", "openvino")
 #: Image-score rules (those of :data:`hiad_pl.postprocess.IMAGE_SCORE_RULES`; this module imports no torch).
 IMAGE_SCORE_RULES = ("window_max", "topk_mean", "max")
 
@@ -132,12 +135,49 @@ def stitch(maps: Sequence[np.ndarray], indexes: Sequence[HRImageIndex], size: tu
     return (total / count).astype(np.float32)
 
 
+class OnnxGraph:
+    """An ONNX graph in an onnxruntime session: ``graph(feed)`` is its first output."""
+
+    def __init__(self, file: Path, providers: Sequence[str] | None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(file), options, providers=list(providers or ort.get_available_providers()))
+        self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The graph's first output on ``feed`` (input name -> array)."""
+        return np.asarray(self.session.run(None, dict(feed))[0])
+
+
+class OpenVINOGraph:
+    """An OpenVINO IR graph compiled for the CPU in float32: ``graph(feed)`` is its first output."""
+
+    def __init__(self, file: Path) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise InputError(f"{file}: an OpenVINO graph; scoring it needs the openvino package (pip install openvino)") from None
+
+        # float32 throughout: the CPU plugin would otherwise infer in bfloat16 where the processor has it
+        self.compiled = ov.Core().compile_model(str(file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.input_names: list[str] = [i.get_any_name() for i in self.compiled.inputs]
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The graph's first output on ``feed`` (input name -> array)."""
+        return np.asarray(self.compiled(dict(feed))[0])
+
+
+Graph = OnnxGraph | OpenVINOGraph
+
+
 @dataclass
 class GraphTask:
-    """One exported task: its ONNX session and what it scores."""
+    """One exported task: its compiled graph and what it scores."""
 
     name: str
-    session: Any
+    session: Graph
     indexes: list[MultiResolutionIndex]
     thumbnail_size: tuple[int, int] | None
     fused: bool
@@ -147,8 +187,6 @@ class ExportedModel:
     """An exported category model, loaded once; :meth:`predict` scores one decoded image."""
 
     def __init__(self, folder: str | Path, providers: Sequence[str] | None = None, batch_size: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
@@ -160,15 +198,16 @@ class ExportedModel:
                 f"{path}: export version {version!r}, this predictor reads {', '.join(map(str, SUPPORTED_VERSIONS))}"
             )
         self.manifest = manifest
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        providers = list(providers or ort.get_available_providers())
+        #: the graphs' runtime: ``onnx`` (onnxruntime) or ``openvino``
+        self.runtime = str(manifest.get("runtime", "onnx"))
+        if self.runtime not in RUNTIMES:
+            raise InputError(f"{path}: unknown graph runtime {self.runtime!r} (runtimes: {', '.join(RUNTIMES)})")
 
-        def session(graph: str) -> Any:
+        def session(graph: str) -> Graph:
             file = self.folder / graph
             if not file.is_file():
                 raise MissingFileError(f"{file}: graph named in {path} is missing")
-            return ort.InferenceSession(str(file), options, providers=providers)
+            return OnnxGraph(file, providers) if self.runtime == "onnx" else OpenVINOGraph(file)
 
         self.tasks = [
             GraphTask(
@@ -230,13 +269,11 @@ class ExportedModel:
             windows.append([list(w.todict().values()) for w in places])
         return [pixels, np.stack(lows), np.asarray(windows, dtype=np.int64)]
 
-    def run(self, session: Any, inputs: list[np.ndarray]) -> np.ndarray:
+    def run(self, graph: Graph, inputs: list[np.ndarray]) -> np.ndarray:
         """A graph over its inputs in chunks of ``batch_size`` patches."""
-        names = [i.name for i in session.get_inputs()]
         outputs = []
         for start in range(0, len(inputs[0]), self.batch_size):
-            feed = {name: value[start : start + self.batch_size] for name, value in zip(names, inputs)}
-            outputs.append(session.run(None, feed)[0])
+            outputs.append(graph({name: value[start : start + self.batch_size] for name, value in zip(graph.input_names, inputs)}))
         return np.concatenate(outputs)
 
     def route(self, image: np.ndarray, patch_tasks: list[GraphTask]) -> list[list[MultiResolutionIndex]]:
@@ -265,7 +302,9 @@ class ExportedModel:
                 maps.extend(inner_maps(scored, self.context_margin))
                 mains.extend(i.main_index for i in indexes)
         full = stitch(maps, mains, (width, height)) if maps else None
-        for task in (t for t in self.tasks if t.thumbnail_size is not None):
+        for task in self.tasks:
+            if task.thumbnail_size is None:
+                continue
             thumbnail = self.run(task.session, [self.pixels(resize_array(image, task.thumbnail_size))[None]])[0]
             full = thumbnail if full is None else np.maximum(full, thumbnail)
         full = gaussian_blur(np.zeros((height, width), np.float32) if full is None else full, self.blur_sigma)
