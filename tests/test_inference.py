@@ -20,7 +20,7 @@ from hiad_pl.detectors.backbones import TimmFeatureExtractor
 from hiad_pl.detectors.features import clear_shared_extractors
 from hiad_pl.inference import InferencePipeline, share_frozen_backbones
 from hiad_pl.orchestrator import TaskOrchestrator
-from hiad_pl.postprocess import gaussian_blur, image_score, normalize_scores, upsample
+from hiad_pl.postprocess import gaussian_blur, normalize_scores, upsample
 from hiad_pl.tasks import A2OTaskGenerator, O2OTaskGenerator
 from hiad_pl.tasks.base import Task, thumbnail_task
 from hiad_pl.tasks.embedding import pool_features
@@ -93,7 +93,7 @@ def per_task_scoring(
                 thumb = thumb if stats is None else normalize_scores(thumb, **stats)
                 full = torch.maximum(full, upsample(thumb[0], sample.image_size))
         full = gaussian_blur(full)
-        results.append((full, float(image_score(full))))
+        results.append((full, float(detectors[patch_tasks[0].name].image_score(full))))  # the detector's rule
     return results
 
 
