@@ -21,7 +21,7 @@ from typing import Any
 
 from hiad_pl import fit_settings
 from hiad_pl.calibration import calibrate, model_thresholds, plan_holdout, prepare_holdout, threshold_rule
-from hiad_pl.config import RunConfig, import_class, instantiate
+from hiad_pl.config import RunConfig, as_list, import_class, instantiate
 from hiad_pl.data.discovery import CategorySplit, discover
 from hiad_pl.data.sample import HRSample
 from hiad_pl.data.tiling import MultiResolutionHRImageSpliter
@@ -54,12 +54,13 @@ def splits_of(config: RunConfig, test: bool = False) -> list[CategorySplit]:
 def make_indexes(config: RunConfig) -> list:
     """The patch indexes of the configured image and patch sizes."""
     data = config.data
-    if config.fusion_weights is not None and len(config.fusion_weights) != len(data.ds_factors or [0]):
+    ds_factors = as_list(data.ds_factors)
+    if config.fusion_weights is not None and len(config.fusion_weights) != len(ds_factors or [0]):
         raise ConfigError(
             f"fusion_weights has {len(config.fusion_weights)} values but ds_factors has "
-            f"{len(data.ds_factors or [0])}: give one weight per resolution"
+            f"{len(ds_factors or [0])}: give one weight per resolution"
         )
-    return MultiResolutionHRImageSpliter(data.image_size, data.patch_size, data.stride, data.ds_factors)
+    return MultiResolutionHRImageSpliter(data.image_size, data.patch_size, data.stride, ds_factors)
 
 
 def create_tasks(config: RunConfig, split: CategorySplit, samples: Sequence[HRSample] | None = None) -> list[Task]:
@@ -275,8 +276,8 @@ def predict(
             k, sample = samples[prediction.sample_id]
             rows[k] = write_prediction(prediction, sample, Path(output), orchestrator.normalized, stems[k], run.thresholds)
     finally:
-        for sample_id, error in pipeline.skipped.items():
-            skipped(samples[sample_id][0], error)
+        for sample_id, problem in pipeline.skipped.items():
+            skipped(samples[sample_id][0], problem)
         write_scores_csv([rows[k] for k in sorted(rows)], Path(output) / "scores.csv", orchestrator.normalized, run.thresholds)
     if failures:
         raise PredictionError(
@@ -306,7 +307,10 @@ def print_tasks(config: RunConfig) -> None:
 
     for split in splits_of(config):
         tasks = create_tasks(config, split)
-        if config.detectors.thumbnail is not None:
-            tasks.append(thumbnail_task(config.detectors.thumbnail.size))
+        thumbnail = config.detectors.thumbnail
+        if thumbnail is not None:
+            if thumbnail.size is None:
+                raise ConfigError("a thumbnail detector needs thumbnail_size")
+            tasks.append(thumbnail_task(thumbnail.size))
         print(f"[{split.name}]")
         print(task_layout(tasks))

@@ -35,6 +35,7 @@ from hiad_pl.data.batch import PatchBatch
 from hiad_pl.data.datamodule import image_patches_to_batch, patch_to_batch
 from hiad_pl.data.sample import HRSample, LRPatch
 from hiad_pl.data.tiling import (
+    HRImageIndex,
     MultiResolutionIndex,
     check_context_margin,
     inner_maps,
@@ -101,6 +102,12 @@ class DecodedImage:
     patches: PatchBatch | None  # the routing grid's patches, in grid order
     thumbnails: list[PatchBatch]  # one per thumbnail task
     seconds: float
+
+
+def _thumbnail_size(task: Task) -> tuple[int, int]:
+    if task.thumbnail_size is None:
+        raise ValueError(f"thumbnail task {task.name!r} has no thumbnail_size")
+    return task.thumbnail_size
 
 
 def share_frozen_backbones(
@@ -254,6 +261,8 @@ class InferencePipeline:
         keep_freed_memory()
         self.patch_tasks = [t for t in tasks if not t.is_thumbnail]
         self.thumbnail_tasks = [t for t in tasks if t.is_thumbnail]
+        #: ``(width, height)`` each thumbnail task's image is resized to.
+        self._thumbnail_sizes = [_thumbnail_size(t) for t in self.thumbnail_tasks]
         missing = [t.name for t in tasks if t.name not in detectors]
         if missing:
             raise ValueError(f"no fitted detector for tasks {missing}")
@@ -280,13 +289,14 @@ class InferencePipeline:
             images_per_step = self._auto_images_per_step()
         self.images_per_step = int(images_per_step)
         patch_detectors = [self.detectors[t.name] for t in self.patch_tasks]
-        self._leader = patch_detectors[0] if patch_detectors else None
+        leader = patch_detectors[0] if patch_detectors else None
+        self._leader = leader
         #: Whether every head scores the leader's features (one backbone, one fusion, shared-feature heads).
-        self.shares_features = bool(patch_detectors) and all(
+        self.shares_features = leader is not None and all(
             d.scores_shared_embedding
             and d.frozen_backbone_key() is not None
-            and d.frozen_backbone_key() == self._leader.frozen_backbone_key()
-            and d.fusion_weights == self._leader.fusion_weights
+            and d.frozen_backbone_key() == leader.frozen_backbone_key()
+            and d.fusion_weights == leader.fusion_weights
             for d in patch_detectors
         )
         self.times = StageTimes()
@@ -328,10 +338,10 @@ class InferencePipeline:
                 patches = image_patches_to_batch(pixels, mains, sample_id, sample.label, sample.clsname, margin)
             thumbnails = [
                 patch_to_batch(
-                    LRPatch(sample.image.resize(t.thumbnail_size), label=sample.label, clsname=sample.clsname),
+                    LRPatch(sample.image.resize(size), label=sample.label, clsname=sample.clsname),
                     sample_id,
                 )
-                for t in self.thumbnail_tasks
+                for size in self._thumbnail_sizes
             ]
         finally:
             sample.close()
@@ -424,9 +434,9 @@ class InferencePipeline:
         """Stitched ``[H, W]`` patch maps of each image (``None`` without patch tasks)."""
         if not self.patch_tasks:
             return [None] * len(images)
-        patches = PatchBatch.collate([image.patches for image in images])
+        patches = PatchBatch.collate([image.patches for image in images if image.patches is not None])
         start = time.perf_counter()
-        embedding = self._embed(patches) if self.shares_features or self.retrieval else None
+        embedding = self._embed(patches) if self.shares_features or self.retrieval else []
         self.times.backbone += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -446,7 +456,8 @@ class InferencePipeline:
         start = time.perf_counter()
         fulls: list[Tensor | None] = []
         for n, image in enumerate(images):
-            maps, mains = [], []
+            maps: list[Tensor] = []
+            mains: list[HRImageIndex] = []
             for rows, task_maps in scored:
                 mine = [k for k, row in enumerate(rows) if row // cells == n]
                 maps.append(task_maps[mine])
@@ -457,10 +468,13 @@ class InferencePipeline:
 
     def _embed(self, patches: PatchBatch) -> list[Tensor]:
         """The leader's fused backbone maps of every patch, ``batch_size`` patches per forward pass."""
+        leader = self._leader
+        if leader is None:
+            raise RuntimeError("the pipeline has no patch detector to embed patches with")
         chunks = []
         for start in range(0, len(patches), self.batch_size):
             chunk = select_rows(patches, range(start, min(start + self.batch_size, len(patches))))
-            chunks.append(self._leader.fused_embedding(chunk.to(self.device)))
+            chunks.append(leader.fused_embedding(chunk.to(self.device)))
         return [torch.cat(layer) for layer in zip(*chunks)]
 
     def _head(self, task: Task, patches: PatchBatch, features: list[Tensor] | None = None) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from hiad_pl.decisions import NO_THRESHOLDS, Thresholds, confusion, counts_to_me
 from hiad_pl.deploy.files import map_range, unique_stems, write_prediction_files, write_scores_csv  # noqa: F401 (re-exported)
 from hiad_pl.engine.launchers import Launcher
 from hiad_pl.errors import DatasetError
+from hiad_pl.metrics.inputs import Evaluator
 from hiad_pl.orchestrator import Prediction, TaskOrchestrator, collect
 from hiad_pl.utils.array_store import ArrayStore
 from hiad_pl.visualize import JET_COLOURS, render_panel, save_png
@@ -69,7 +70,7 @@ def evaluate_predictions(
     samples: Sequence[HRSample],
     scores: np.ndarray,
     maps: Sequence[np.ndarray],
-    evaluators: Sequence[Callable[..., dict]],
+    evaluators: Sequence[Evaluator],
 ) -> dict[str, dict]:
     """Per-class metrics (plus a ``mean`` row) of predictions against the samples' labels and masks.
 

@@ -252,6 +252,10 @@ def seam_band(image_size: int | tuple[int, int], patch_size: int | tuple[int, in
     return band
 
 
+@overload
+def inner_maps(maps: torch.Tensor, margin: int) -> torch.Tensor: ...
+@overload
+def inner_maps(maps: np.ndarray, margin: int) -> np.ndarray: ...
 def inner_maps(maps: torch.Tensor | np.ndarray, margin: int) -> torch.Tensor | np.ndarray:
     """Maps ``[..., h + 2m, w + 2m]`` of patches read with context ``margin`` cropped to the patches (a view).
 

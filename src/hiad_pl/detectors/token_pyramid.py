@@ -95,11 +95,16 @@ class PyramidStem(nn.Module):
 def _block_width(block: nn.Module) -> int:
     """Output channels of an EfficientNet block (its last pointwise convolution)."""
     last = getattr(block, "conv_pwl", None) or block.conv_pw
+    if not isinstance(last, nn.Conv2d):
+        raise TypeError(f"{type(block).__name__} has no pointwise convolution to read its width from")
     return int(last.out_channels)
 
 
 def _block_stride(block: nn.Module) -> int:
-    return int(block.conv_dw.stride[0])
+    conv_dw = getattr(block, "conv_dw", None)
+    if not isinstance(conv_dw, nn.Conv2d):
+        raise TypeError(f"{type(block).__name__} has no depthwise convolution to read its stride from")
+    return int(conv_dw.stride[0])
 
 
 def fixed_projection(in_dim: int, out_dim: int, seed: int) -> Tensor:
@@ -124,21 +129,26 @@ class TokenPyramid(nn.Module):
         projection_seed: seed of the fixed per-stage projections.
     """
 
+    #: timm's model description (mean, std, input size), as a timm model carries it.
+    pretrained_cfg: dict[str, Any]
+    default_cfg: dict[str, Any]
+
     def __init__(self, cnn_architecture: str, embed_dim: int = DEFAULT_EMBED_DIM, projection_seed: int = DEFAULT_PROJECTION_SEED) -> None:
         super().__init__()
         if not isinstance(embed_dim, int) or embed_dim < 1:
             raise ValueError(f"token pyramid embed_dim must be a positive int, got {embed_dim!r}")
         cnn = timm.create_model(cnn_architecture, pretrained=False, num_classes=0)
         self.cnn_architecture = cnn_architecture
-        self.patch_embed = PyramidStem(cnn.conv_stem, cnn.bn1)
+        conv_stem, bn1, stages = cnn.get_submodule("conv_stem"), cnn.get_submodule("bn1"), cnn.get_submodule("blocks")
+        self.patch_embed = PyramidStem(conv_stem, bn1)
         blocks: list[nn.Module] = []
         #: CNN stage, stride and width of each block's output.
         self.block_stages: list[int] = []
         self.block_strides: list[int] = []
         self.block_widths: list[int] = []
         stride = 2  # the stem's
-        for stage, stage_blocks in enumerate(cnn.blocks):
-            for block in stage_blocks:
+        for stage, stage_blocks in enumerate(stages.children()):
+            for block in stage_blocks.children():
                 stride *= _block_stride(block)
                 blocks.append(block)
                 self.block_stages.append(stage)
@@ -213,8 +223,9 @@ class TokenPyramid(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, h * w, embed_dim]`` tokens of the deepest block."""
-        (tokens,) = self.forward_intermediates(x, indices=[len(self.blocks) - 1], output_fmt="NLC", intermediates_only=True)
-        return tokens
+        grids = self.forward_intermediates(x, indices=[len(self.blocks) - 1], output_fmt="NLC", intermediates_only=True)
+        assert isinstance(grids, list)
+        return grids[0]
 
 
 def pyramid_state_dict(cnn_state: Mapping[str, Tensor], pyramid: TokenPyramid) -> OrderedDict[str, Tensor]:
