@@ -360,3 +360,23 @@ def test_seam_statistics_separate_patch_seams_from_content_along_the_grid(real_d
     assert real_data.seam_statistics([joined], [0], (128, 64), patch)["seam_excess"] > 1.05
     with_cells = real_data.seam_statistics([joined], [0], (128, 64), patch, cell_side=64)
     assert abs(with_cells["seam_ratio_content"] - 1) < 0.01 and abs(with_cells["seam_excess"] - 1) < 0.01
+
+
+def test_seam_profile_finds_a_slope_towards_patch_borders_and_none_on_a_flat_map() -> None:
+    seam_profile = _load("seam_profile")
+    size, patch = (96, 64), 32  # interior borders at x = 32, 64 and y = 32
+    distance = seam_profile.border_distance(size, patch)
+    assert distance.shape == (64, 96)
+    assert distance[10, 31] == pytest.approx(0.5) and distance[31, 10] == pytest.approx(0.5)
+    assert distance[10, 16] == pytest.approx(min(15.5, 21.5))  # nearest: x = 32 (15.5 px) before y = 32 (21.5 px)
+    assert distance[2, 2] == pytest.approx(29.5)  # the image's own edges are no seam
+    size, patch = (384, 256), 128
+    distance = seam_profile.border_distance(size, patch)
+    rng = np.random.default_rng(0)
+    flat = 1.0 + 0.01 * rng.random((256, 384))
+    sloped = flat + 0.5 * np.exp(-distance / 6.0)  # hotter towards every interior border, as a receptive field
+    flat_profile = seam_profile.profile([flat], distance)
+    assert all(abs(v - 1) < 0.01 for v in flat_profile.values())
+    sloped_profile = seam_profile.profile([sloped], distance)
+    values = [sloped_profile[k] for k in ("0-4", "4-8", "8-16")]
+    assert values[0] > values[1] > values[2] and values[0] > 1.2
