@@ -6,7 +6,8 @@ its injection of the offline EfficientNet-Lite0 weights, then fits and scores on
 set of ``real_data.py`` at the set's own geometry (non-square image sizes as the
 original supports them) with the original's configs/patchcore.yaml values (layers
 blocks.2 + blocks.4, merge size 3, coreset 10%, 1 nearest neighbour, embedding
-dimensions 1024 / 1024, one detector for all patches), and writes the same per-image
+dimensions 1024 / 1024, one detector for all patches; its coreset selection computed by
+:func:`fast_greedy_coreset_indices`, which picks the same indices), and writes the same per-image
 statistics as ``real_data.py run`` (``real_stats.RunStats``, image scores as the
 original computes them) and a summary row that ``real_data.py peer`` adds to the
 results::
