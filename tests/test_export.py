@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -115,3 +116,26 @@ def test_predict_takes_either_a_run_or_an_export(tmp_path: Path, capsys) -> None
     for choice in ([], ["--run_dir", str(tmp_path), "--export", str(tmp_path)]):
         assert main(["predict", *choice, "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
         assert "either --run_dir (a fitted run) or --export" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_openvino_conversion_sends_no_telemetry(tmp_path: Path, monkeypatch) -> None:
+    """The IR is written by the runtime's ONNX reader: OpenVINO's conversion tool, which reports
+    usage over the network (and waits on a machine without DNS), is never called."""
+    import openvino as ov
+    import torch
+
+    from hiad_pl.deploy.export import export_graph, to_openvino
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("openvino.convert_model (usage telemetry) was called")
+
+    monkeypatch.setattr(ov, "convert_model", refuse)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    export_graph(module, (x,), tmp_path / "g.onnx", "map")
+    to_openvino(tmp_path / "g.onnx", tmp_path / "g.xml")
+    compiled = ov.Core().compile_model(str(tmp_path / "g.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled(x.numpy())[compiled.output(0)]
+    np.testing.assert_allclose(got, module(x).detach().numpy(), atol=1e-5)
+    assert not list(tmp_path.glob(".*tmp*"))

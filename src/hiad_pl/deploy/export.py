@@ -169,10 +169,12 @@ def to_openvino(onnx_path: Path, xml_path: Path) -> None:
     """Convert an ONNX graph to OpenVINO IR at ``xml_path`` (its weights beside it as ``.bin``), written atomically.
 
     Weights stay float32 (``save_model`` would halve them to float16 by default), so the IR scores as the ONNX graph.
+    The graph is read by the runtime's ONNX front end (``Core.read_model``), not the ``convert_model`` tool,
+    which sends usage telemetry over the network by default (and hangs on a machine without DNS).
     """
     ov = require_openvino()
     tmp = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
-    ov.save_model(ov.convert_model(str(onnx_path)), str(tmp), compress_to_fp16=False)
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(tmp), compress_to_fp16=False)
     # the IR names no weights file: a model is read with the .bin of its own stem, so both are renamed
     tmp.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
     tmp.replace(xml_path)
